@@ -1,0 +1,1 @@
+//! Load generator and benchmarks against the mock provider (landing with the benchmark step).

@@ -1,0 +1,459 @@
+//! The runtime view of a validated config: what the request path reads. Built once per config
+//! change and shared behind an `Arc`; nothing in it is locked.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use http::{HeaderName, HeaderValue};
+use skein_types::config::DEFAULT_ATTEMPT_TIMEOUT_MS;
+use skein_types::{
+    BreakerSpec, ConfigError, CredentialRef, ProviderKind, RetrySpec, ServerSpec, Strategy,
+    ValidatedConfig, WireProtocol,
+};
+
+use crate::health::KeyHealth;
+use crate::secret::Secret;
+
+/// Everything the proxy needs to route a request.
+#[derive(Debug)]
+pub struct RuntimeConfig {
+    pub server: ServerSpec,
+    providers: HashMap<String, Arc<ProviderRuntime>>,
+    routes: HashMap<String, Arc<RouteRuntime>>,
+    /// What `/v1/models` lists, sorted.
+    pub models: Vec<ModelEntry>,
+}
+
+/// One line of `/v1/models`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelEntry {
+    pub id: String,
+    pub owned_by: String,
+}
+
+/// A provider with its keys resolved.
+#[derive(Debug)]
+pub struct ProviderRuntime {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub protocol: WireProtocol,
+    /// No trailing slash.
+    pub base_url: String,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub keys: Vec<KeyRuntime>,
+    pub api_version: Option<String>,
+    pub breaker: BreakerSpec,
+}
+
+/// One key of a provider.
+#[derive(Debug)]
+pub struct KeyRuntime {
+    pub name: String,
+    pub weight: u32,
+    /// The header that carries the key, marked sensitive; `None` for keyless local servers.
+    pub auth_header: Option<(HeaderName, HeaderValue)>,
+    pub health: KeyHealth,
+}
+
+/// A route with its deployments and policies.
+#[derive(Debug)]
+pub struct RouteRuntime {
+    pub name: String,
+    pub strategy: Strategy,
+    pub deployments: Vec<Arc<DeploymentRuntime>>,
+    pub fallbacks: Vec<String>,
+    pub attempt_timeout_ms: u64,
+    pub retry: RetrySpec,
+    round_robin: AtomicUsize,
+}
+
+/// A provider and model a route can be served by, with live statistics.
+#[derive(Debug)]
+pub struct DeploymentRuntime {
+    pub provider: Arc<ProviderRuntime>,
+    pub model: String,
+    pub weight: u32,
+    in_flight: AtomicU32,
+    /// Latency EWMA in microseconds; 0 until the first success.
+    latency_ewma_us: AtomicU64,
+}
+
+/// Why a model name did not resolve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResolveError {
+    /// No route of that name and no `provider/model` match; carries what exists.
+    UnknownModel { known: Vec<String> },
+}
+
+impl RuntimeConfig {
+    /// Resolve every credential and prebuild headers. `resolve` reads a credential reference.
+    pub fn build(
+        validated: &ValidatedConfig,
+        resolve: &dyn Fn(&CredentialRef) -> Result<String, String>,
+    ) -> Result<RuntimeConfig, Vec<ConfigError>> {
+        let config = validated.config();
+        let mut errors = Vec::new();
+        let mut providers = HashMap::new();
+        for (index, spec) in config.providers.iter().enumerate() {
+            let path = format!("providers[{index}]");
+            let protocol = spec.kind.wire_protocol();
+            let base_url = spec
+                .base_url
+                .as_deref()
+                .or(spec.kind.default_base_url())
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .to_owned();
+            let mut headers = Vec::new();
+            for (name, value) in &spec.headers {
+                match (
+                    HeaderName::try_from(name.as_str()),
+                    HeaderValue::try_from(value.as_str()),
+                ) {
+                    (Ok(name), Ok(value)) => headers.push((name, value)),
+                    _ => errors.push(ConfigError {
+                        path: format!("{path}.headers"),
+                        message: format!("header {name:?} has an invalid name or value"),
+                    }),
+                }
+            }
+            let mut keys = Vec::new();
+            for (key_index, key_spec) in spec.keys.iter().enumerate() {
+                let key_path = format!("{path}.keys[{key_index}].key");
+                let secret = match resolve(&key_spec.key) {
+                    Ok(value) => Secret::new(value),
+                    Err(message) => {
+                        errors.push(ConfigError {
+                            path: key_path,
+                            message,
+                        });
+                        continue;
+                    }
+                };
+                let auth_header = match auth_header(protocol, &secret) {
+                    Some(header) => header,
+                    None => {
+                        errors.push(ConfigError {
+                            path: key_path,
+                            message: format!(
+                                "the secret behind {} is not a valid header value",
+                                key_spec.key
+                            ),
+                        });
+                        continue;
+                    }
+                };
+                keys.push(KeyRuntime {
+                    name: key_spec
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| format!("key-{key_index}")),
+                    weight: key_spec.weight,
+                    auth_header: Some(auth_header),
+                    health: KeyHealth::default(),
+                });
+            }
+            if keys.is_empty() {
+                // Keyless local servers (or every key failed to resolve, already reported).
+                keys.push(KeyRuntime {
+                    name: "none".to_owned(),
+                    weight: 1,
+                    auth_header: None,
+                    health: KeyHealth::default(),
+                });
+            }
+            let provider = ProviderRuntime {
+                name: spec.name.clone(),
+                kind: spec.kind,
+                protocol,
+                base_url,
+                headers,
+                keys,
+                api_version: spec.api_version.clone(),
+                breaker: spec.circuit_breaker.clone(),
+            };
+            providers.insert(spec.name.clone(), Arc::new(provider));
+        }
+
+        let mut routes = HashMap::new();
+        for spec in &config.routes {
+            let mut deployments = Vec::new();
+            for deployment in &spec.deployments {
+                if let Some(provider) = providers.get(&deployment.provider) {
+                    deployments.push(Arc::new(DeploymentRuntime::new(
+                        provider.clone(),
+                        deployment.model.clone(),
+                        deployment.weight,
+                    )));
+                }
+            }
+            let route = RouteRuntime {
+                name: spec.name.clone(),
+                strategy: spec.strategy,
+                deployments,
+                fallbacks: spec.fallbacks.clone(),
+                attempt_timeout_ms: spec
+                    .attempt_timeout_ms
+                    .unwrap_or(DEFAULT_ATTEMPT_TIMEOUT_MS),
+                retry: spec.retry.clone(),
+                round_robin: AtomicUsize::new(0),
+            };
+            routes.insert(spec.name.clone(), Arc::new(route));
+        }
+
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+
+        let mut models: Vec<ModelEntry> = config
+            .routes
+            .iter()
+            .map(|route| ModelEntry {
+                id: route.name.clone(),
+                owned_by: "skein".to_owned(),
+            })
+            .collect();
+        for provider in &config.providers {
+            for model in &provider.models {
+                models.push(ModelEntry {
+                    id: format!("{}/{model}", provider.name),
+                    owned_by: provider.name.clone(),
+                });
+            }
+        }
+        models.sort_by(|left, right| left.id.cmp(&right.id));
+        models.dedup_by(|left, right| left.id == right.id);
+
+        Ok(RuntimeConfig {
+            server: config.server.clone(),
+            providers,
+            routes,
+            models,
+        })
+    }
+
+    /// The routes to try for a model name, the asked-for one first, then its fallbacks
+    /// (breadth first, each route once).
+    pub fn resolve(&self, model: &str) -> Result<Vec<Arc<RouteRuntime>>, ResolveError> {
+        let first = match self.routes.get(model) {
+            Some(route) => route.clone(),
+            None => match self
+                .direct_route(model)
+                .or_else(|| self.inferred_route(model))
+            {
+                Some(route) => return Ok(vec![route]),
+                None => {
+                    return Err(ResolveError::UnknownModel {
+                        known: self.models.iter().map(|entry| entry.id.clone()).collect(),
+                    });
+                }
+            },
+        };
+        let mut chain = vec![first];
+        let mut index = 0;
+        while index < chain.len() && chain.len() < 16 {
+            let fallbacks = chain[index].fallbacks.clone();
+            for name in fallbacks {
+                if chain.iter().any(|route| route.name == name) {
+                    continue;
+                }
+                if let Some(route) = self.routes.get(&name) {
+                    chain.push(route.clone());
+                }
+            }
+            index += 1;
+        }
+        Ok(chain)
+    }
+
+    /// `provider/model` straight to that provider, with default policies.
+    fn direct_route(&self, model: &str) -> Option<Arc<RouteRuntime>> {
+        let (provider_name, upstream_model) = model.split_once('/')?;
+        let provider = self.providers.get(provider_name)?;
+        if upstream_model.is_empty() {
+            return None;
+        }
+        Some(single_deployment_route(
+            model,
+            provider.clone(),
+            upstream_model,
+        ))
+    }
+
+    /// A bare, well-known model name (`gpt-4o`, `claude-sonnet-4-5`…) goes to the one
+    /// configured provider of the kind that makes it, so unchanged clients work with no routes.
+    fn inferred_route(&self, model: &str) -> Option<Arc<RouteRuntime>> {
+        let kind = infer_kind(model)?;
+        let mut matching = self
+            .providers
+            .values()
+            .filter(|provider| provider.kind == kind);
+        let provider = matching.next()?;
+        if matching.next().is_some() {
+            // Ambiguous: more than one provider of that kind; the user must say which.
+            return None;
+        }
+        Some(single_deployment_route(model, provider.clone(), model))
+    }
+
+    /// A provider by name.
+    pub fn provider(&self, name: &str) -> Option<&Arc<ProviderRuntime>> {
+        self.providers.get(name)
+    }
+
+    /// Every provider, for status and metrics.
+    pub fn providers(&self) -> impl Iterator<Item = &Arc<ProviderRuntime>> {
+        self.providers.values()
+    }
+
+    /// Every route.
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<RouteRuntime>> {
+        self.routes.values()
+    }
+}
+
+/// A route of one deployment with default policies, for `provider/model` and inferred names.
+fn single_deployment_route(
+    name: &str,
+    provider: Arc<ProviderRuntime>,
+    upstream_model: &str,
+) -> Arc<RouteRuntime> {
+    let deployment = DeploymentRuntime::new(provider, upstream_model.to_owned(), 1);
+    Arc::new(RouteRuntime {
+        name: name.to_owned(),
+        strategy: Strategy::Ordered,
+        deployments: vec![Arc::new(deployment)],
+        fallbacks: Vec::new(),
+        attempt_timeout_ms: DEFAULT_ATTEMPT_TIMEOUT_MS,
+        retry: RetrySpec::default(),
+        round_robin: AtomicUsize::new(0),
+    })
+}
+
+/// The provider kind that makes a well-known model, from its name.
+pub fn infer_kind(model: &str) -> Option<ProviderKind> {
+    let name = model.to_ascii_lowercase();
+    let starts = |prefixes: &[&str]| prefixes.iter().any(|prefix| name.starts_with(prefix));
+    if starts(&[
+        "gpt-",
+        "chatgpt-",
+        "o1",
+        "o3",
+        "o4",
+        "text-embedding-",
+        "davinci",
+        "babbage",
+        "omni-moderation",
+        "codex-",
+    ]) {
+        Some(ProviderKind::OpenAi)
+    } else if starts(&["claude-"]) {
+        Some(ProviderKind::Anthropic)
+    } else if starts(&["gemini-", "gemma-"]) {
+        Some(ProviderKind::Gemini)
+    } else if starts(&[
+        "mistral-",
+        "codestral-",
+        "ministral-",
+        "pixtral-",
+        "magistral-",
+        "devstral-",
+        "open-mistral",
+    ]) {
+        Some(ProviderKind::Mistral)
+    } else if starts(&["grok-"]) {
+        Some(ProviderKind::Xai)
+    } else if starts(&["deepseek-"]) {
+        Some(ProviderKind::DeepSeek)
+    } else {
+        None
+    }
+}
+
+fn auth_header(protocol: WireProtocol, secret: &Secret) -> Option<(HeaderName, HeaderValue)> {
+    let (name, value) = match protocol {
+        WireProtocol::OpenAi => (
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", secret.expose()),
+        ),
+        WireProtocol::Azure => (
+            HeaderName::from_static("api-key"),
+            secret.expose().to_owned(),
+        ),
+        WireProtocol::Anthropic => (
+            HeaderName::from_static("x-api-key"),
+            secret.expose().to_owned(),
+        ),
+        WireProtocol::Gemini => (
+            HeaderName::from_static("x-goog-api-key"),
+            secret.expose().to_owned(),
+        ),
+    };
+    let mut value = HeaderValue::try_from(value).ok()?;
+    value.set_sensitive(true);
+    Some((name, value))
+}
+
+impl RouteRuntime {
+    /// Next round-robin turn.
+    pub fn next_turn(&self) -> usize {
+        self.round_robin.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl DeploymentRuntime {
+    pub fn new(provider: Arc<ProviderRuntime>, model: String, weight: u32) -> DeploymentRuntime {
+        DeploymentRuntime {
+            provider,
+            model,
+            weight,
+            in_flight: AtomicU32::new(0),
+            latency_ewma_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests to this deployment in flight on this node.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Count a request in; the guard counts it out when dropped.
+    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard {
+            deployment: self.clone(),
+        }
+    }
+
+    /// Latency EWMA in microseconds, 0 when unknown.
+    pub fn latency_ewma_us(&self) -> u64 {
+        self.latency_ewma_us.load(Ordering::Relaxed)
+    }
+
+    /// Fold one observed latency into the EWMA (weight 1/5 for the new sample).
+    pub fn observe_latency(&self, micros: u64) {
+        let sample = micros.max(1);
+        let _ = self
+            .latency_ewma_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                if old == 0 {
+                    Some(sample)
+                } else {
+                    Some((old * 4 + sample) / 5)
+                }
+            });
+    }
+}
+
+/// Holds one in-flight slot of a deployment.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    deployment: Arc<DeploymentRuntime>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.deployment.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

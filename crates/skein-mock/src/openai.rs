@@ -1,0 +1,291 @@
+//! OpenAI-shaped answers: chat completions (with tools), completions and embeddings.
+
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde_json::{Value, json};
+
+use crate::server::{Incoming, MockState, json_answer, sse_answer};
+use crate::text::{collect_text, count_tokens, reply_text, stream_pieces};
+
+/// What the assistant does in this turn.
+enum Turn {
+    Text(String),
+    /// Call these tools (name, arguments JSON text).
+    Tools(Vec<(String, String)>),
+}
+
+fn last_user_text(messages: &Value) -> String {
+    let mut text = String::new();
+    if let Some(last) = messages.as_array().and_then(|messages| {
+        messages
+            .iter()
+            .rev()
+            .find(|message| message["role"] == "user")
+    }) {
+        collect_text(&last["content"], &mut text);
+    }
+    text.trim().to_owned()
+}
+
+fn decide_turn(body: &Value, model: &str) -> Turn {
+    let messages = &body["messages"];
+    let last_role = messages
+        .as_array()
+        .and_then(|messages| messages.last())
+        .and_then(|message| message["role"].as_str())
+        .unwrap_or("user");
+    let tools: Vec<String> = body["tools"]
+        .as_array()
+        .map(|tools| {
+            tools
+                .iter()
+                .filter_map(|tool| tool["function"]["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let tool_choice_none = body["tool_choice"] == "none";
+    if !tools.is_empty() && last_role != "tool" && !tool_choice_none {
+        let parallel = body["parallel_tool_calls"] != Value::Bool(false);
+        let count = if parallel { tools.len().min(2) } else { 1 };
+        let calls = tools
+            .into_iter()
+            .take(count)
+            .enumerate()
+            .map(|(index, name)| (name, format!("{{\"call\":{index},\"city\":\"Paris\"}}")))
+            .collect();
+        return Turn::Tools(calls);
+    }
+    if body["response_format"]["type"] == "json_schema"
+        || body["response_format"]["type"] == "json_object"
+    {
+        return Turn::Text("{\"mock\":true}".to_owned());
+    }
+    let mut text = reply_text(model, &last_user_text(messages));
+    if let Some(stop) = body["stop"].as_str().or_else(|| body["stop"][0].as_str())
+        && let Some(cut) = text.find(stop)
+    {
+        text.truncate(cut);
+    }
+    Turn::Text(text)
+}
+
+fn prompt_tokens(body: &Value) -> u64 {
+    let mut text = String::new();
+    collect_text(&body["messages"], &mut text);
+    collect_text(&body["prompt"], &mut text);
+    count_tokens(&text) + 3
+}
+
+fn usage_json(prompt: u64, completion: u64) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0}
+    })
+}
+
+pub(crate) async fn chat(state: &MockState, incoming: Incoming) -> Response {
+    let Incoming { body, model } = incoming;
+    let choices = body["n"].as_u64().unwrap_or(1).clamp(1, 8);
+    let turn = decide_turn(&body, &model);
+    let prompt = prompt_tokens(&body);
+    let id = format!("chatcmpl-mock-{}", fastrand_id());
+    let stream = body["stream"] == Value::Bool(true);
+    if !stream {
+        let (message, finish, completion, pieces) = match &turn {
+            Turn::Text(text) => (
+                json!({"role": "assistant", "content": text, "refusal": null}),
+                "stop",
+                count_tokens(text),
+                stream_pieces(text).len(),
+            ),
+            Turn::Tools(calls) => {
+                let tool_calls: Vec<Value> = calls
+                    .iter()
+                    .enumerate()
+                    .map(|(index, (name, arguments))| {
+                        json!({"id": format!("call_mock_{index}"), "type": "function", "function": {"name": name, "arguments": arguments}})
+                    })
+                    .collect();
+                let completion = calls
+                    .iter()
+                    .map(|(_, arguments)| count_tokens(arguments))
+                    .sum();
+                (
+                    json!({"role": "assistant", "content": null, "tool_calls": tool_calls}),
+                    "tool_calls",
+                    completion,
+                    calls.len(),
+                )
+            }
+        };
+        let logprobs = if body["logprobs"] == Value::Bool(true) {
+            json!({"content": []})
+        } else {
+            Value::Null
+        };
+        let choices: Vec<Value> = (0..choices)
+            .map(|index| json!({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}))
+            .collect();
+        let answer = json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": model,
+            "system_fingerprint": "fp_mock",
+            "choices": choices,
+            "usage": usage_json(prompt, completion * choices.len() as u64),
+        });
+        return json_answer(state, pieces, answer).await;
+    }
+
+    let include_usage = body["stream_options"]["include_usage"] == Value::Bool(true);
+    let chunk = |choices: Value, usage: Value| -> String {
+        let mut chunk = json!({
+            "id": id, "object": "chat.completion.chunk", "created": 1_700_000_000,
+            "model": model, "system_fingerprint": "fp_mock", "choices": choices
+        });
+        if include_usage {
+            chunk["usage"] = usage;
+        }
+        format!("data: {chunk}\n\n")
+    };
+    let mut events = Vec::new();
+    let mut completion = 0;
+    for index in 0..choices {
+        events.push(chunk(json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]), Value::Null));
+    }
+    let finish = match &turn {
+        Turn::Text(text) => {
+            completion = count_tokens(text);
+            for piece in stream_pieces(text) {
+                for index in 0..choices {
+                    events.push(chunk(json!([{"index": index, "delta": {"content": piece}, "finish_reason": null}]), Value::Null));
+                }
+            }
+            "stop"
+        }
+        Turn::Tools(calls) => {
+            for (call_index, (name, arguments)) in calls.iter().enumerate() {
+                completion += count_tokens(arguments);
+                let start = json!([{"index": 0, "delta": {"tool_calls": [{"index": call_index, "id": format!("call_mock_{call_index}"), "type": "function", "function": {"name": name, "arguments": ""}}]}, "finish_reason": null}]);
+                events.push(chunk(start, Value::Null));
+                let middle = arguments.len() / 2;
+                for part in [&arguments[..middle], &arguments[middle..]] {
+                    let delta = json!([{"index": 0, "delta": {"tool_calls": [{"index": call_index, "function": {"arguments": part}}]}, "finish_reason": null}]);
+                    events.push(chunk(delta, Value::Null));
+                }
+            }
+            "tool_calls"
+        }
+    };
+    for index in 0..choices {
+        events.push(chunk(
+            json!([{"index": index, "delta": {}, "finish_reason": finish}]),
+            Value::Null,
+        ));
+    }
+    if include_usage {
+        events.push(chunk(json!([]), usage_json(prompt, completion * choices)));
+    }
+    events.push("data: [DONE]\n\n".to_owned());
+    let cut_after = match model.as_str() {
+        "mock-stream-cut" => Some(3),
+        "mock-empty-stream" => Some(0),
+        _ => None,
+    };
+    sse_answer(state, events, cut_after)
+}
+
+pub(crate) async fn completions(state: &MockState, incoming: Incoming) -> Response {
+    let Incoming { body, model } = incoming;
+    let mut prompt_text = String::new();
+    collect_text(&body["prompt"], &mut prompt_text);
+    let text = reply_text(&model, prompt_text.trim());
+    let prompt = prompt_tokens(&body);
+    let completion = count_tokens(&text);
+    let id = format!("cmpl-mock-{}", fastrand_id());
+    if body["stream"] != Value::Bool(true) {
+        let answer = json!({
+            "id": id, "object": "text_completion", "created": 1_700_000_000, "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": "stop"}],
+            "usage": usage_json(prompt, completion),
+        });
+        return json_answer(state, stream_pieces(&text).len(), answer).await;
+    }
+    let include_usage = body["stream_options"]["include_usage"] == Value::Bool(true);
+    let mut events: Vec<String> = stream_pieces(&text)
+        .into_iter()
+        .map(|piece| {
+            let chunk = json!({"id": id, "object": "text_completion", "created": 1_700_000_000, "model": model,
+                "choices": [{"text": piece, "index": 0, "logprobs": null, "finish_reason": null}]});
+            format!("data: {chunk}\n\n")
+        })
+        .collect();
+    let last = json!({"id": id, "object": "text_completion", "created": 1_700_000_000, "model": model,
+        "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": "stop"}]});
+    events.push(format!("data: {last}\n\n"));
+    if include_usage {
+        let usage = json!({"id": id, "object": "text_completion", "created": 1_700_000_000, "model": model,
+            "choices": [], "usage": usage_json(prompt, completion)});
+        events.push(format!("data: {usage}\n\n"));
+    }
+    events.push("data: [DONE]\n\n".to_owned());
+    sse_answer(state, events, None)
+}
+
+pub(crate) fn embeddings(incoming: Incoming) -> Response {
+    let Incoming { body, model } = incoming;
+    let inputs: Vec<String> = match &body["input"] {
+        Value::String(text) => vec![text.clone()],
+        Value::Array(items) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let dimensions =
+        usize::try_from(body["dimensions"].as_u64().unwrap_or(8).clamp(1, 4096)).unwrap_or(8);
+    let base64 = body["encoding_format"] == "base64";
+    let mut prompt = 0;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, input)| {
+            prompt += count_tokens(input);
+            let seed = input.bytes().fold(7u32, |hash, byte| {
+                hash.wrapping_mul(31).wrapping_add(u32::from(byte))
+            });
+            let vector: Vec<f32> = (0..dimensions)
+                .map(|position| ((seed.wrapping_add(position as u32) % 1000) as f32) / 1000.0)
+                .collect();
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector
+                    .iter()
+                    .flat_map(|value| value.to_le_bytes())
+                    .collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    axum::Json(json!({
+        "object": "list", "data": data, "model": model,
+        "usage": {"prompt_tokens": prompt, "total_tokens": prompt}
+    }))
+    .into_response()
+}
+
+/// A short random id.
+pub(crate) fn fastrand_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}

@@ -1,0 +1,11 @@
+//! A Skein node: loads the config (a file, or providers discovered from the environment),
+//! resolves credentials, and serves the proxy. The `skein` binary is a thin CLI over this
+//! crate, and tests start nodes in-process through [`start_node`].
+
+pub mod env;
+pub mod load;
+pub mod node;
+
+pub use env::{Environment, MapEnvironment, ProcessEnvironment};
+pub use load::{ConfigSource, discover_providers, load_config, parse_config_text};
+pub use node::{NodeOptions, RunningNode, start_node};

@@ -1,0 +1,195 @@
+//! `skein`: the gateway node and its command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use skein_node::load::build_runtime;
+use skein_node::{ConfigSource, NodeOptions, ProcessEnvironment, load_config, start_node};
+use tracing_subscriber::EnvFilter;
+
+/// Skein, an LLM gateway.
+#[derive(Debug, Parser)]
+#[command(name = "skein", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a gateway node.
+    Serve(ServeArgs),
+    /// Check a config file and print what it declares, without serving.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// The config file (YAML). Without one, providers come from OPENAI_API_KEY and friends.
+    #[arg(long, env = "SKEIN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the proxy API.
+    #[arg(long, env = "SKEIN_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: String,
+    /// Log format.
+    #[arg(long, env = "SKEIN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Seconds to wait for requests in flight on shutdown.
+    #[arg(long, env = "SKEIN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    drain_timeout_secs: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// The config file to check.
+    #[arg(long, env = "SKEIN_CONFIG")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging(args.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            runtime.block_on(serve(args))
+        }
+        Command::Check(args) => check(args),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("SKEIN_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let env = ProcessEnvironment;
+    let (validated, source) = load_config(args.config.as_deref(), &env)?;
+    let runtime = build_runtime(&validated, &env)?;
+    let listener = tokio::net::TcpListener::bind(&args.http_addr)
+        .await
+        .with_context(|| format!("binding the proxy address {}", args.http_addr))?;
+    let options = NodeOptions {
+        drain_timeout: std::time::Duration::from_secs(args.drain_timeout_secs),
+        ..NodeOptions::default()
+    };
+    let node = start_node(listener, runtime, options).await?;
+
+    let config = validated.config();
+    let source_text = match &source {
+        ConfigSource::File(path) => format!("file {}", path.display()),
+        ConfigSource::Environment => "environment variables (no config file)".to_owned(),
+    };
+    tracing::info!(
+        http = %format!("http://{}", node.http_addr),
+        config = %source_text,
+        version = env!("CARGO_PKG_VERSION"),
+        "skein is serving the proxy API"
+    );
+    for provider in &config.providers {
+        tracing::info!(
+            provider = %provider.name,
+            kind = provider.kind.as_str(),
+            base_url = provider.base_url.as_deref().or(provider.kind.default_base_url()).unwrap_or(""),
+            keys = provider.keys.len(),
+            "provider"
+        );
+    }
+    for route in &config.routes {
+        let deployments: Vec<String> = route
+            .deployments
+            .iter()
+            .map(|d| format!("{}/{}", d.provider, d.model))
+            .collect();
+        tracing::info!(route = %route.name, strategy = route.strategy.label(), deployments = %deployments.join(","), fallbacks = %route.fallbacks.join(","), "route");
+    }
+    if config.providers.is_empty() {
+        tracing::warn!(
+            "no providers configured: set OPENAI_API_KEY (or another provider's key) or pass --config"
+        );
+    }
+    tracing::warn!(
+        "no virtual keys exist yet: the proxy is OPEN to anyone who can reach {} (local single-user mode)",
+        node.http_addr
+    );
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: not ready, draining requests in flight");
+    node.shutdown().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let env = ProcessEnvironment;
+    let (validated, _) = load_config(Some(&args.config), &env)?;
+    let config = validated.config();
+    println!(
+        "{}: valid (version {})",
+        args.config.display(),
+        config.version
+    );
+    println!(
+        "providers: {}",
+        config
+            .providers
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "routes: {}",
+        config
+            .routes
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    build_runtime(&validated, &env)?;
+    println!("credentials: all resolved");
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! OpenAI's API, spoken by OpenAI, Azure OpenAI and the OpenAI-compatible family. Requests from
+//! OpenAI clients pass through with only `model` (and `stream_options`, so usage is always
+//! captured) rewritten.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::raw::{RawObject, to_json_text};
+use crate::sse::{OutEvent, StreamTranslator};
+use crate::usage::Usage;
+
+/// OpenAI's `usage` object (chat, completions and embeddings).
+#[derive(Debug, Default, Deserialize)]
+pub struct OpenAiUsage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+    #[serde(default)]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct PromptTokensDetails {
+    #[serde(default)]
+    pub cached_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct CompletionTokensDetails {
+    #[serde(default)]
+    pub reasoning_tokens: Option<u64>,
+}
+
+impl From<&OpenAiUsage> for Usage {
+    fn from(usage: &OpenAiUsage) -> Usage {
+        Usage {
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+            cached_input_tokens: usage
+                .prompt_tokens_details
+                .as_ref()
+                .and_then(|details| details.cached_tokens)
+                .unwrap_or(0),
+            cache_write_tokens: 0,
+            reasoning_tokens: usage
+                .completion_tokens_details
+                .as_ref()
+                .and_then(|details| details.reasoning_tokens)
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// What a passthrough request needs to know about the client's stream options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamShape {
+    pub stream: bool,
+    /// The client asked for `stream_options.include_usage`.
+    pub client_wants_usage: bool,
+}
+
+/// Read `stream` and `stream_options.include_usage` from a request.
+pub fn stream_shape(request: &RawObject<'_>) -> Result<StreamShape, String> {
+    let stream = request.get_bool("stream")?;
+    #[derive(Deserialize)]
+    struct StreamOptions {
+        #[serde(default)]
+        include_usage: Option<bool>,
+    }
+    let options: Option<StreamOptions> = request.get_as("stream_options")?;
+    let client_wants_usage = options
+        .and_then(|options| options.include_usage)
+        .unwrap_or(false);
+    Ok(StreamShape {
+        stream,
+        client_wants_usage,
+    })
+}
+
+/// Build the body for an OpenAI-shaped upstream: the deployment's model name, and
+/// `stream_options.include_usage` forced on for streams so usage is always captured. Every
+/// other member is copied byte for byte.
+pub fn passthrough_body(
+    request: &RawObject<'_>,
+    upstream_model: &str,
+    shape: StreamShape,
+) -> Vec<u8> {
+    let model_json = to_json_text(&upstream_model);
+    let mut replacements: Vec<(&str, &str)> = vec![("model", &model_json)];
+    let stream_options_json;
+    if shape.stream && !shape.client_wants_usage {
+        let mut options = request
+            .get_as::<serde_json::Map<String, serde_json::Value>>("stream_options")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        options.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
+        stream_options_json = to_json_text(&options);
+        replacements.push(("stream_options", &stream_options_json));
+    }
+    let mut body = Vec::new();
+    request.write_with(&replacements, &mut body);
+    body
+}
+
+/// Usage from a non-streaming response body (chat, completions or embeddings).
+pub fn response_usage(body: &[u8]) -> Usage {
+    #[derive(Deserialize)]
+    struct WithUsage {
+        #[serde(default)]
+        usage: Option<OpenAiUsage>,
+    }
+    match serde_json::from_slice::<WithUsage>(body) {
+        Ok(WithUsage { usage: Some(usage) }) => Usage::from(&usage),
+        _ => Usage::default(),
+    }
+}
+
+/// Whether a chunk has `"usage": {` (not `"usage": null`), without parsing it.
+fn carries_usage_object(data: &str) -> bool {
+    let mut rest = data;
+    while let Some(found) = rest.find("\"usage\"") {
+        let after = rest[found + 7..].trim_start();
+        if let Some(value) = after.strip_prefix(':')
+            && value.trim_start().starts_with('{')
+        {
+            return true;
+        }
+        rest = &rest[found + 7..];
+    }
+    false
+}
+
+/// Passes an OpenAI stream through, reading usage on the way and hiding the usage-only chunk
+/// from clients that did not ask for it.
+#[derive(Debug)]
+pub struct PassthroughStream {
+    client_wants_usage: bool,
+    usage: Usage,
+    completed: bool,
+}
+
+impl PassthroughStream {
+    pub fn new(client_wants_usage: bool) -> PassthroughStream {
+        PassthroughStream {
+            client_wants_usage,
+            usage: Usage::default(),
+            completed: false,
+        }
+    }
+}
+
+impl StreamTranslator for PassthroughStream {
+    fn on_event(
+        &mut self,
+        _event: &str,
+        data: &str,
+        out: &mut Vec<OutEvent>,
+    ) -> Result<(), String> {
+        if data.trim() == "[DONE]" {
+            self.completed = true;
+            out.push(OutEvent::data("[DONE]".to_owned()));
+            return Ok(());
+        }
+        #[derive(Deserialize)]
+        struct ChunkView<'a> {
+            #[serde(default)]
+            usage: Option<OpenAiUsage>,
+            #[serde(default, borrow)]
+            choices: Option<&'a RawValue>,
+        }
+        let mut forward = true;
+        // Only a chunk whose usage is an object needs parsing; the rest pass as they are.
+        if carries_usage_object(data)
+            && let Ok(view) = serde_json::from_str::<ChunkView<'_>>(data)
+            && let Some(usage) = &view.usage
+        {
+            self.usage.merge_max(&Usage::from(usage));
+            let no_choices = view.choices.is_none_or(|raw| raw.get().trim() == "[]");
+            if no_choices && !self.client_wants_usage {
+                forward = false;
+            }
+        }
+        if forward {
+            out.push(OutEvent::data(data.to_owned()));
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _out: &mut Vec<OutEvent>) {}
+
+    fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    fn completed(&self) -> bool {
+        self.completed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forces_usage_on_streams_and_keeps_other_options() {
+        let body = br#"{"model":"a","stream":true,"stream_options":{"x":1},"seed":7}"#;
+        let request = RawObject::parse(body).expect("parse");
+        let shape = stream_shape(&request).expect("shape");
+        assert_eq!(
+            shape,
+            StreamShape {
+                stream: true,
+                client_wants_usage: false
+            }
+        );
+        let out = passthrough_body(&request, "gpt-4o", shape);
+        let value: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(value["model"], "gpt-4o");
+        assert_eq!(value["stream_options"]["include_usage"], true);
+        assert_eq!(value["stream_options"]["x"], 1);
+        assert_eq!(value["seed"], 7);
+    }
+
+    #[test]
+    fn hides_the_usage_chunk_only_from_clients_that_did_not_ask() {
+        let usage_chunk = r#"{"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":2},"completion_tokens_details":{"reasoning_tokens":3}}}"#;
+        for wants in [false, true] {
+            let mut stream = PassthroughStream::new(wants);
+            let mut out = Vec::new();
+            stream
+                .on_event(
+                    "",
+                    r#"{"choices":[{"delta":{"content":"hi"}}],"usage":null}"#,
+                    &mut out,
+                )
+                .expect("ok");
+            stream.on_event("", usage_chunk, &mut out).expect("ok");
+            stream.on_event("", "[DONE]", &mut out).expect("ok");
+            assert_eq!(out.len(), if wants { 3 } else { 2 });
+            assert!(stream.completed());
+            assert_eq!(
+                stream.usage(),
+                Usage {
+                    input_tokens: 5,
+                    output_tokens: 7,
+                    cached_input_tokens: 2,
+                    cache_write_tokens: 0,
+                    reasoning_tokens: 3
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn spots_usage_objects_without_parsing() {
+        assert!(carries_usage_object(
+            r#"{"choices":[],"usage": {"prompt_tokens":1}}"#
+        ));
+        assert!(!carries_usage_object(r#"{"choices":[],"usage":null}"#));
+        assert!(!carries_usage_object(r#"{"content":"the \"usage\" word"}"#));
+    }
+
+    #[test]
+    fn reads_usage_from_responses() {
+        let body = br#"{"object":"list","data":[],"usage":{"prompt_tokens":9,"total_tokens":9}}"#;
+        assert_eq!(response_usage(body).input_tokens, 9);
+        assert_eq!(response_usage(b"not json"), Usage::default());
+    }
+}

@@ -1,0 +1,251 @@
+//! A JSON object read without building a tree: each member's value stays the exact bytes the
+//! client sent. Passthrough to an OpenAI-compatible upstream rewrites one or two members and
+//! copies the rest untouched, so unknown fields reach the upstream as they were sent.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The members of a JSON object, in order, values unparsed.
+#[derive(Debug)]
+pub struct RawObject<'a> {
+    members: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+/// Why a body is not a JSON object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawParseError {
+    pub message: String,
+    /// 1-based line and column, when the JSON itself is malformed.
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for RawParseError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(formatter, "{}", self.message)
+        } else {
+            write!(
+                formatter,
+                "invalid JSON at line {} column {}: {}",
+                self.line, self.column, self.message
+            )
+        }
+    }
+}
+
+impl<'a> RawObject<'a> {
+    /// Read a request body that must be a JSON object.
+    pub fn parse(body: &'a [u8]) -> Result<RawObject<'a>, RawParseError> {
+        serde_json::from_slice::<RawObject<'a>>(body).map_err(|error| {
+            let message = error.to_string();
+            // serde_json appends " at line L column C"; keep only the reason.
+            let reason = match message.rfind(" at line ") {
+                Some(cut) => message[..cut].to_owned(),
+                None => message,
+            };
+            if error.is_data() && reason.starts_with("invalid type") {
+                RawParseError {
+                    message: "the request body must be a JSON object".to_owned(),
+                    line: 0,
+                    column: 0,
+                }
+            } else if error.is_data() {
+                RawParseError {
+                    message: reason,
+                    line: 0,
+                    column: 0,
+                }
+            } else {
+                RawParseError {
+                    message: reason,
+                    line: error.line(),
+                    column: error.column(),
+                }
+            }
+        })
+    }
+
+    /// The raw value of a member.
+    pub fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.members
+            .iter()
+            .find(|(name, _)| name == key)
+            .map(|(_, value)| *value)
+    }
+
+    /// A member that must be a string; `Err` names the member when it is something else.
+    pub fn get_str(&self, key: &str) -> Result<Option<Cow<'a, str>>, String> {
+        let Some(raw) = self.get(key) else {
+            return Ok(None);
+        };
+        if raw.get() == "null" {
+            return Ok(None);
+        }
+        serde_json::from_str::<Cow<'a, str>>(raw.get())
+            .map(Some)
+            .map_err(|_| format!("`{key}` must be a string"))
+    }
+
+    /// A member that must be a boolean (absent or null is `false`).
+    pub fn get_bool(&self, key: &str) -> Result<bool, String> {
+        match self.get(key).map(RawValue::get) {
+            None | Some("null") | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(_) => Err(format!("`{key}` must be a boolean")),
+        }
+    }
+
+    /// Decode a member into a typed value.
+    pub fn get_as<T: Deserialize<'a>>(&self, key: &str) -> Result<Option<T>, String> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(raw) => serde_json::from_str(raw.get())
+                .map(Some)
+                .map_err(|error| format!("`{key}` is invalid: {error}")),
+        }
+    }
+
+    /// Member names, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.members.iter().map(|(name, _)| name.as_ref())
+    }
+
+    /// Write the object back, replacing (or appending) the given members. Replacement values
+    /// are already-serialized JSON.
+    pub fn write_with(&self, replacements: &[(&str, &str)], output: &mut Vec<u8>) {
+        output.reserve(
+            self.members
+                .iter()
+                .map(|(k, v)| k.len() + v.get().len() + 4)
+                .sum(),
+        );
+        output.push(b'{');
+        let mut first = true;
+        let mut write_member = |output: &mut Vec<u8>, key: &str, value: &str| {
+            if !first {
+                output.push(b',');
+            }
+            first = false;
+            write_json_string(key, output);
+            output.push(b':');
+            output.extend_from_slice(value.as_bytes());
+        };
+        for (key, value) in &self.members {
+            match replacements.iter().find(|(name, _)| name == key) {
+                Some((_, replacement)) => write_member(output, key, replacement),
+                None => write_member(output, key, value.get()),
+            }
+        }
+        for (key, replacement) in replacements {
+            if self.get(key).is_none() {
+                write_member(output, key, replacement);
+            }
+        }
+        output.push(b'}');
+    }
+}
+
+fn write_json_string(text: &str, output: &mut Vec<u8>) {
+    // Serializing a &str into a Vec cannot fail.
+    if serde_json::to_writer(&mut *output, text).is_err() {
+        output.extend_from_slice(b"\"\"");
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+        impl<'de: 'a, 'a> Visitor<'de> for ObjectVisitor<'a> {
+            type Value = RawObject<'a>;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut members: Vec<(Cow<'a, str>, &'a RawValue)> =
+                    Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    if members.iter().any(|(name, _)| *name == key) {
+                        return Err(de::Error::custom(format!("duplicate member `{key}`")));
+                    }
+                    members.push((key, value));
+                }
+                Ok(RawObject { members })
+            }
+        }
+
+        deserializer.deserialize_map(ObjectVisitor(std::marker::PhantomData))
+    }
+}
+
+/// Serialize a value as JSON text for [`RawObject::write_with`].
+pub fn to_json_text<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_one_member_and_keeps_the_rest_byte_for_byte() {
+        let body = br#"{"model":"alias","x_custom":{"a":[1, 2.50]},"stream":true}"#;
+        let object = RawObject::parse(body).expect("parse");
+        assert_eq!(
+            object.get_str("model").expect("str").as_deref(),
+            Some("alias")
+        );
+        assert!(object.get_bool("stream").expect("bool"));
+        let mut output = Vec::new();
+        object.write_with(&[("model", "\"gpt-4o\""), ("extra", "1")], &mut output);
+        assert_eq!(
+            std::str::from_utf8(&output).expect("utf8"),
+            r#"{"model":"gpt-4o","x_custom":{"a":[1, 2.50]},"stream":true,"extra":1}"#
+        );
+    }
+
+    #[test]
+    fn reports_the_position_of_bad_json() {
+        let error = RawObject::parse(b"{\n \"model\": gpt}").expect_err("bad");
+        assert_eq!(error.line, 2);
+        assert!(error.to_string().contains("line 2 column"), "{error}");
+    }
+
+    #[test]
+    fn rejects_non_objects_and_duplicates() {
+        assert!(RawObject::parse(b"[1,2]").is_err());
+        assert!(RawObject::parse(br#"{"a":1,"a":2}"#).is_err());
+        let object = RawObject::parse(br#"{"stream":"yes","model":5}"#).expect("parse");
+        assert!(object.get_bool("stream").is_err());
+        assert!(object.get_str("model").is_err());
+    }
+
+    #[test]
+    fn escaped_keys_round_trip() {
+        let object = RawObject::parse(br#"{"a\"b":1}"#).expect("parse");
+        let mut output = Vec::new();
+        object.write_with(&[], &mut output);
+        assert_eq!(output, br#"{"a\"b":1}"#);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            if let Ok(object) = RawObject::parse(&bytes) {
+                let _ = object.get_str("model");
+                let _ = object.get_bool("stream");
+                let mut output = Vec::new();
+                object.write_with(&[("model", "\"m\"")], &mut output);
+                proptest::prop_assert!(serde_json::from_slice::<serde_json::Value>(&output).is_ok());
+            }
+        }
+    }
+}

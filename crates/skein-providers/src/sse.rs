@@ -1,0 +1,47 @@
+//! Stream translation as a pure state machine: upstream SSE events in, client SSE events out.
+
+use crate::usage::Usage;
+
+/// One server-sent event to write to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutEvent {
+    /// The `event:` line, if any (Anthropic names its events; OpenAI does not).
+    pub event: Option<&'static str>,
+    /// The `data:` payload.
+    pub data: String,
+}
+
+impl OutEvent {
+    pub fn data(data: String) -> OutEvent {
+        OutEvent { event: None, data }
+    }
+
+    /// Append the wire form (`event: …\ndata: …\n\n`) to `output`.
+    pub fn write_to(&self, output: &mut Vec<u8>) {
+        if let Some(event) = self.event {
+            output.extend_from_slice(b"event: ");
+            output.extend_from_slice(event.as_bytes());
+            output.push(b'\n');
+        }
+        // A payload may not contain raw newlines in one data line; JSON we emit never does,
+        // but an upstream's text might.
+        for line in self.data.split('\n') {
+            output.extend_from_slice(b"data: ");
+            output.extend_from_slice(line.as_bytes());
+            output.push(b'\n');
+        }
+        output.push(b'\n');
+    }
+}
+
+/// Translates one upstream stream into the client's stream format.
+pub trait StreamTranslator: Send {
+    /// Handle one upstream event; push what the client should see into `out`.
+    fn on_event(&mut self, event: &str, data: &str, out: &mut Vec<OutEvent>) -> Result<(), String>;
+    /// The upstream stream ended cleanly; push closing events.
+    fn finish(&mut self, out: &mut Vec<OutEvent>);
+    /// Usage seen so far.
+    fn usage(&self) -> Usage;
+    /// Whether the upstream said the answer is complete (so an end of stream is clean).
+    fn completed(&self) -> bool;
+}

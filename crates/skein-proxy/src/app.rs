@@ -1,0 +1,101 @@
+//! The proxy's shared state and router.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::routing::{get, post};
+use skein_core::RuntimeConfig;
+
+use crate::handlers;
+use crate::metrics::Metrics;
+
+/// Settings of the proxy that are not part of the replicated config.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// Pool idle timeout of upstream connections.
+    pub upstream_idle_timeout: Duration,
+    /// Connect timeout of upstream connections.
+    pub upstream_connect_timeout: Duration,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            upstream_idle_timeout: Duration::from_secs(90),
+            upstream_connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What every handler shares. The config is an immutable snapshot swapped whole.
+pub struct AppState {
+    pub config: ArcSwap<RuntimeConfig>,
+    pub client: reqwest::Client,
+    pub metrics: Metrics,
+    started: Instant,
+    ready: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(config: RuntimeConfig, options: &ProxyOptions) -> Result<AppState, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .pool_idle_timeout(options.upstream_idle_timeout)
+            .pool_max_idle_per_host(1024)
+            .connect_timeout(options.upstream_connect_timeout)
+            .tcp_nodelay(true)
+            .no_proxy()
+            .build()?;
+        Ok(AppState {
+            config: ArcSwap::from_pointee(config),
+            client,
+            metrics: Metrics::new(),
+            started: Instant::now(),
+            ready: AtomicBool::new(true),
+        })
+    }
+
+    /// Milliseconds since this node started: the clock of circuit breakers.
+    pub fn clock_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether `/health/ready` says ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Mark the node not ready (before shutdown) or ready again.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+}
+
+/// The proxy router. Each request goes through, in order:
+/// 1. axum's routing (unknown paths and methods get OpenAI-shaped 404/405 errors);
+/// 2. the handler, which reads the body up to `server.max_body_bytes` (413 beyond), takes or
+///    mints an `x-request-id`, and parses the body (400 naming the position);
+/// 3. the route table of the current config snapshot (404 listing known models);
+/// 4. the attempt loop ([`crate::dispatch`]): keys, deployments and fallbacks with per-attempt
+///    timeouts, backoff and circuit breaking, inside the overall deadline;
+/// 5. the response, passed through or translated, streamed event by event, with `x-skein-*`
+///    headers naming the provider, deployment and attempts, and metrics recorded at the end.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/chat/completions", post(handlers::chat_completions))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/completions", post(handlers::completions))
+        .route("/v1/embeddings", post(handlers::embeddings))
+        .route("/embeddings", post(handlers::embeddings))
+        .route("/v1/models", get(handlers::models))
+        .route("/models", get(handlers::models))
+        .route("/health/live", get(handlers::live))
+        .route("/health/ready", get(handlers::ready))
+        .route("/metrics", get(handlers::metrics))
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .with_state(state)
+}

@@ -1,0 +1,262 @@
+//! The attempt loop of one request: walk the [`AttemptPlan`], call each candidate with its
+//! own timeout inside the overall deadline, feed the result to the key's circuit breaker, and
+//! stop at the first success or at an error that another attempt cannot fix.
+//!
+//! A stream counts as successful only once its first event arrived: a stream that fails before
+//! that is retried elsewhere, so the client never sees a half-started answer from a failed
+//! attempt.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures_util::{Stream, StreamExt};
+use skein_core::{AttemptPlan, Candidate, NextAttempt, RouteRuntime};
+use skein_types::ErrorCode;
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::metrics::{AttemptLabels, ProviderLabels};
+use crate::upstream::{
+    AttemptFailure, PreparedRequest, build_request, classify_empty_stream, classify_status,
+    classify_timeout, classify_transport,
+};
+
+/// Upstream SSE events after the first.
+pub type EventStream =
+    Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
+
+/// Whether the client asked for a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Unary,
+    Stream,
+}
+
+/// What a successful attempt produced.
+pub enum ServedBody {
+    Unary(Bytes),
+    Stream { first: Event, rest: EventStream },
+}
+
+/// The successful attempt and what it took to get there.
+pub struct Served {
+    pub candidate: Candidate,
+    pub attempts: u32,
+    /// Time spent waiting on upstreams and in backoff, to tell gateway overhead apart.
+    pub waited: Duration,
+    pub body: ServedBody,
+}
+
+/// A failed request, with what it took.
+pub struct Failed {
+    pub error: ApiError,
+    pub attempts: u32,
+    pub waited: Duration,
+    /// The provider of the last attempt, for metrics.
+    pub provider: Option<String>,
+}
+
+/// Run the attempt loop. `prepare` builds the upstream request for a candidate (URL, body in
+/// the candidate's protocol).
+pub async fn dispatch(
+    state: &AppState,
+    routes: Vec<Arc<RouteRuntime>>,
+    mode: Mode,
+    request_id: &str,
+    deadline: Instant,
+    prepare: &(dyn Fn(&Candidate) -> Result<PreparedRequest, ApiError> + Sync),
+) -> Result<Served, Box<Failed>> {
+    let mut plan = AttemptPlan::new(routes);
+    let mut last_failure: Option<AttemptFailure> = None;
+    let mut last_provider: Option<String> = None;
+    let mut waited = Duration::ZERO;
+    let fail = |error: ApiError, attempts: u32, waited: Duration, provider: Option<String>| {
+        Err(Box::new(Failed {
+            error,
+            attempts,
+            waited,
+            provider,
+        }))
+    };
+    loop {
+        let (candidate, wait) = match plan.next(state.clock_ms()) {
+            NextAttempt::Try { candidate, wait } => (candidate, wait),
+            NextAttempt::Exhausted { retry_after_ms } => {
+                let error = match last_failure {
+                    Some(failure) => failure.error,
+                    None => {
+                        let seconds = retry_after_ms.unwrap_or(1_000).div_ceil(1_000).max(1);
+                        ApiError::new(
+                            ErrorCode::Unavailable,
+                            format!("every deployment is cooling down; retry in {seconds} s"),
+                        )
+                        .with_detail_code("no_deployment_available")
+                        .with_retry_after(seconds)
+                    }
+                };
+                return fail(error, plan.attempts, waited, last_provider);
+            }
+        };
+        let provider_name = candidate.deployment.provider.name.clone();
+        if !wait.is_zero() {
+            if Instant::now() + wait >= deadline {
+                if candidate.probe {
+                    candidate.key().health.release_probe();
+                }
+                let error = last_failure
+                    .map(|failure| failure.error)
+                    .unwrap_or_else(deadline_error);
+                return fail(error, plan.attempts, waited, last_provider);
+            }
+            tokio::time::sleep(wait).await;
+            waited += wait;
+        }
+        let prepared = match prepare(&candidate) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                if candidate.probe {
+                    candidate.key().health.release_probe();
+                }
+                return fail(error, plan.attempts, waited, Some(provider_name));
+            }
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let attempt_timeout =
+            Duration::from_millis(candidate.route.attempt_timeout_ms).min(remaining);
+        let started = Instant::now();
+        let in_flight = candidate.deployment.enter();
+        let outcome =
+            match tokio::time::timeout(attempt_timeout, attempt(state, &candidate, prepared, mode))
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(_elapsed) => Err(classify_timeout(&provider_name, attempt_timeout)),
+            };
+        drop(in_flight);
+        let upstream_time = started.elapsed();
+        waited += upstream_time;
+        match outcome {
+            Ok(body) => {
+                candidate.key().health.record_success();
+                candidate
+                    .deployment
+                    .observe_latency(u64::try_from(upstream_time.as_micros()).unwrap_or(u64::MAX));
+                let metrics = &state.metrics;
+                metrics
+                    .attempts
+                    .get_or_create(&AttemptLabels {
+                        provider: provider_name.clone(),
+                        outcome: "success",
+                    })
+                    .inc();
+                metrics
+                    .upstream_duration
+                    .get_or_create(&ProviderLabels {
+                        provider: provider_name,
+                    })
+                    .observe(upstream_time.as_secs_f64());
+                return Ok(Served {
+                    candidate,
+                    attempts: plan.attempts,
+                    waited,
+                    body,
+                });
+            }
+            Err(failure) => {
+                state
+                    .metrics
+                    .attempts
+                    .get_or_create(&AttemptLabels {
+                        provider: provider_name.clone(),
+                        outcome: failure.outcome,
+                    })
+                    .inc();
+                let key = candidate.key();
+                let cooldown_until = match failure.breaker {
+                    Some(kind) => key.health.record_failure(
+                        kind,
+                        &candidate.deployment.provider.breaker,
+                        state.clock_ms(),
+                    ),
+                    None => {
+                        // The upstream judged the request, so the key itself works.
+                        key.health.record_success();
+                        None
+                    }
+                };
+                tracing::warn!(
+                    request_id,
+                    provider = %provider_name,
+                    key = %key.name,
+                    model = %candidate.deployment.model,
+                    outcome = failure.outcome,
+                    retryable = failure.retryable,
+                    cooling_down_ms = cooldown_until.map(|until| until.saturating_sub(state.clock_ms())),
+                    error = %failure.error.message,
+                    "upstream attempt failed"
+                );
+                last_provider = Some(provider_name);
+                if !failure.retryable {
+                    return fail(failure.error, plan.attempts, waited, last_provider);
+                }
+                last_failure = Some(failure);
+                if Instant::now() >= deadline {
+                    let error = last_failure
+                        .map(|failure| failure.error)
+                        .unwrap_or_else(deadline_error);
+                    return fail(error, plan.attempts, waited, last_provider);
+                }
+            }
+        }
+    }
+}
+
+fn deadline_error() -> ApiError {
+    ApiError::new(
+        ErrorCode::Timeout,
+        "the request deadline passed before any provider answered",
+    )
+    .with_detail_code("deadline_exceeded")
+}
+
+/// One upstream attempt, up to the full body (unary) or the first event (stream).
+async fn attempt(
+    state: &AppState,
+    candidate: &Candidate,
+    prepared: PreparedRequest,
+    mode: Mode,
+) -> Result<ServedBody, AttemptFailure> {
+    let provider = &candidate.deployment.provider.name;
+    let response = build_request(&state.client, candidate, prepared)
+        .send()
+        .await
+        .map_err(|error| classify_transport(provider, &error))?;
+    let status = response.status();
+    if !status.is_success() {
+        let headers = response.headers().clone();
+        let body = response.bytes().await.unwrap_or_default();
+        return Err(classify_status(provider, status, &headers, &body));
+    }
+    match mode {
+        Mode::Unary => {
+            let body = response
+                .bytes()
+                .await
+                .map_err(|error| classify_transport(provider, &error))?;
+            Ok(ServedBody::Unary(body))
+        }
+        Mode::Stream => {
+            let mut events = response.bytes_stream().eventsource();
+            match events.next().await {
+                Some(Ok(first)) => Ok(ServedBody::Stream {
+                    first,
+                    rest: Box::pin(events),
+                }),
+                Some(Err(_)) | None => Err(classify_empty_stream(provider)),
+            }
+        }
+    }
+}

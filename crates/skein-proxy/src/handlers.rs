@@ -1,0 +1,693 @@
+//! HTTP handlers: read and check the request, dispatch it, shape the response.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use prometheus_client::metrics::gauge::Gauge;
+use serde_json::json;
+use skein_core::{Candidate, ResolveError, RouteRuntime};
+use skein_providers::openai::{self, PassthroughStream, StreamShape};
+use skein_providers::{Endpoint, RawObject, StreamTranslator};
+use skein_types::{ErrorCode, WireProtocol};
+
+use crate::app::AppState;
+use crate::dispatch::{EventStream, Failed, Mode, ServedBody, dispatch};
+use crate::error::{ApiError, ErrorShape};
+use crate::metrics::{EndpointLabels, ProviderLabels, RequestLabels, RouteLabels};
+use crate::upstream::{PreparedRequest, openai_url};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const SKEIN_PROVIDER: HeaderName = HeaderName::from_static("x-skein-provider");
+const SKEIN_DEPLOYMENT: HeaderName = HeaderName::from_static("x-skein-deployment");
+const SKEIN_ROUTE: HeaderName = HeaderName::from_static("x-skein-route");
+const SKEIN_ATTEMPTS: HeaderName = HeaderName::from_static("x-skein-attempts");
+
+/// Per-request facts every step needs.
+pub(crate) struct RequestContext {
+    pub request_id: String,
+    pub started: Instant,
+    pub endpoint: &'static str,
+    pub shape: ErrorShape,
+    _in_flight: InFlight,
+}
+
+/// Counts a request in the in-flight gauge while alive.
+struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl RequestContext {
+    pub(crate) fn new(
+        state: &AppState,
+        headers: &HeaderMap,
+        endpoint: &'static str,
+        shape: ErrorShape,
+    ) -> RequestContext {
+        state.metrics.in_flight.inc();
+        RequestContext {
+            request_id: request_id(headers),
+            started: Instant::now(),
+            endpoint,
+            shape,
+            _in_flight: InFlight(state.metrics.in_flight.clone()),
+        }
+    }
+}
+
+/// Take the client's `x-request-id` if it is sane, else mint one.
+fn request_id(headers: &HeaderMap) -> String {
+    if let Some(value) = headers
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        && !value.is_empty()
+        && value.len() <= 128
+        && value.bytes().all(|byte| byte.is_ascii_graphic())
+    {
+        return value.to_owned();
+    }
+    format!("req_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..))
+}
+
+/// Read the body up to the configured limit.
+pub(crate) async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        let too_large = std::iter::successors(Some(&error as &dyn std::error::Error), |error| {
+            error.source()
+        })
+        .any(|error| error.to_string().contains("length limit"));
+        if too_large {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the request body is larger than the limit of {limit} bytes"),
+            )
+            .with_detail_code("request_too_large")
+        } else {
+            ApiError::invalid(format!("could not read the request body: {error}"))
+        }
+    })
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    openai_endpoint(state, Endpoint::ChatCompletions, headers, body).await
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    openai_endpoint(state, Endpoint::Completions, headers, body).await
+}
+
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    openai_endpoint(state, Endpoint::Embeddings, headers, body).await
+}
+
+/// Every OpenAI-shaped endpoint: parse, resolve, dispatch, respond.
+async fn openai_endpoint(
+    state: Arc<AppState>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let context = RequestContext::new(&state, &headers, endpoint.label(), ErrorShape::OpenAi);
+    let snapshot = state.config.load_full();
+    let bytes = match read_body(body, snapshot.server.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(error) => return finish_error(&state, &context, None, None, error),
+    };
+    let request = match RawObject::parse(&bytes) {
+        Ok(request) => request,
+        Err(error) => {
+            return finish_error(
+                &state,
+                &context,
+                None,
+                None,
+                ApiError::invalid(error.to_string()).with_detail_code("invalid_json"),
+            );
+        }
+    };
+    let model = match request.get_str("model") {
+        Ok(Some(model)) if !model.is_empty() => model.into_owned(),
+        Ok(_) => {
+            let error = ApiError::invalid("you must provide a model parameter")
+                .with_param("model")
+                .with_detail_code("missing_model");
+            return finish_error(&state, &context, None, None, error);
+        }
+        Err(message) => {
+            return finish_error(
+                &state,
+                &context,
+                None,
+                None,
+                ApiError::invalid(message).with_param("model"),
+            );
+        }
+    };
+    let shape = if endpoint.can_stream() {
+        match openai::stream_shape(&request) {
+            Ok(shape) => shape,
+            Err(message) => {
+                return finish_error(
+                    &state,
+                    &context,
+                    Some(&model),
+                    None,
+                    ApiError::invalid(message),
+                );
+            }
+        }
+    } else {
+        StreamShape {
+            stream: false,
+            client_wants_usage: false,
+        }
+    };
+    let routes = match snapshot.resolve(&model) {
+        Ok(routes) => routes,
+        Err(error) => {
+            return finish_error(
+                &state,
+                &context,
+                Some(&model),
+                None,
+                unknown_model(&model, error),
+            );
+        }
+    };
+    let prepare = |candidate: &Candidate| -> Result<PreparedRequest, ApiError> {
+        let provider = &candidate.deployment.provider;
+        match provider.protocol {
+            WireProtocol::OpenAi | WireProtocol::Azure => Ok(PreparedRequest {
+                url: openai_url(candidate, endpoint),
+                body: Bytes::from(openai::passthrough_body(
+                    &request,
+                    &candidate.deployment.model,
+                    shape,
+                )),
+                headers: Vec::new(),
+            }),
+            WireProtocol::Anthropic | WireProtocol::Gemini => Err(ApiError::invalid(format!(
+                "provider {} ({}) cannot serve {} yet",
+                provider.name,
+                provider.kind.as_str(),
+                endpoint.label()
+            ))
+            .with_detail_code("unsupported_provider")),
+        }
+    };
+    let deadline = context.started + Duration::from_millis(snapshot.server.request_timeout_ms);
+    let mode = if shape.stream {
+        Mode::Stream
+    } else {
+        Mode::Unary
+    };
+    let served = dispatch(
+        &state,
+        routes.clone(),
+        mode,
+        &context.request_id,
+        deadline,
+        &prepare,
+    )
+    .await;
+    match served {
+        Ok(served) => {
+            let requested_route = &routes[0];
+            match served.body {
+                ServedBody::Unary(body) => {
+                    let usage = openai::response_usage(&body);
+                    let provider = served.candidate.deployment.provider.name.clone();
+                    state.metrics.record_usage(&provider, &usage);
+                    finish_unary(
+                        &state,
+                        &context,
+                        requested_route,
+                        &served.candidate,
+                        served.attempts,
+                        served.waited,
+                        body,
+                    )
+                }
+                ServedBody::Stream { first, rest } => {
+                    let translator = Box::new(PassthroughStream::new(shape.client_wants_usage));
+                    let candidate = served.candidate;
+                    stream_response(
+                        &state,
+                        context,
+                        requested_route,
+                        candidate,
+                        served.attempts,
+                        served.waited,
+                        first,
+                        rest,
+                        translator,
+                    )
+                }
+            }
+        }
+        Err(failed) => {
+            let Failed {
+                error,
+                attempts,
+                waited,
+                provider,
+            } = *failed;
+            let mut response = finish_error_with_wait(
+                &state,
+                &context,
+                Some(&model),
+                provider.as_deref(),
+                error,
+                waited,
+            );
+            insert_header(
+                response.headers_mut(),
+                SKEIN_ATTEMPTS,
+                &attempts.to_string(),
+            );
+            response
+        }
+    }
+}
+
+fn unknown_model(model: &str, error: ResolveError) -> ApiError {
+    let ResolveError::UnknownModel { known } = error;
+    let listed = if known.is_empty() {
+        "no models are configured".to_owned()
+    } else {
+        let shown: Vec<&str> = known.iter().take(50).map(String::as_str).collect();
+        format!("available models: {}", shown.join(", "))
+    };
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!(
+            "the model `{model}` does not exist on this gateway; {listed} (or use provider/model)"
+        ),
+    )
+    .with_param("model")
+    .with_detail_code("model_not_found")
+}
+
+fn insert_header(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
+
+fn served_headers(
+    headers: &mut HeaderMap,
+    context: &RequestContext,
+    candidate: &Candidate,
+    attempts: u32,
+) {
+    insert_header(headers, REQUEST_ID, &context.request_id);
+    insert_header(headers, SKEIN_PROVIDER, &candidate.deployment.provider.name);
+    insert_header(
+        headers,
+        SKEIN_DEPLOYMENT,
+        &format!(
+            "{}/{}",
+            candidate.deployment.provider.name, candidate.deployment.model
+        ),
+    );
+    insert_header(headers, SKEIN_ROUTE, &candidate.route.name);
+    insert_header(headers, SKEIN_ATTEMPTS, &attempts.to_string());
+}
+
+fn record_request(
+    state: &AppState,
+    context: &RequestContext,
+    route: &str,
+    provider: &str,
+    status: u16,
+    waited: Duration,
+) {
+    let metrics = &state.metrics;
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            endpoint: context.endpoint,
+            route: route.to_owned(),
+            provider: provider.to_owned(),
+            status,
+        })
+        .inc();
+    let elapsed = context.started.elapsed();
+    let endpoint = EndpointLabels {
+        endpoint: context.endpoint,
+    };
+    metrics
+        .request_duration
+        .get_or_create(&endpoint)
+        .observe(elapsed.as_secs_f64());
+    metrics
+        .gateway_overhead
+        .get_or_create(&endpoint)
+        .observe(elapsed.saturating_sub(waited).as_secs_f64());
+}
+
+pub(crate) fn finish_error(
+    state: &AppState,
+    context: &RequestContext,
+    model: Option<&str>,
+    provider: Option<&str>,
+    error: ApiError,
+) -> Response {
+    finish_error_with_wait(state, context, model, provider, error, Duration::ZERO)
+}
+
+fn finish_error_with_wait(
+    state: &AppState,
+    context: &RequestContext,
+    model: Option<&str>,
+    provider: Option<&str>,
+    error: ApiError,
+    waited: Duration,
+) -> Response {
+    let error = error.with_shape(context.shape);
+    let status = error.status().as_u16();
+    record_request(
+        state,
+        context,
+        model.unwrap_or(""),
+        provider.unwrap_or(""),
+        status,
+        waited,
+    );
+    tracing::info!(
+        target: "skein::access",
+        request_id = %context.request_id,
+        endpoint = context.endpoint,
+        model = model.unwrap_or(""),
+        status,
+        error = %error.message,
+        duration_ms = context.started.elapsed().as_millis() as u64,
+        "request failed"
+    );
+    let mut response = error.into_response();
+    insert_header(response.headers_mut(), REQUEST_ID, &context.request_id);
+    response
+}
+
+pub(crate) fn finish_unary(
+    state: &AppState,
+    context: &RequestContext,
+    requested_route: &RouteRuntime,
+    candidate: &Candidate,
+    attempts: u32,
+    waited: Duration,
+    body: Bytes,
+) -> Response {
+    if candidate.route.name != requested_route.name {
+        state
+            .metrics
+            .fallbacks
+            .get_or_create(&RouteLabels {
+                route: requested_route.name.clone(),
+            })
+            .inc();
+    }
+    record_request(
+        state,
+        context,
+        &requested_route.name,
+        &candidate.deployment.provider.name,
+        200,
+        waited,
+    );
+    tracing::info!(
+        target: "skein::access",
+        request_id = %context.request_id,
+        endpoint = context.endpoint,
+        route = %requested_route.name,
+        provider = %candidate.deployment.provider.name,
+        model = %candidate.deployment.model,
+        attempts,
+        status = 200,
+        duration_ms = context.started.elapsed().as_millis() as u64,
+        "request served"
+    );
+    let mut response = Response::new(Body::from(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    served_headers(headers, context, candidate, attempts);
+    response
+}
+
+/// Stream the upstream's events to the client through `translator`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stream_response(
+    state: &Arc<AppState>,
+    context: RequestContext,
+    requested_route: &RouteRuntime,
+    candidate: Candidate,
+    attempts: u32,
+    waited: Duration,
+    first: eventsource_stream::Event,
+    rest: EventStream,
+    translator: Box<dyn StreamTranslator>,
+) -> Response {
+    if candidate.route.name != requested_route.name {
+        state
+            .metrics
+            .fallbacks
+            .get_or_create(&RouteLabels {
+                route: requested_route.name.clone(),
+            })
+            .inc();
+    }
+    record_request(
+        state,
+        &context,
+        &requested_route.name,
+        &candidate.deployment.provider.name,
+        200,
+        waited,
+    );
+    let provider = candidate.deployment.provider.name.clone();
+    state
+        .metrics
+        .time_to_first_token
+        .get_or_create(&ProviderLabels {
+            provider: provider.clone(),
+        })
+        .observe(context.started.elapsed().as_secs_f64());
+    let mut response = Response::new(Body::empty());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    served_headers(headers, &context, &candidate, attempts);
+    let guard = candidate.deployment.enter();
+    let relay = StreamRelay {
+        state: state.clone(),
+        first: Some(first),
+        rest,
+        translator,
+        provider,
+        finished: false,
+        context,
+        candidate,
+        _in_flight: guard,
+    };
+    let body = futures_util::stream::unfold(relay, |mut relay| async move {
+        let chunk = relay.next_chunk().await?;
+        Some((Ok::<Bytes, std::convert::Infallible>(chunk), relay))
+    });
+    *response.body_mut() = Body::from_stream(body);
+    response
+}
+
+/// Moves events from the upstream to the client; accounts usage when dropped, so a client
+/// that disconnects mid-stream is still counted.
+struct StreamRelay {
+    state: Arc<AppState>,
+    first: Option<eventsource_stream::Event>,
+    rest: EventStream,
+    translator: Box<dyn StreamTranslator>,
+    provider: String,
+    finished: bool,
+    context: RequestContext,
+    candidate: Candidate,
+    _in_flight: skein_core::runtime::InFlightGuard,
+}
+
+impl StreamRelay {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        use futures_util::StreamExt;
+        if self.finished {
+            return None;
+        }
+        let mut out = Vec::new();
+        loop {
+            let event = match self.first.take() {
+                Some(event) => Ok(event),
+                None => match self.rest.next().await {
+                    Some(result) => result.map_err(|error| error.to_string()),
+                    None => {
+                        self.finished = true;
+                        self.translator.finish(&mut out);
+                        if !self.translator.completed() {
+                            self.interrupted("the upstream stream ended early");
+                        }
+                        return encode_events(&out);
+                    }
+                },
+            };
+            match event {
+                Ok(event) => {
+                    if let Err(message) =
+                        self.translator
+                            .on_event(&event.event, &event.data, &mut out)
+                    {
+                        tracing::warn!(request_id = %self.context.request_id, provider = %self.provider, error = %message, "untranslatable upstream event");
+                    }
+                    if !out.is_empty() {
+                        return encode_events(&out);
+                    }
+                }
+                Err(message) => {
+                    self.finished = true;
+                    self.interrupted(&message);
+                    let error = ApiError::new(
+                        ErrorCode::UpstreamError,
+                        format!("the provider's stream broke: {message}"),
+                    )
+                    .with_detail_code("upstream_stream_interrupted")
+                    .with_shape(self.context.shape);
+                    let mut bytes = encode_events(&out)
+                        .map(|bytes| bytes.to_vec())
+                        .unwrap_or_default();
+                    match self.context.shape {
+                        ErrorShape::OpenAi => bytes
+                            .extend_from_slice(format!("data: {}\n\n", error.body()).as_bytes()),
+                        ErrorShape::Anthropic => bytes.extend_from_slice(
+                            format!("event: error\ndata: {}\n\n", error.body()).as_bytes(),
+                        ),
+                    }
+                    return Some(Bytes::from(bytes));
+                }
+            }
+        }
+    }
+
+    fn interrupted(&self, message: &str) {
+        self.state
+            .metrics
+            .stream_interruptions
+            .get_or_create(&ProviderLabels {
+                provider: self.provider.clone(),
+            })
+            .inc();
+        tracing::warn!(request_id = %self.context.request_id, provider = %self.provider, error = %message, "stream interrupted after its first byte");
+    }
+}
+
+fn encode_events(events: &[skein_providers::OutEvent]) -> Option<Bytes> {
+    if events.is_empty() {
+        return Some(Bytes::new());
+    }
+    let mut bytes = Vec::with_capacity(events.iter().map(|event| event.data.len() + 16).sum());
+    for event in events {
+        event.write_to(&mut bytes);
+    }
+    Some(Bytes::from(bytes))
+}
+
+impl Drop for StreamRelay {
+    fn drop(&mut self) {
+        let usage = self.translator.usage();
+        self.state.metrics.record_usage(&self.provider, &usage);
+        let client_left = !self.finished;
+        tracing::info!(
+            target: "skein::access",
+            request_id = %self.context.request_id,
+            endpoint = self.context.endpoint,
+            route = %self.candidate.route.name,
+            provider = %self.provider,
+            model = %self.candidate.deployment.model,
+            input_tokens = usage.input_tokens,
+            output_tokens = usage.output_tokens,
+            client_disconnected = client_left,
+            duration_ms = self.context.started.elapsed().as_millis() as u64,
+            "stream finished"
+        );
+    }
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> Response {
+    let snapshot = state.config.load();
+    let data: Vec<serde_json::Value> = snapshot
+        .models
+        .iter()
+        .map(|entry| json!({"id": entry.id, "object": "model", "created": 0, "owned_by": entry.owned_by}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+pub async fn live() -> Response {
+    axum::Json(json!({"status": "live"})).into_response()
+}
+
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_ready() {
+        axum::Json(json!({"status": "ready"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "not_ready"})),
+        )
+            .into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut response = state.metrics.encode().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+pub async fn not_found(uri: axum::http::Uri) -> Response {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("no such endpoint: {}", uri.path()),
+    )
+    .with_detail_code("unknown_url")
+    .into_response()
+}
+
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    ApiError::invalid(format!("method {method} is not allowed on {}", uri.path()))
+        .with_status(405)
+        .with_detail_code("method_not_allowed")
+        .into_response()
+}

@@ -1,0 +1,17 @@
+//! The proxy API: an axum router serving OpenAI- and Anthropic-compatible endpoints, the
+//! upstream HTTP client, the attempt loop (retries, key rotation, fallbacks, circuit breaking),
+//! SSE streaming, OpenAI-shaped errors and Prometheus metrics.
+//!
+//! Reads configuration only through an immutable [`skein_core::RuntimeConfig`] snapshot
+//! swapped atomically; must never wait on storage, Raft or gossip on the request path.
+
+pub mod app;
+pub mod dispatch;
+pub mod error;
+pub mod handlers;
+pub mod metrics;
+pub mod upstream;
+
+pub use app::{AppState, ProxyOptions, router};
+pub use error::ApiError;
+pub use metrics::Metrics;

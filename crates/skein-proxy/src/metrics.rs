@@ -1,0 +1,191 @@
+//! Prometheus metrics, all named `skein_*`. Labels are low-cardinality: endpoint, route,
+//! provider, status and outcome (never a key, a user or a request id).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: &'static str,
+    pub route: String,
+    pub provider: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    pub provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub provider: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub provider: String,
+    /// `input`, `output`, `cached_input`, `reasoning`
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<EndpointLabels, Histogram>,
+    pub gateway_overhead: Family<EndpointLabels, Histogram>,
+    pub upstream_duration: Family<ProviderLabels, Histogram>,
+    pub time_to_first_token: Family<ProviderLabels, Histogram>,
+    pub attempts: Family<AttemptLabels, Counter>,
+    pub fallbacks: Family<RouteLabels, Counter>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub in_flight: Gauge,
+    pub stream_interruptions: Family<ProviderLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0, 60.0, 120.0,
+    ])
+}
+
+fn overhead_histogram() -> Histogram {
+    Histogram::new([
+        0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+        0.05, 0.1,
+    ])
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("skein");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Proxy requests by endpoint, route, provider and status",
+            requests.clone(),
+        );
+        let request_duration = Family::<EndpointLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to full response (to the first byte for streams)",
+            request_duration.clone(),
+        );
+        let gateway_overhead = Family::<EndpointLabels, Histogram>::new_with_constructor(
+            overhead_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "gateway_overhead_seconds",
+            "Time spent in Skein itself, upstream time and backoff excluded",
+            gateway_overhead.clone(),
+        );
+        let upstream_duration = Family::<ProviderLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Upstream time per successful attempt (to the first event for streams)",
+            upstream_duration.clone(),
+        );
+        let time_to_first_token = Family::<ProviderLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "Time from request to the first streamed event sent to the client",
+            time_to_first_token.clone(),
+        );
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "upstream_attempts",
+            "Upstream attempts by provider and outcome",
+            attempts.clone(),
+        );
+        let fallbacks = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "fallbacks",
+            "Requests served by a route other than the one asked for",
+            fallbacks.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register("tokens", "Tokens by provider and kind", tokens.clone());
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Proxy requests being served",
+            in_flight.clone(),
+        );
+        let stream_interruptions = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "stream_interruptions",
+            "Streams that broke after their first byte reached the client",
+            stream_interruptions.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            gateway_overhead,
+            upstream_duration,
+            time_to_first_token,
+            attempts,
+            fallbacks,
+            tokens,
+            in_flight,
+            stream_interruptions,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut output = String::new();
+        if prometheus_client::encoding::text::encode(&mut output, &self.registry).is_err() {
+            output.clear();
+        }
+        output
+    }
+
+    /// Count tokens of a finished call.
+    pub fn record_usage(&self, provider: &str, usage: &skein_providers::Usage) {
+        for (kind, count) in [
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+            ("cached_input", usage.cached_input_tokens),
+            ("reasoning", usage.reasoning_tokens),
+        ] {
+            if count > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        provider: provider.to_owned(),
+                        kind,
+                    })
+                    .inc_by(count);
+            }
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

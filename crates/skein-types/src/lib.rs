@@ -1,0 +1,19 @@
+//! Skein's shared vocabulary: the configuration model (plain serde data that can later be
+//! replicated through Raft without a rewrite), its validation, and the small error-code
+//! vocabulary every boundary maps to an HTTP status.
+//!
+//! This crate owns no I/O: it must not depend on tokio, axum, reqwest or any storage.
+
+pub mod config;
+pub mod duration;
+pub mod error_code;
+pub mod provider_kind;
+pub mod validate;
+
+pub use config::{
+    BreakerSpec, CredentialRef, DeploymentSpec, KeySpec, ProviderSpec, RetrySpec, RouteSpec,
+    ServerSpec, SkeinConfig, Strategy,
+};
+pub use error_code::ErrorCode;
+pub use provider_kind::{ProviderKind, WireProtocol};
+pub use validate::{ConfigError, ValidatedConfig};

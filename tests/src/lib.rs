@@ -1,0 +1,162 @@
+//! Test harness: start a mock provider and a gateway node in-process on port 0, poll with a
+//! deadline, locate the real binaries for black-box tests.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use skein_mock::{MockOptions, MockServer};
+use skein_node::load::build_runtime;
+use skein_node::{MapEnvironment, NodeOptions, RunningNode, parse_config_text, start_node};
+
+/// A gateway node started in-process.
+pub struct Gateway {
+    pub node: RunningNode,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    pub client: reqwest::Client,
+}
+
+impl Gateway {
+    /// Start a node from YAML config text; credentials resolve from `env`.
+    pub async fn start(config_yaml: &str, env: MapEnvironment) -> anyhow::Result<Gateway> {
+        let validated = parse_config_text(config_yaml, "test config")?;
+        let runtime = build_runtime(&validated, &env)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let node = start_node(listener, runtime, NodeOptions::default()).await?;
+        let url = format!("http://{}", node.http_addr);
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        Ok(Gateway { node, url, client })
+    }
+
+    /// POST JSON to a path.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<reqwest::Response> {
+        Ok(self
+            .client
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await?)
+    }
+
+    /// POST JSON and read the answer as JSON, with its status and headers.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, serde_json::Value)> {
+        let response = self.post(path, body).await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await?;
+        let json = serde_json::from_str(&text)
+            .with_context(|| format!("not JSON (status {status}): {text}"))?;
+        Ok((status, headers, json))
+    }
+
+    /// POST a streaming request and collect the `data:` payloads of the SSE answer.
+    pub async fn post_stream(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Vec<String>)> {
+        let response = self.post(path, body).await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await?;
+        Ok((status, headers, sse_data(&text)))
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(self
+            .client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+}
+
+/// The `data:` payloads of an SSE body, in order.
+pub fn sse_data(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            line.strip_prefix("data: ")
+                .or_else(|| line.strip_prefix("data:"))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A mock provider with request recording on.
+pub async fn start_mock() -> anyhow::Result<MockServer> {
+    Ok(MockServer::start(MockOptions {
+        record: true,
+        ..MockOptions::default()
+    })
+    .await?)
+}
+
+/// A mock provider with latency settings.
+pub async fn start_mock_with(
+    latency: Duration,
+    token_latency: Duration,
+) -> anyhow::Result<MockServer> {
+    Ok(MockServer::start(MockOptions {
+        latency,
+        token_latency,
+        record: true,
+    })
+    .await?)
+}
+
+/// Poll `condition` until it holds or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A binary of this workspace (`skein`, `skein-mock`), built by `cargo build`.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("locating the target directory")?;
+    let path = profile_dir.join(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// The value of a metric line (first match of `name{labels…}` containing every fragment).
+pub fn metric_value(metrics: &str, name: &str, fragments: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with(name) && fragments.iter().all(|fragment| line.contains(fragment))
+        })
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
