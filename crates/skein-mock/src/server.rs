@@ -362,6 +362,10 @@ pub(crate) fn sse_answer(
                 tokio::time::sleep(token_latency).await;
             }
             if cut_after.is_some_and(|cut| index >= cut) {
+                if index > 0 {
+                    // Let the events before the cut reach the client before the drop.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 return Err(std::io::Error::other("mock stream cut"));
             }
             Ok::<Bytes, std::io::Error>(Bytes::from(event))

@@ -20,7 +20,25 @@ pub fn collect_text(value: &Value, output: &mut String) {
         }
         Value::Array(items) => items.iter().for_each(|item| collect_text(item, output)),
         // Every member may hold text (content, text, input, arguments, nested blocks).
-        Value::Object(map) => map.values().for_each(|item| collect_text(item, output)),
+        Value::Object(map) => {
+            for (key, item) in map {
+                let metadata = matches!(
+                    key.as_str(),
+                    "type"
+                        | "role"
+                        | "id"
+                        | "tool_use_id"
+                        | "tool_call_id"
+                        | "cache_control"
+                        | "media_type"
+                        | "signature"
+                        | "detail"
+                );
+                if !metadata {
+                    collect_text(item, output);
+                }
+            }
+        }
         _ => {}
     }
 }

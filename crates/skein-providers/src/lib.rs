@@ -4,6 +4,7 @@
 //!
 //! Must not depend on tokio, axum, reqwest or anything that opens a socket.
 
+pub mod anthropic;
 pub mod endpoint;
 pub mod error;
 pub mod openai;

@@ -1,12 +1,14 @@
 //! Stream translation as a pure state machine: upstream SSE events in, client SSE events out.
 
+use std::borrow::Cow;
+
 use crate::usage::Usage;
 
 /// One server-sent event to write to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutEvent {
     /// The `event:` line, if any (Anthropic names its events; OpenAI does not).
-    pub event: Option<&'static str>,
+    pub event: Option<Cow<'static, str>>,
     /// The `data:` payload.
     pub data: String,
 }
@@ -16,9 +18,17 @@ impl OutEvent {
         OutEvent { event: None, data }
     }
 
+    /// A named event (`event: message_start`).
+    pub fn named(event: impl Into<Cow<'static, str>>, data: String) -> OutEvent {
+        OutEvent {
+            event: Some(event.into()),
+            data,
+        }
+    }
+
     /// Append the wire form (`event: …\ndata: …\n\n`) to `output`.
     pub fn write_to(&self, output: &mut Vec<u8>) {
-        if let Some(event) = self.event {
+        if let Some(event) = &self.event {
             output.extend_from_slice(b"event: ");
             output.extend_from_slice(event.as_bytes());
             output.push(b'\n');

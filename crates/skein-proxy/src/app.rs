@@ -90,6 +90,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/completions", post(handlers::completions))
         .route("/v1/embeddings", post(handlers::embeddings))
         .route("/embeddings", post(handlers::embeddings))
+        .route("/v1/messages", post(handlers::messages))
+        .route("/v1/messages/count_tokens", post(handlers::count_tokens))
         .route("/v1/models", get(handlers::models))
         .route("/models", get(handlers::models))
         .route("/health/live", get(handlers::live))

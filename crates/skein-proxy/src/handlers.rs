@@ -9,16 +9,20 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
+use serde_json::Value;
 use serde_json::json;
 use skein_core::{Candidate, ResolveError, RouteRuntime};
-use skein_providers::openai::{self, PassthroughStream, StreamShape};
+use skein_providers::anthropic;
+use skein_providers::openai::{self, StreamShape};
 use skein_providers::{Endpoint, RawObject, StreamTranslator};
-use skein_types::{ErrorCode, WireProtocol};
+use skein_types::{ErrorCode, ProviderKind, WireProtocol};
+use std::sync::OnceLock;
 
 use crate::app::AppState;
 use crate::dispatch::{EventStream, Failed, Mode, ServedBody, dispatch};
 use crate::error::{ApiError, ErrorShape};
 use crate::metrics::{EndpointLabels, ProviderLabels, RequestLabels, RouteLabels};
+use crate::translate::Translation;
 use crate::upstream::{PreparedRequest, openai_url};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -122,6 +126,7 @@ pub async fn embeddings(
 }
 
 /// Every OpenAI-shaped endpoint: parse, resolve, dispatch, respond.
+/// Every OpenAI-shaped endpoint: parse, resolve, dispatch, respond.
 async fn openai_endpoint(
     state: Arc<AppState>,
     endpoint: Endpoint,
@@ -137,32 +142,13 @@ async fn openai_endpoint(
     let request = match RawObject::parse(&bytes) {
         Ok(request) => request,
         Err(error) => {
-            return finish_error(
-                &state,
-                &context,
-                None,
-                None,
-                ApiError::invalid(error.to_string()).with_detail_code("invalid_json"),
-            );
-        }
-    };
-    let model = match request.get_str("model") {
-        Ok(Some(model)) if !model.is_empty() => model.into_owned(),
-        Ok(_) => {
-            let error = ApiError::invalid("you must provide a model parameter")
-                .with_param("model")
-                .with_detail_code("missing_model");
+            let error = ApiError::invalid(error.to_string()).with_detail_code("invalid_json");
             return finish_error(&state, &context, None, None, error);
         }
-        Err(message) => {
-            return finish_error(
-                &state,
-                &context,
-                None,
-                None,
-                ApiError::invalid(message).with_param("model"),
-            );
-        }
+    };
+    let model = match required_model(&request) {
+        Ok(model) => model,
+        Err(error) => return finish_error(&state, &context, None, None, error),
     };
     let shape = if endpoint.can_stream() {
         match openai::stream_shape(&request) {
@@ -195,10 +181,12 @@ async fn openai_endpoint(
             );
         }
     };
+    // The full tree is only built when a candidate needs a translated request.
+    let tree: OnceLock<Result<Value, String>> = OnceLock::new();
     let prepare = |candidate: &Candidate| -> Result<PreparedRequest, ApiError> {
         let provider = &candidate.deployment.provider;
-        match provider.protocol {
-            WireProtocol::OpenAi | WireProtocol::Azure => Ok(PreparedRequest {
+        match (provider.protocol, endpoint) {
+            (WireProtocol::OpenAi | WireProtocol::Azure, _) => Ok(PreparedRequest {
                 url: openai_url(candidate, endpoint),
                 body: Bytes::from(openai::passthrough_body(
                     &request,
@@ -207,13 +195,27 @@ async fn openai_endpoint(
                 )),
                 headers: Vec::new(),
             }),
-            WireProtocol::Anthropic | WireProtocol::Gemini => Err(ApiError::invalid(format!(
-                "provider {} ({}) cannot serve {} yet",
-                provider.name,
-                provider.kind.as_str(),
-                endpoint.label()
-            ))
-            .with_detail_code("unsupported_provider")),
+            (WireProtocol::Anthropic, Endpoint::ChatCompletions) => {
+                let parsed = tree
+                    .get_or_init(|| {
+                        serde_json::from_slice::<Value>(&bytes).map_err(|error| error.to_string())
+                    })
+                    .as_ref()
+                    .map_err(|message| ApiError::invalid(message.clone()))?;
+                let translated =
+                    anthropic::request_from_openai(parsed, &candidate.deployment.model).map_err(
+                        |message| {
+                            ApiError::invalid(message).with_detail_code("untranslatable_request")
+                        },
+                    )?;
+                Ok(anthropic_request(
+                    candidate,
+                    "/v1/messages",
+                    translated.to_string(),
+                    &HeaderMap::new(),
+                ))
+            }
+            _ => Err(unsupported(candidate, endpoint.label())),
         }
     };
     let deadline = context.started + Duration::from_millis(snapshot.server.request_timeout_ms);
@@ -231,41 +233,262 @@ async fn openai_endpoint(
         &prepare,
     )
     .await;
-    match served {
-        Ok(served) => {
-            let requested_route = &routes[0];
-            match served.body {
-                ServedBody::Unary(body) => {
-                    let usage = openai::response_usage(&body);
-                    let provider = served.candidate.deployment.provider.name.clone();
-                    state.metrics.record_usage(&provider, &usage);
-                    finish_unary(
-                        &state,
-                        &context,
-                        requested_route,
-                        &served.candidate,
-                        served.attempts,
-                        served.waited,
-                        body,
-                    )
-                }
-                ServedBody::Stream { first, rest } => {
-                    let translator = Box::new(PassthroughStream::new(shape.client_wants_usage));
-                    let candidate = served.candidate;
-                    stream_response(
-                        &state,
-                        context,
-                        requested_route,
-                        candidate,
-                        served.attempts,
-                        served.waited,
-                        first,
-                        rest,
-                        translator,
-                    )
-                }
-            }
+    let translation_for = |protocol: WireProtocol| match protocol {
+        WireProtocol::Anthropic => Translation::AnthropicToOpenAi {
+            client_wants_usage: shape.client_wants_usage,
+        },
+        _ => Translation::OpenAiPassthrough {
+            client_wants_usage: shape.client_wants_usage,
+        },
+    };
+    respond(&state, context, &model, &routes[0], served, translation_for)
+}
+
+/// `POST /v1/messages`: the Anthropic Messages API, to Anthropic upstreams natively and to
+/// OpenAI-shaped upstreams by translation.
+pub async fn messages(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let context = RequestContext::new(&state, &headers, "messages", ErrorShape::Anthropic);
+    let snapshot = state.config.load_full();
+    let bytes = match read_body(body, snapshot.server.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(error) => return finish_error(&state, &context, None, None, error),
+    };
+    let request = match RawObject::parse(&bytes) {
+        Ok(request) => request,
+        Err(error) => {
+            let error = ApiError::invalid(error.to_string()).with_detail_code("invalid_json");
+            return finish_error(&state, &context, None, None, error);
         }
+    };
+    let model = match required_model(&request) {
+        Ok(model) => model,
+        Err(error) => return finish_error(&state, &context, None, None, error),
+    };
+    let stream = match request.get_bool("stream") {
+        Ok(stream) => stream,
+        Err(message) => {
+            return finish_error(
+                &state,
+                &context,
+                Some(&model),
+                None,
+                ApiError::invalid(message),
+            );
+        }
+    };
+    if request.get("messages").is_none() {
+        let error = ApiError::invalid("`messages` is required").with_param("messages");
+        return finish_error(&state, &context, Some(&model), None, error);
+    }
+    let routes = match snapshot.resolve(&model) {
+        Ok(routes) => routes,
+        Err(error) => {
+            return finish_error(
+                &state,
+                &context,
+                Some(&model),
+                None,
+                unknown_model(&model, error),
+            );
+        }
+    };
+    let tree: OnceLock<Result<Value, String>> = OnceLock::new();
+    let prepare = |candidate: &Candidate| -> Result<PreparedRequest, ApiError> {
+        let provider = &candidate.deployment.provider;
+        match provider.protocol {
+            WireProtocol::Anthropic => {
+                let model_json =
+                    serde_json::to_string(&candidate.deployment.model).unwrap_or_default();
+                let mut body = Vec::with_capacity(bytes.len() + 32);
+                request.write_with(&[("model", &model_json)], &mut body);
+                Ok(anthropic_request_bytes(
+                    candidate,
+                    "/v1/messages",
+                    Bytes::from(body),
+                    &headers,
+                ))
+            }
+            WireProtocol::OpenAi | WireProtocol::Azure => {
+                let parsed = tree
+                    .get_or_init(|| {
+                        serde_json::from_slice::<Value>(&bytes).map_err(|error| error.to_string())
+                    })
+                    .as_ref()
+                    .map_err(|message| ApiError::invalid(message.clone()))?;
+                let uses_max_completion_tokens =
+                    matches!(provider.kind, ProviderKind::OpenAi | ProviderKind::Azure);
+                let translated = anthropic::request_to_openai(
+                    parsed,
+                    &candidate.deployment.model,
+                    uses_max_completion_tokens,
+                )
+                .map_err(|message| {
+                    ApiError::invalid(message).with_detail_code("untranslatable_request")
+                })?;
+                Ok(PreparedRequest {
+                    url: openai_url(candidate, Endpoint::ChatCompletions),
+                    body: Bytes::from(translated.to_string()),
+                    headers: Vec::new(),
+                })
+            }
+            WireProtocol::Gemini => Err(unsupported(candidate, "messages")),
+        }
+    };
+    let deadline = context.started + Duration::from_millis(snapshot.server.request_timeout_ms);
+    let mode = if stream { Mode::Stream } else { Mode::Unary };
+    let served = dispatch(
+        &state,
+        routes.clone(),
+        mode,
+        &context.request_id,
+        deadline,
+        &prepare,
+    )
+    .await;
+    let requested_model = model.clone();
+    let translation_for = move |protocol: WireProtocol| match protocol {
+        WireProtocol::Anthropic => Translation::AnthropicPassthrough,
+        _ => Translation::OpenAiToAnthropic {
+            requested_model: requested_model.clone(),
+        },
+    };
+    respond(&state, context, &model, &routes[0], served, translation_for)
+}
+
+/// `POST /v1/messages/count_tokens`, where the upstream supports it (Anthropic).
+pub async fn count_tokens(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let context = RequestContext::new(&state, &headers, "count_tokens", ErrorShape::Anthropic);
+    let snapshot = state.config.load_full();
+    let bytes = match read_body(body, snapshot.server.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(error) => return finish_error(&state, &context, None, None, error),
+    };
+    let request = match RawObject::parse(&bytes) {
+        Ok(request) => request,
+        Err(error) => {
+            let error = ApiError::invalid(error.to_string()).with_detail_code("invalid_json");
+            return finish_error(&state, &context, None, None, error);
+        }
+    };
+    let model = match required_model(&request) {
+        Ok(model) => model,
+        Err(error) => return finish_error(&state, &context, None, None, error),
+    };
+    let routes = match snapshot.resolve(&model) {
+        Ok(routes) => routes,
+        Err(error) => {
+            return finish_error(
+                &state,
+                &context,
+                Some(&model),
+                None,
+                unknown_model(&model, error),
+            );
+        }
+    };
+    let prepare = |candidate: &Candidate| -> Result<PreparedRequest, ApiError> {
+        if candidate.deployment.provider.protocol != WireProtocol::Anthropic {
+            return Err(unsupported(candidate, "count_tokens"));
+        }
+        let model_json = serde_json::to_string(&candidate.deployment.model).unwrap_or_default();
+        let mut body = Vec::with_capacity(bytes.len() + 32);
+        request.write_with(&[("model", &model_json)], &mut body);
+        Ok(anthropic_request_bytes(
+            candidate,
+            "/v1/messages/count_tokens",
+            Bytes::from(body),
+            &headers,
+        ))
+    };
+    let deadline = context.started + Duration::from_millis(snapshot.server.request_timeout_ms);
+    let served = dispatch(
+        &state,
+        routes.clone(),
+        Mode::Unary,
+        &context.request_id,
+        deadline,
+        &prepare,
+    )
+    .await;
+    // The answer is `{"input_tokens": N}`, passed through as it is.
+    respond(&state, context, &model, &routes[0], served, |_| {
+        Translation::OpenAiPassthrough {
+            client_wants_usage: false,
+        }
+    })
+}
+
+/// The `model` member, required and non-empty.
+fn required_model(request: &RawObject<'_>) -> Result<String, ApiError> {
+    match request.get_str("model") {
+        Ok(Some(model)) if !model.is_empty() => Ok(model.into_owned()),
+        Ok(_) => Err(ApiError::invalid("you must provide a model parameter")
+            .with_param("model")
+            .with_detail_code("missing_model")),
+        Err(message) => Err(ApiError::invalid(message).with_param("model")),
+    }
+}
+
+fn unsupported(candidate: &Candidate, what: &str) -> ApiError {
+    let provider = &candidate.deployment.provider;
+    ApiError::invalid(format!(
+        "provider {} ({}) cannot serve {what}",
+        provider.name,
+        provider.kind.as_str()
+    ))
+    .with_detail_code("unsupported_provider")
+}
+
+fn anthropic_request(
+    candidate: &Candidate,
+    path: &str,
+    body: String,
+    client_headers: &HeaderMap,
+) -> PreparedRequest {
+    anthropic_request_bytes(candidate, path, Bytes::from(body), client_headers)
+}
+
+/// An Anthropic upstream request: the client's `anthropic-version` and `anthropic-beta` kept.
+fn anthropic_request_bytes(
+    candidate: &Candidate,
+    path: &str,
+    body: Bytes,
+    client_headers: &HeaderMap,
+) -> PreparedRequest {
+    let version = client_headers
+        .get("anthropic-version")
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static(anthropic::DEFAULT_ANTHROPIC_VERSION));
+    let mut headers = vec![(HeaderName::from_static("anthropic-version"), version)];
+    if let Some(beta) = client_headers.get("anthropic-beta") {
+        headers.push((HeaderName::from_static("anthropic-beta"), beta.clone()));
+    }
+    PreparedRequest {
+        url: format!("{}{path}", candidate.deployment.provider.base_url),
+        body,
+        headers,
+    }
+}
+
+/// Turn the attempt loop's outcome into the client's response.
+fn respond(
+    state: &Arc<AppState>,
+    context: RequestContext,
+    model: &str,
+    requested_route: &RouteRuntime,
+    served: Result<crate::dispatch::Served, Box<Failed>>,
+    translation_for: impl Fn(WireProtocol) -> Translation,
+) -> Response {
+    let served = match served {
+        Ok(served) => served,
         Err(failed) => {
             let Failed {
                 error,
@@ -274,9 +497,9 @@ async fn openai_endpoint(
                 provider,
             } = *failed;
             let mut response = finish_error_with_wait(
-                &state,
+                state,
                 &context,
-                Some(&model),
+                Some(model),
                 provider.as_deref(),
                 error,
                 waited,
@@ -286,8 +509,52 @@ async fn openai_endpoint(
                 SKEIN_ATTEMPTS,
                 &attempts.to_string(),
             );
-            response
+            return response;
         }
+    };
+    let translation = translation_for(served.candidate.deployment.provider.protocol);
+    let provider = served.candidate.deployment.provider.name.clone();
+    match served.body {
+        ServedBody::Unary(body) => match translation.unary(body) {
+            Ok((body, usage)) => {
+                state.metrics.record_usage(&provider, &usage);
+                finish_unary(
+                    state,
+                    &context,
+                    requested_route,
+                    &served.candidate,
+                    served.attempts,
+                    served.waited,
+                    body,
+                )
+            }
+            Err(message) => {
+                let error = ApiError::new(
+                    ErrorCode::UpstreamError,
+                    format!("could not read the answer of provider {provider}: {message}"),
+                )
+                .with_detail_code("untranslatable_response");
+                finish_error_with_wait(
+                    state,
+                    &context,
+                    Some(model),
+                    Some(&provider),
+                    error,
+                    served.waited,
+                )
+            }
+        },
+        ServedBody::Stream { first, rest } => stream_response(
+            state,
+            context,
+            requested_route,
+            served.candidate,
+            served.attempts,
+            served.waited,
+            first,
+            rest,
+            translation.stream(),
+        ),
     }
 }
 

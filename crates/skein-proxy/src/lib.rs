@@ -10,6 +10,7 @@ pub mod dispatch;
 pub mod error;
 pub mod handlers;
 pub mod metrics;
+pub mod translate;
 pub mod upstream;
 
 pub use app::{AppState, ProxyOptions, router};
