@@ -1,5 +1,5 @@
-//! A mock LLM provider for tests and benchmarks: a real HTTP server that speaks the OpenAI
-//! and Anthropic shapes, with fixed and per-token latency, streaming, faults chosen by model
+//! A mock LLM provider for tests and benchmarks: a real HTTP server that speaks the OpenAI,
+//! Anthropic and Gemini shapes, with fixed and per-token latency, streaming, faults chosen by model
 //! name or switched per API key at run time, and a record of every request for assertions.
 //!
 //! Faults by model name (the model the upstream is asked for):
@@ -13,6 +13,7 @@
 //! that status; [`MockServer::set_key_fault`] switches a fault on or off for one key.
 
 mod anthropic;
+mod gemini;
 mod openai;
 mod server;
 mod text;

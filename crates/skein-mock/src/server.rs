@@ -150,6 +150,7 @@ fn router(state: Arc<MockState>) -> Router {
         .route("/openai/deployments/{deployment}/{*operation}", post(azure))
         .route("/v1/messages", post(anthropic_messages))
         .route("/v1/messages/count_tokens", post(anthropic_count_tokens))
+        .route("/v1beta/models/{*call}", post(gemini_call))
         .fallback(not_found)
         .with_state(state)
 }
@@ -163,6 +164,7 @@ pub(crate) struct Incoming {
 pub(crate) enum Flavor {
     OpenAi,
     Anthropic,
+    Gemini,
 }
 
 async fn intake(
@@ -172,6 +174,19 @@ async fn intake(
     headers: &HeaderMap,
     body: &Bytes,
     flavor: Flavor,
+) -> Result<Incoming, Response> {
+    intake_with_model(state, method, uri, headers, body, flavor, None).await
+}
+
+/// [`intake`] for protocols that name the model in the path (Gemini).
+async fn intake_with_model(
+    state: &MockState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+    flavor: Flavor,
+    path_model: Option<&str>,
 ) -> Result<Incoming, Response> {
     let body_json: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let api_key = api_key(headers);
@@ -205,11 +220,14 @@ async fn intake(
             None,
         ));
     }
-    let model = body_json
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
+    let model = match path_model {
+        Some(model) => model.to_owned(),
+        None => body_json
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned(),
+    };
 
     let key_fault = match &api_key {
         Some(key) => key_fault(state, key),
@@ -328,6 +346,9 @@ pub(crate) fn error_response(
             json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
         }
         Flavor::Anthropic => json!({"type": "error", "error": {"type": kind, "message": message}}),
+        Flavor::Gemini => {
+            json!({"error": {"code": status, "message": message, "status": kind.to_ascii_uppercase()}})
+        }
     };
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, axum::Json(body)).into_response();
@@ -488,6 +509,53 @@ async fn anthropic_count_tokens(
     match intake(&state, &method, &uri, &headers, &body, Flavor::Anthropic).await {
         Ok(incoming) => crate::anthropic::count_message_tokens(incoming),
         Err(response) => response,
+    }
+}
+
+async fn gemini_call(
+    State(state): State<Arc<MockState>>,
+    Path(call): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some((model, operation)) = call.split_once(':') else {
+        return error_response(
+            &Flavor::Gemini,
+            404,
+            "not_found",
+            "expected models/{model}:{operation}",
+            None,
+        );
+    };
+    let (model, operation) = (model.to_owned(), operation.to_owned());
+    let mut incoming = match intake_with_model(
+        &state,
+        &method,
+        &uri,
+        &headers,
+        &body,
+        Flavor::Gemini,
+        Some(&model),
+    )
+    .await
+    {
+        Ok(incoming) => incoming,
+        Err(response) => return response,
+    };
+    incoming.model = model;
+    match operation.as_str() {
+        "generateContent" => crate::gemini::generate(&state, incoming, false).await,
+        "streamGenerateContent" => crate::gemini::generate(&state, incoming, true).await,
+        "batchEmbedContents" => crate::gemini::embed(incoming),
+        _ => error_response(
+            &Flavor::Gemini,
+            404,
+            "not_found",
+            "unknown Gemini operation",
+            None,
+        ),
     }
 }
 

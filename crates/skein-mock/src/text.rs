@@ -33,6 +33,11 @@ pub fn collect_text(value: &Value, output: &mut String) {
                         | "media_type"
                         | "signature"
                         | "detail"
+                        | "image_url"
+                        | "source"
+                        | "inlineData"
+                        | "fileData"
+                        | "input_audio"
                 );
                 if !metadata {
                     collect_text(item, output);

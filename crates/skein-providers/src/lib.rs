@@ -7,6 +7,7 @@
 pub mod anthropic;
 pub mod endpoint;
 pub mod error;
+pub mod gemini;
 pub mod openai;
 pub mod raw;
 pub mod sse;
@@ -15,5 +16,5 @@ pub mod usage;
 pub use endpoint::Endpoint;
 pub use error::{UpstreamErrorBody, upstream_error_message};
 pub use raw::{RawObject, RawParseError};
-pub use sse::{OutEvent, StreamTranslator};
+pub use sse::{ChainedStream, OutEvent, StreamTranslator};
 pub use usage::Usage;

@@ -55,3 +55,56 @@ pub trait StreamTranslator: Send {
     /// Whether the upstream said the answer is complete (so an end of stream is clean).
     fn completed(&self) -> bool;
 }
+
+/// Two translators in a row: the first's output is the second's input (Gemini → OpenAI →
+/// Anthropic, for instance).
+pub struct ChainedStream {
+    first: Box<dyn StreamTranslator>,
+    second: Box<dyn StreamTranslator>,
+    between: Vec<OutEvent>,
+}
+
+impl ChainedStream {
+    pub fn new(
+        first: Box<dyn StreamTranslator>,
+        second: Box<dyn StreamTranslator>,
+    ) -> ChainedStream {
+        ChainedStream {
+            first,
+            second,
+            between: Vec::new(),
+        }
+    }
+
+    fn pass_on(&mut self, out: &mut Vec<OutEvent>) -> Result<(), String> {
+        for event in self.between.drain(..) {
+            self.second
+                .on_event(event.event.as_deref().unwrap_or(""), &event.data, out)?;
+        }
+        Ok(())
+    }
+}
+
+impl StreamTranslator for ChainedStream {
+    fn on_event(&mut self, event: &str, data: &str, out: &mut Vec<OutEvent>) -> Result<(), String> {
+        self.first.on_event(event, data, &mut self.between)?;
+        self.pass_on(out)
+    }
+
+    fn finish(&mut self, out: &mut Vec<OutEvent>) {
+        self.first.finish(&mut self.between);
+        let _ = self.pass_on(out);
+        self.second.finish(out);
+    }
+
+    fn usage(&self) -> Usage {
+        // The first translator reads the upstream's own figures.
+        let mut usage = self.first.usage();
+        usage.merge_max(&self.second.usage());
+        usage
+    }
+
+    fn completed(&self) -> bool {
+        self.second.completed()
+    }
+}

@@ -12,9 +12,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde_json::Value;
 use serde_json::json;
 use skein_core::{Candidate, ResolveError, RouteRuntime};
-use skein_providers::anthropic;
 use skein_providers::openai::{self, StreamShape};
 use skein_providers::{Endpoint, RawObject, StreamTranslator};
+use skein_providers::{anthropic, gemini};
 use skein_types::{ErrorCode, ProviderKind, WireProtocol};
 use std::sync::OnceLock;
 
@@ -215,6 +215,28 @@ async fn openai_endpoint(
                     &HeaderMap::new(),
                 ))
             }
+            (WireProtocol::Gemini, Endpoint::ChatCompletions) => {
+                let parsed = parsed_tree(&tree, &bytes)?;
+                let translated = gemini::request_from_openai(parsed).map_err(untranslatable)?;
+                let path = gemini::path(&candidate.deployment.model, shape.stream);
+                Ok(PreparedRequest {
+                    url: format!("{}{path}", candidate.deployment.provider.base_url),
+                    body: Bytes::from(translated.to_string()),
+                    headers: Vec::new(),
+                })
+            }
+            (WireProtocol::Gemini, Endpoint::Embeddings) => {
+                let parsed = parsed_tree(&tree, &bytes)?;
+                let translated =
+                    gemini::embeddings_request_from_openai(parsed, &candidate.deployment.model)
+                        .map_err(untranslatable)?;
+                let path = gemini::embed_path(&candidate.deployment.model);
+                Ok(PreparedRequest {
+                    url: format!("{}{path}", candidate.deployment.provider.base_url),
+                    body: Bytes::from(translated.to_string()),
+                    headers: Vec::new(),
+                })
+            }
             _ => Err(unsupported(candidate, endpoint.label())),
         }
     };
@@ -233,13 +255,26 @@ async fn openai_endpoint(
         &prepare,
     )
     .await;
-    let translation_for = |protocol: WireProtocol| match protocol {
-        WireProtocol::Anthropic => Translation::AnthropicToOpenAi {
-            client_wants_usage: shape.client_wants_usage,
-        },
-        _ => Translation::OpenAiPassthrough {
-            client_wants_usage: shape.client_wants_usage,
-        },
+    let base64_embeddings = request
+        .get_str("encoding_format")
+        .ok()
+        .flatten()
+        .is_some_and(|format| format == "base64");
+    let translation_for = |candidate: &Candidate| {
+        let client_wants_usage = shape.client_wants_usage;
+        let model = candidate.deployment.model.clone();
+        match (candidate.deployment.provider.protocol, endpoint) {
+            (WireProtocol::Anthropic, _) => Translation::AnthropicToOpenAi { client_wants_usage },
+            (WireProtocol::Gemini, Endpoint::Embeddings) => Translation::GeminiEmbeddingsToOpenAi {
+                model,
+                base64: base64_embeddings,
+            },
+            (WireProtocol::Gemini, _) => Translation::GeminiToOpenAi {
+                client_wants_usage,
+                model,
+            },
+            _ => Translation::OpenAiPassthrough { client_wants_usage },
+        }
     };
     respond(&state, context, &model, &routes[0], served, translation_for)
 }
@@ -335,7 +370,19 @@ pub async fn messages(
                     headers: Vec::new(),
                 })
             }
-            WireProtocol::Gemini => Err(unsupported(candidate, "messages")),
+            WireProtocol::Gemini => {
+                let parsed = parsed_tree(&tree, &bytes)?;
+                let as_openai =
+                    anthropic::request_to_openai(parsed, &candidate.deployment.model, false)
+                        .map_err(untranslatable)?;
+                let translated = gemini::request_from_openai(&as_openai).map_err(untranslatable)?;
+                let path = gemini::path(&candidate.deployment.model, stream);
+                Ok(PreparedRequest {
+                    url: format!("{}{path}", candidate.deployment.provider.base_url),
+                    body: Bytes::from(translated.to_string()),
+                    headers: Vec::new(),
+                })
+            }
         }
     };
     let deadline = context.started + Duration::from_millis(snapshot.server.request_timeout_ms);
@@ -350,8 +397,13 @@ pub async fn messages(
     )
     .await;
     let requested_model = model.clone();
-    let translation_for = move |protocol: WireProtocol| match protocol {
+    let translation_for = move |candidate: &Candidate| match candidate.deployment.provider.protocol
+    {
         WireProtocol::Anthropic => Translation::AnthropicPassthrough,
+        WireProtocol::Gemini => Translation::GeminiToAnthropic {
+            requested_model: requested_model.clone(),
+            model: candidate.deployment.model.clone(),
+        },
         _ => Translation::OpenAiToAnthropic {
             requested_model: requested_model.clone(),
         },
@@ -426,6 +478,20 @@ pub async fn count_tokens(
     })
 }
 
+/// The request as a JSON tree, built once on first use.
+fn parsed_tree<'a>(
+    tree: &'a OnceLock<Result<Value, String>>,
+    bytes: &[u8],
+) -> Result<&'a Value, ApiError> {
+    tree.get_or_init(|| serde_json::from_slice::<Value>(bytes).map_err(|error| error.to_string()))
+        .as_ref()
+        .map_err(|message| ApiError::invalid(message.clone()))
+}
+
+fn untranslatable(message: String) -> ApiError {
+    ApiError::invalid(message).with_detail_code("untranslatable_request")
+}
+
 /// The `model` member, required and non-empty.
 fn required_model(request: &RawObject<'_>) -> Result<String, ApiError> {
     match request.get_str("model") {
@@ -485,7 +551,7 @@ fn respond(
     model: &str,
     requested_route: &RouteRuntime,
     served: Result<crate::dispatch::Served, Box<Failed>>,
-    translation_for: impl Fn(WireProtocol) -> Translation,
+    translation_for: impl Fn(&Candidate) -> Translation,
 ) -> Response {
     let served = match served {
         Ok(served) => served,
@@ -512,7 +578,7 @@ fn respond(
             return response;
         }
     };
-    let translation = translation_for(served.candidate.deployment.provider.protocol);
+    let translation = translation_for(&served.candidate);
     let provider = served.candidate.deployment.provider.name.clone();
     match served.body {
         ServedBody::Unary(body) => match translation.unary(body) {

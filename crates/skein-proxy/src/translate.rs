@@ -5,8 +5,9 @@ use bytes::Bytes;
 use skein_providers::anthropic::{
     self, AnthropicPassthroughStream, AnthropicToOpenAiStream, OpenAiToAnthropicStream,
 };
+use skein_providers::gemini::{self, GeminiToOpenAiStream};
 use skein_providers::openai::{self, PassthroughStream};
-use skein_providers::{StreamTranslator, Usage};
+use skein_providers::{ChainedStream, StreamTranslator, Usage};
 
 /// How to turn the upstream's answer into the client's.
 #[derive(Debug, Clone)]
@@ -15,10 +16,22 @@ pub enum Translation {
     OpenAiPassthrough { client_wants_usage: bool },
     /// OpenAI client, Anthropic upstream.
     AnthropicToOpenAi { client_wants_usage: bool },
+    /// OpenAI client, Gemini upstream.
+    GeminiToOpenAi {
+        client_wants_usage: bool,
+        model: String,
+    },
+    /// OpenAI embeddings client, Gemini upstream.
+    GeminiEmbeddingsToOpenAi { model: String, base64: bool },
     /// Anthropic client, Anthropic upstream.
     AnthropicPassthrough,
     /// Anthropic client, OpenAI-shaped upstream.
     OpenAiToAnthropic { requested_model: String },
+    /// Anthropic client, Gemini upstream (through the OpenAI shape).
+    GeminiToAnthropic {
+        requested_model: String,
+        model: String,
+    },
 }
 
 /// Seconds since the epoch, for OpenAI's `created`.
@@ -45,8 +58,27 @@ impl Translation {
                 let (answer, usage) = anthropic::response_to_openai(&body, unix_now())?;
                 Ok((Bytes::from(answer.to_string()), usage))
             }
+            Translation::GeminiToOpenAi { model, .. } => {
+                let (answer, usage) = gemini::response_to_openai(&body, model, unix_now())?;
+                Ok((Bytes::from(answer.to_string()), usage))
+            }
+            Translation::GeminiEmbeddingsToOpenAi { model, base64 } => {
+                let (answer, usage) = gemini::embeddings_response_to_openai(&body, model, *base64)?;
+                Ok((Bytes::from(answer.to_string()), usage))
+            }
             Translation::OpenAiToAnthropic { requested_model } => {
                 let (answer, usage) = anthropic::response_from_openai(&body, requested_model)?;
+                Ok((Bytes::from(answer.to_string()), usage))
+            }
+            Translation::GeminiToAnthropic {
+                requested_model,
+                model,
+            } => {
+                let (openai_answer, usage) = gemini::response_to_openai(&body, model, unix_now())?;
+                let (answer, _) = anthropic::response_from_openai(
+                    openai_answer.to_string().as_bytes(),
+                    requested_model,
+                )?;
                 Ok((Bytes::from(answer.to_string()), usage))
             }
         }
@@ -61,10 +93,27 @@ impl Translation {
             Translation::AnthropicToOpenAi { client_wants_usage } => Box::new(
                 AnthropicToOpenAiStream::new(*client_wants_usage, unix_now()),
             ),
+            Translation::GeminiToOpenAi {
+                client_wants_usage,
+                model,
+            } => Box::new(GeminiToOpenAiStream::new(
+                *client_wants_usage,
+                model,
+                unix_now(),
+            )),
+            // Embeddings never stream; a passthrough keeps the type total.
+            Translation::GeminiEmbeddingsToOpenAi { .. } => Box::new(PassthroughStream::new(false)),
             Translation::AnthropicPassthrough => Box::new(AnthropicPassthroughStream::new()),
             Translation::OpenAiToAnthropic { requested_model } => {
                 Box::new(OpenAiToAnthropicStream::new(requested_model))
             }
+            Translation::GeminiToAnthropic {
+                requested_model,
+                model,
+            } => Box::new(ChainedStream::new(
+                Box::new(GeminiToOpenAiStream::new(true, model, unix_now())),
+                Box::new(OpenAiToAnthropicStream::new(requested_model)),
+            )),
         }
     }
 }
