@@ -484,6 +484,8 @@ impl StreamTranslator for AnthropicToOpenAiStream {
                     "thinking_delta" => {
                         out.push(self.chunk(json!({"reasoning_content": delta["thinking"]}), None))
                     }
+                    "input_json_delta"
+                        if delta["partial_json"].as_str().is_some_and(str::is_empty) => {}
                     "input_json_delta" => {
                         let block_index = event["index"].as_u64().unwrap_or(0);
                         let tool_index = self

@@ -1,0 +1,175 @@
+//! Black-box tests of the real `skein` binary: config errors, serving, logs without secrets,
+//! graceful shutdown on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use skein_tests::{binary, start_mock};
+
+/// A child process whose stderr is collected by a thread.
+struct Spawned {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Spawned {
+    fn start(command: &mut Command) -> Spawned {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("lock").push(line);
+            }
+        });
+        Spawned { child, lines }
+    }
+
+    fn output(&self) -> String {
+        self.lines.lock().expect("lock").join("\n")
+    }
+
+    /// Poll the log for a line containing `needle`.
+    fn wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(line) = self
+                .lines
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|line| line.contains(needle))
+            {
+                return Some(line.clone());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn check_names_the_unknown_key_and_its_line() {
+    let directory = std::env::temp_dir().join(format!("skein-check-{}", std::process::id()));
+    std::fs::create_dir_all(&directory).expect("dir");
+    let path = directory.join("bad.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\nproviders:\n  - name: a\n    kind: openai\n    api_key: sk-literal\n",
+    )
+    .expect("write");
+    let output = Command::new(binary("skein").expect("binary"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("api_key") && stderr.contains("line 5"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        &path,
+        "version: 1\nroutes:\n  - name: r\n    deployments: [{provider: ghost, model: m}]\n",
+    )
+    .expect("write");
+    let output = Command::new(binary("skein").expect("binary"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("routes[0].deployments[0].provider: no provider named \"ghost\""),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&directory);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_proxies_keeps_secrets_out_of_logs_and_drains_on_sigterm() {
+    let mock = start_mock().await.expect("mock");
+    let secret = "sk-do-not-log-this-7d1c";
+    let node = Spawned::start(
+        Command::new(binary("skein").expect("binary"))
+            .args([
+                "serve",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
+            .env("OPENAI_API_KEY", secret)
+            .env("OPENAI_BASE_URL", format!("{}/v1", mock.url()))
+            .env("SKEIN_LOG", "debug")
+            .env_remove("SKEIN_CONFIG"),
+    );
+    let line = node
+        .wait_for("skein is serving", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no start line:\n{}", node.output()));
+    let started: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+    let url = started["http"].as_str().expect("http field").to_owned();
+    assert!(
+        node.output().contains("OPEN"),
+        "open mode must be announced"
+    );
+
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    for model in ["gpt-4o", "openai/mock-500", "openai/mock-429"] {
+        let response = client
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .expect("call");
+        assert!(response.status().as_u16() > 0);
+    }
+    assert_eq!(mock.requests()[0].api_key.as_deref(), Some(secret));
+    assert!(
+        node.wait_for("upstream attempt failed", Duration::from_secs(5))
+            .is_some()
+    );
+    assert!(
+        !node.output().contains(secret),
+        "the provider key reached the logs:\n{}",
+        node.output()
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut node = node;
+    let exit = loop {
+        if let Some(exit) = node.child.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "exit status {exit:?}\n{}", node.output());
+    assert!(node.wait_for("stopped", Duration::from_secs(2)).is_some());
+}
