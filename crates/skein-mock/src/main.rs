@@ -41,9 +41,21 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&args.addr)
-        .await
-        .with_context(|| format!("binding {}", args.addr))?;
+    let address: std::net::SocketAddr = args
+        .addr
+        .parse()
+        .with_context(|| format!("parsing {}", args.addr))?;
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(address)
+        .with_context(|| format!("binding {address}"))?;
+    // A deep accept queue, so connection bursts in benchmarks do not overflow it.
+    let listener = socket.listen(4096)?;
     let options = MockOptions {
         latency: Duration::from_millis(args.latency_ms),
         token_latency: Duration::from_millis(args.token_latency_ms),

@@ -11,6 +11,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -82,6 +83,9 @@ impl MockServer {
         });
         let app = router(state.clone());
         let (shutdown, shutdown_signal) = oneshot::channel::<()>();
+        let listener = listener.tap_io(|stream| {
+            let _ = stream.set_nodelay(true);
+        });
         tokio::spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
                 let _ = shutdown_signal.await;
@@ -369,29 +373,33 @@ pub(crate) async fn json_answer(state: &MockState, pieces: usize, body: Value) -
     axum::Json(body).into_response()
 }
 
-/// An SSE answer: events spaced by the token latency; `cut_after` drops the connection after
-/// that many events.
+/// An SSE answer: events spaced by the token latency (with no token latency, the whole
+/// stream goes out in one write, as a burst from a real provider would); `cut_after` drops
+/// the connection after that many events.
 pub(crate) fn sse_answer(
     state: &MockState,
     events: Vec<String>,
     cut_after: Option<usize>,
 ) -> Response {
     let token_latency = state.options.token_latency;
-    let stream = futures_util::stream::iter(events.into_iter().enumerate()).then(
-        move |(index, event)| async move {
-            if index > 0 && !token_latency.is_zero() {
-                tokio::time::sleep(token_latency).await;
+    let pieces: Vec<(usize, String)> = if token_latency.is_zero() && cut_after.is_none() {
+        vec![(0, events.concat())]
+    } else {
+        events.into_iter().enumerate().collect()
+    };
+    let stream = futures_util::stream::iter(pieces).then(move |(index, event)| async move {
+        if index > 0 && !token_latency.is_zero() {
+            tokio::time::sleep(token_latency).await;
+        }
+        if cut_after.is_some_and(|cut| index >= cut) {
+            if index > 0 {
+                // Let the events before the cut reach the client before the drop.
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if cut_after.is_some_and(|cut| index >= cut) {
-                if index > 0 {
-                    // Let the events before the cut reach the client before the drop.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                return Err(std::io::Error::other("mock stream cut"));
-            }
-            Ok::<Bytes, std::io::Error>(Bytes::from(event))
-        },
-    );
+            return Err(std::io::Error::other("mock stream cut"));
+        }
+        Ok::<Bytes, std::io::Error>(Bytes::from(event))
+    });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use skein_node::load::build_runtime;
+use skein_node::node::bind_listener;
 use skein_node::{ConfigSource, NodeOptions, ProcessEnvironment, load_config, start_node};
 use tracing_subscriber::EnvFilter;
 
@@ -35,6 +36,9 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, env = "SKEIN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Worker threads of the async runtime (default: one per core).
+    #[arg(long, env = "SKEIN_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Seconds to wait for requests in flight on shutdown.
     #[arg(long, env = "SKEIN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     drain_timeout_secs: u64,
@@ -58,10 +62,16 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_logging(args.log_format);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the runtime")?;
+            // One worker thread: a current-thread runtime saves every cross-thread wake-up.
+            let mut builder = match args.worker_threads {
+                Some(1) => tokio::runtime::Builder::new_current_thread(),
+                _ => tokio::runtime::Builder::new_multi_thread(),
+            };
+            builder.enable_all();
+            if let Some(threads) = args.worker_threads.filter(|threads| *threads > 1) {
+                builder.worker_threads(threads);
+            }
+            let runtime = builder.build().context("starting the runtime")?;
             runtime.block_on(serve(args))
         }
         Command::Check(args) => check(args),
@@ -86,7 +96,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let env = ProcessEnvironment;
     let (validated, source) = load_config(args.config.as_deref(), &env)?;
     let runtime = build_runtime(&validated, &env)?;
-    let listener = tokio::net::TcpListener::bind(&args.http_addr)
+    let listener = bind_listener(&args.http_addr)
         .await
         .with_context(|| format!("binding the proxy address {}", args.http_addr))?;
     let options = NodeOptions {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use skein_core::RuntimeConfig;
 use skein_proxy::{AppState, ProxyOptions};
 use tokio::net::TcpListener;
@@ -51,6 +52,13 @@ pub async fn start_node(
     );
     let app = skein_proxy::router(state.clone());
     let (shutdown, mut shutdown_signal) = watch::channel(false);
+    // Streams write one small event at a time: without TCP_NODELAY, Nagle's algorithm and the
+    // client's delayed ACK hold every event after the first for up to 40 ms.
+    let http_listener = http_listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
     let server = tokio::spawn(async move {
         axum::serve(http_listener, app)
             .with_graceful_shutdown(async move {
@@ -82,3 +90,32 @@ impl RunningNode {
         Ok(())
     }
 }
+
+/// Bind a TCP listener with a deep accept queue: bursts of new connections (thousands of
+/// clients reconnecting, or an open-loop load) must not overflow the kernel's default and
+/// turn into one-second SYN retransmissions.
+pub async fn bind_listener(address: &str) -> anyhow::Result<TcpListener> {
+    let mut last_error = None;
+    for resolved in tokio::net::lookup_host(address)
+        .await
+        .with_context(|| format!("resolving {address}"))?
+    {
+        let socket = if resolved.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }?;
+        socket.set_reuseaddr(true)?;
+        match socket.bind(resolved) {
+            Ok(()) => return Ok(socket.listen(LISTEN_BACKLOG)?),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    match last_error {
+        Some(error) => Err(error).with_context(|| format!("binding {address}")),
+        None => anyhow::bail!("{address} resolved to no address"),
+    }
+}
+
+/// The accept queue length asked for (the kernel caps it at `net.core.somaxconn`).
+pub const LISTEN_BACKLOG: u32 = 4096;

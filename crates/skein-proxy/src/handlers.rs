@@ -857,6 +857,9 @@ pub(crate) fn stream_response(
     response
 }
 
+/// At most this many events are written to the client in one piece.
+const MAX_EVENTS_PER_WRITE: usize = 64;
+
 /// Moves events from the upstream to the client; accounts usage when dropped, so a client
 /// that disconnects mid-stream is still counted.
 struct StreamRelay {
@@ -872,40 +875,43 @@ struct StreamRelay {
 }
 
 impl StreamRelay {
+    /// The next piece of the client's body: waits for one upstream event, then takes every
+    /// event already buffered, so a burst becomes one write instead of one write per event.
     async fn next_chunk(&mut self) -> Option<Bytes> {
-        use futures_util::StreamExt;
+        use futures_util::{FutureExt, StreamExt};
         if self.finished {
             return None;
         }
         let mut out = Vec::new();
         loop {
-            let event = match self.first.take() {
-                Some(event) => Ok(event),
-                None => match self.rest.next().await {
-                    Some(result) => result.map_err(|error| error.to_string()),
-                    None => {
-                        self.finished = true;
-                        self.translator.finish(&mut out);
-                        if !self.translator.completed() {
-                            self.interrupted("the upstream stream ended early");
-                        }
-                        return encode_events(&out);
-                    }
+            let next = match self.first.take() {
+                Some(event) => Some(Ok(event)),
+                None if out.is_empty() => self.rest.next().await,
+                None if out.len() >= MAX_EVENTS_PER_WRITE => return encode_events(&out),
+                None => match self.rest.next().now_or_never() {
+                    Some(next) => next,
+                    None => return encode_events(&out),
                 },
             };
-            match event {
-                Ok(event) => {
+            match next {
+                Some(Ok(event)) => {
                     if let Err(message) =
                         self.translator
                             .on_event(&event.event, &event.data, &mut out)
                     {
                         tracing::warn!(request_id = %self.context.request_id, provider = %self.provider, error = %message, "untranslatable upstream event");
                     }
-                    if !out.is_empty() {
-                        return encode_events(&out);
-                    }
                 }
-                Err(message) => {
+                None => {
+                    self.finished = true;
+                    self.translator.finish(&mut out);
+                    if !self.translator.completed() {
+                        self.interrupted("the upstream stream ended early");
+                    }
+                    return encode_events(&out);
+                }
+                Some(Err(error)) => {
+                    let message = error.to_string();
                     self.finished = true;
                     self.interrupted(&message);
                     let error = ApiError::new(

@@ -1,0 +1,102 @@
+"""Summarize a benches/run.sh result file into Markdown tables and check the targets."""
+
+import json
+import sys
+
+
+def main(path):
+    runs = {}
+    extra = {}
+    with open(path) as lines:
+        for line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            record = json.loads(line)
+            if "skein_rss_kib" in record:
+                extra[record["label"]] = record["skein_rss_kib"]
+            else:
+                runs[record["label"]] = record
+
+    print("\n### Max throughput (closed loop, 64 connections)\n")
+    print("| target | req/s | errors | proxy CPU (cores) | req/s per proxy core |")
+    print("|---|---:|---:|---:|---:|")
+    for target in ["direct", "nginx", "skein"]:
+        run = runs.get(f"{target}/max")
+        if not run:
+            continue
+        cpu = run.get("proxy_cpu_cores")
+        per_core = round(run["achieved_rps"] / cpu) if cpu else None
+        print(f"| {target} | {run['achieved_rps']:.0f} | {run['errors']} | {cpu if cpu is not None else '–'} | {per_core if per_core else '–'} |")
+
+    print("\n### Added latency over calling the mock directly (µs; open loop; service time from the actual send; streams: to the last byte)\n")
+    print("| mode | req/s | direct p50 / p99 / p99.9 | nginx added p50 / p99 / p99.9 | skein added p50 / p99 / p99.9 | p50 target (≤1.5×) | p99 target (≤2×) | errors+dropped nginx/skein |")
+    print("|---|---:|---|---|---|---|---|---|")
+    checks = []
+    keys = ("p50_us", "p99_us", "p999_us")
+    for mode in ["unary", "stream"]:
+        for rate in [500, 2000, 5000]:
+            direct = runs.get(f"direct/{mode}/{rate}")
+            nginx = runs.get(f"nginx/{mode}/{rate}")
+            skein = runs.get(f"skein/{mode}/{rate}")
+            if not (direct and nginx and skein):
+                continue
+            metric = "service"
+            d = [direct[metric][key] for key in keys]
+            n = [max(nginx[metric][key] - direct[metric][key], 0) for key in keys]
+            s_ = [max(skein[metric][key] - direct[metric][key], 0) for key in keys]
+
+            def verdict(index, factor):
+                # Met when Skein adds at most `factor` times what nginx adds, or when Skein's
+                # own latency at that percentile is no worse than nginx's (nginx's added
+                # latency can be within noise of zero, which makes a ratio meaningless).
+                skein_total = skein[metric][keys[index]]
+                nginx_total = nginx[metric][keys[index]]
+                ratio = s_[index] / n[index] if n[index] else float("inf")
+                met = s_[index] <= factor * n[index] or skein_total <= nginx_total
+                shown = f"{ratio:.2f}×" if n[index] else "n/a"
+                return met, f"{shown}, {skein_total} vs {nginx_total} → {'met' if met else 'NOT met'}"
+
+            met50, text50 = verdict(0, 1.5)
+            met99, text99 = verdict(1, 2.0)
+            errors = f"{nginx['errors'] + nginx['dropped']}/{skein['errors'] + skein['dropped']}"
+            print(f"| {mode} | {rate} | {d[0]} / {d[1]} / {d[2]} | {n[0]} / {n[1]} / {n[2]} | {s_[0]} / {s_[1]} / {s_[2]} | {text50} | {text99} | {errors} |")
+            checks.append((mode, rate, met50, met99))
+
+    print("\n### Latency from the scheduled send time (µs; includes the load generator's ~1 ms timer granularity and any queueing)\n")
+    print("| mode | req/s | direct p50 / p99 / p99.9 | nginx p50 / p99 / p99.9 | skein p50 / p99 / p99.9 | skein TTFB p50 / p99 |")
+    print("|---|---:|---|---|---|---|")
+    for mode in ["unary", "stream"]:
+        for rate in [500, 2000, 5000]:
+            row = [runs.get(f"{target}/{mode}/{rate}") for target in ("direct", "nginx", "skein")]
+            if not all(row):
+                continue
+            cells = [" / ".join(str(run["latency"][key]) for key in keys) for run in row]
+            ttfb = f"{row[2]['ttfb']['p50_us']} / {row[2]['ttfb']['p99_us']}"
+            print(f"| {mode} | {rate} | {cells[0]} | {cells[1]} | {cells[2]} | {ttfb} |")
+
+    print("\n### Memory (Skein)\n")
+    for label in ["rss_idle", "rss_peak_to_5000", "rss_after_max"]:
+        if label in extra:
+            print(f"- {label}: {extra[label] / 1024:.1f} MiB")
+
+    print("\n### Targets\n")
+    nginx_max = runs.get("nginx/max", {}).get("achieved_rps")
+    skein_max = runs.get("skein/max", {}).get("achieved_rps")
+    if nginx_max and skein_max:
+        share = skein_max / nginx_max
+        print(f"- max req/s on one core ≥ 70% of nginx: {share:.0%} → {'met' if share >= 0.7 else 'NOT met'}")
+    failed50 = [f"{mode}@{rate}" for mode, rate, met50, _ in checks if not met50]
+    failed99 = [f"{mode}@{rate}" for mode, rate, _, met99 in checks if not met99]
+    print(f"- added p50 ≤ 1.5× nginx at every rate and mode: {'met' if not failed50 else 'NOT met at ' + ', '.join(failed50)}")
+    print(f"- added p99 ≤ 2× nginx at every rate and mode: {'met' if not failed99 else 'NOT met at ' + ', '.join(failed99)}")
+    if "rss_idle" in extra:
+        idle = extra["rss_idle"] / 1024
+        print(f"- RSS idle ≤ 30 MiB: {idle:.1f} MiB → {'met' if idle <= 30 else 'NOT met'}")
+    if "rss_peak_to_5000" in extra:
+        peak = extra["rss_peak_to_5000"] / 1024
+        print(f"- RSS at 5000 req/s ≤ 80 MiB: {peak:.1f} MiB peak → {'met' if peak <= 80 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
