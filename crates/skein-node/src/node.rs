@@ -48,7 +48,8 @@ pub async fn start_node(
         .local_addr()
         .context("reading the HTTP listener address")?;
     let state = Arc::new(
-        AppState::new(runtime, &options.proxy).context("building the upstream HTTP client")?,
+        AppState::new(runtime, &options.proxy)
+            .map_err(|error| anyhow::anyhow!("building the upstream HTTP client: {error}"))?,
     );
     let app = skein_proxy::router(state.clone());
     let (shutdown, mut shutdown_signal) = watch::channel(false);

@@ -107,16 +107,27 @@ pub fn passthrough_body(
 }
 
 /// Usage from a non-streaming response body (chat, completions or embeddings).
+///
+/// The top-level `usage` member is found without parsing the whole answer: inside a JSON
+/// string a quote is always escaped, so `"usage"` followed by `:` can only be a member name.
+/// OpenAI-shaped answers put it last, so the search runs from the end.
 pub fn response_usage(body: &[u8]) -> Usage {
-    #[derive(Deserialize)]
-    struct WithUsage {
-        #[serde(default)]
-        usage: Option<OpenAiUsage>,
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Usage::default();
+    };
+    let mut end = text.len();
+    while let Some(found) = text[..end].rfind("\"usage\"") {
+        let after = text[found + 7..].trim_start();
+        if let Some(value) = after.strip_prefix(':') {
+            let mut deserializer = serde_json::Deserializer::from_str(value);
+            return match Option::<OpenAiUsage>::deserialize(&mut deserializer) {
+                Ok(Some(usage)) => Usage::from(&usage),
+                _ => Usage::default(),
+            };
+        }
+        end = found;
     }
-    match serde_json::from_slice::<WithUsage>(body) {
-        Ok(WithUsage { usage: Some(usage) }) => Usage::from(&usage),
-        _ => Usage::default(),
-    }
+    Usage::default()
 }
 
 /// Whether a chunk has `"usage": {` (not `"usage": null`), without parsing it.
@@ -262,6 +273,14 @@ mod tests {
         ));
         assert!(!carries_usage_object(r#"{"choices":[],"usage":null}"#));
         assert!(!carries_usage_object(r#"{"content":"the \"usage\" word"}"#));
+    }
+
+    #[test]
+    fn reads_the_top_level_usage_member_only() {
+        let body = br#"{"choices":[{"message":{"content":"the \"usage\": {\"prompt_tokens\": 99} trick"}}],"usage": {"prompt_tokens":4,"completion_tokens":2}}"#;
+        assert_eq!(response_usage(body).input_tokens, 4);
+        assert_eq!(response_usage(br#"{"usage":null}"#), Usage::default());
+        assert_eq!(response_usage(b"\xff\xfe"), Usage::default());
     }
 
     #[test]

@@ -7,6 +7,12 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use skein_core::RuntimeConfig;
 
 use crate::handlers;
@@ -33,24 +39,17 @@ impl Default for ProxyOptions {
 /// What every handler shares. The config is an immutable snapshot swapped whole.
 pub struct AppState {
     pub config: ArcSwap<RuntimeConfig>,
-    pub client: reqwest::Client,
+    pub client: UpstreamClient,
     pub metrics: Metrics,
     started: Instant,
     ready: AtomicBool,
 }
 
 impl AppState {
-    pub fn new(config: RuntimeConfig, options: &ProxyOptions) -> Result<AppState, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .pool_idle_timeout(options.upstream_idle_timeout)
-            .pool_max_idle_per_host(1024)
-            .connect_timeout(options.upstream_connect_timeout)
-            .tcp_nodelay(true)
-            .no_proxy()
-            .build()?;
+    pub fn new(config: RuntimeConfig, options: &ProxyOptions) -> Result<AppState, String> {
         Ok(AppState {
             config: ArcSwap::from_pointee(config),
-            client,
+            client: upstream_client(options)?,
             metrics: Metrics::new(),
             started: Instant::now(),
             ready: AtomicBool::new(true),
@@ -71,6 +70,27 @@ impl AppState {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
     }
+}
+
+/// The HTTP client for upstreams: pooled keep-alive connections, TLS through rustls with the
+/// platform's certificate verifier, plain HTTP for local servers.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+fn upstream_client(options: &ProxyOptions) -> Result<UpstreamClient, String> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(options.upstream_connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .try_with_platform_verifier()
+        .map_err(|error| format!("cannot set up TLS certificate verification: {error}"))?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(options.upstream_idle_timeout)
+        .pool_max_idle_per_host(1024)
+        .build(https))
 }
 
 /// The proxy router. Each request goes through, in order:

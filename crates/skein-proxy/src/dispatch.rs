@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures_util::{Stream, StreamExt};
+use http_body_util::{BodyDataStream, BodyExt};
 use skein_core::{AttemptPlan, Candidate, NextAttempt, RouteRuntime};
 use skein_types::ErrorCode;
 
@@ -26,7 +27,7 @@ use crate::upstream::{
 
 /// Upstream SSE events after the first.
 pub type EventStream =
-    Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
+    Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<hyper::Error>>> + Send>>;
 
 /// Whether the client asked for a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,26 +231,40 @@ async fn attempt(
     mode: Mode,
 ) -> Result<ServedBody, AttemptFailure> {
     let provider = &candidate.deployment.provider.name;
-    let response = build_request(&state.client, candidate, prepared)
-        .send()
+    let request = build_request(candidate, prepared).map_err(|error| AttemptFailure {
+        retryable: false,
+        breaker: None,
+        error,
+        outcome: "invalid_url",
+    })?;
+    let response = state
+        .client
+        .request(request)
         .await
-        .map_err(|error| classify_transport(provider, &error))?;
+        .map_err(|error| classify_transport(provider, error.is_connect()))?;
     let status = response.status();
     if !status.is_success() {
         let headers = response.headers().clone();
-        let body = response.bytes().await.unwrap_or_default();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|collected| collected.to_bytes())
+            .unwrap_or_default();
         return Err(classify_status(provider, status, &headers, &body));
     }
     match mode {
         Mode::Unary => {
             let body = response
-                .bytes()
+                .into_body()
+                .collect()
                 .await
-                .map_err(|error| classify_transport(provider, &error))?;
+                .map_err(|_| classify_transport(provider, false))?
+                .to_bytes();
             Ok(ServedBody::Unary(body))
         }
         Mode::Stream => {
-            let mut events = response.bytes_stream().eventsource();
+            let mut events = BodyDataStream::new(response.into_body()).eventsource();
             match events.next().await {
                 Some(Ok(first)) => Ok(ServedBody::Stream {
                     first,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use bytes::Bytes;
+use http_body_util::Full;
 use skein_core::{Candidate, FailureKind};
 use skein_providers::{Endpoint, upstream_error_message};
 use skein_types::{ErrorCode, WireProtocol};
@@ -44,17 +45,33 @@ pub fn openai_url(candidate: &Candidate, endpoint: Endpoint) -> String {
     }
 }
 
-/// Build the reqwest request for a candidate.
+/// Build the upstream request for a candidate.
 pub fn build_request(
-    client: &reqwest::Client,
     candidate: &Candidate,
     prepared: PreparedRequest,
-) -> reqwest::RequestBuilder {
+) -> Result<hyper::Request<Full<Bytes>>, ApiError> {
     let provider = &candidate.deployment.provider;
-    let mut headers = HeaderMap::with_capacity(4 + provider.headers.len() + prepared.headers.len());
+    let uri: hyper::Uri = prepared.url.parse().map_err(|_| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!(
+                "provider {} has an invalid URL: {}",
+                provider.name, prepared.url
+            ),
+        )
+    })?;
+    let mut request = hyper::Request::new(Full::new(prepared.body));
+    *request.method_mut() = hyper::Method::POST;
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.reserve(4 + provider.headers.len() + prepared.headers.len());
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::USER_AGENT,
+        HeaderValue::from_static(concat!("skein/", env!("CARGO_PKG_VERSION"))),
     );
     if let Some((name, value)) = &candidate.key().auth_header {
         headers.insert(name.clone(), value.clone());
@@ -65,10 +82,7 @@ pub fn build_request(
     for (name, value) in prepared.headers {
         headers.insert(name, value);
     }
-    client
-        .post(prepared.url)
-        .headers(headers)
-        .body(prepared.body)
+    Ok(request)
 }
 
 /// Why an attempt failed, and what that means for retries and the key's health.
@@ -175,8 +189,8 @@ pub fn classify_status(
 }
 
 /// Classify a transport failure (connection refused, reset, body cut).
-pub fn classify_transport(provider: &str, error: &reqwest::Error) -> AttemptFailure {
-    let what = if error.is_connect() {
+pub fn classify_transport(provider: &str, connect_failed: bool) -> AttemptFailure {
+    let what = if connect_failed {
         "could not connect to"
     } else {
         "lost the connection to"
