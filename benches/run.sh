@@ -7,13 +7,22 @@
 #     5000 req/s, non-streaming and streaming, with latency measured from each request's
 #     scheduled send time;
 #   - Skein's RSS idle, and its peak up to 5000 req/s.
-# Usage: benches/run.sh [--quick]     (results: benches/results/<timestamp>.jsonl + a table)
+# Usage: benches/run.sh [--quick] [--repeat N]   (results: benches/results/<timestamp>.jsonl
+# and Markdown tables; with --repeat, every open-loop run is repeated N times, interleaved, and
+# the tables show the median of each figure, which steadies the noise of a shared VM)
 # Needs: taskset (util-linux) and nginx (Debian nginx-light; installed if missing, as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-duration=10; warmup=2
-if [ "${1:-}" = "--quick" ]; then duration=3; warmup=1; fi
+duration=10; warmup=2; repeat=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) duration=3; warmup=1 ;;
+    --repeat) repeat=$2; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
 
 command -v taskset >/dev/null || { echo "taskset is required (util-linux)"; exit 1; }
 if ! command -v nginx >/dev/null; then
@@ -107,11 +116,13 @@ load() { # label url body rate
 }
 
 echo "{\"label\":\"rss_idle\",\"skein_rss_kib\":$(rss_kib $skein_pid VmRSS)}" | tee -a "$results"
-for rate in 500 2000 5000; do
-  for target in direct nginx skein; do
-    case $target in direct) url=$mock_url ;; nginx) url=$nginx_url ;; skein) url=$skein_url ;; esac
-    load "$target/unary/$rate" "$url" "$body" "$rate" | tee -a "$results"
-    load "$target/stream/$rate" "$url" "$stream_body" "$rate" | tee -a "$results"
+for round in $(seq 1 "$repeat"); do
+  for rate in 500 2000 5000; do
+    for target in direct nginx skein; do
+      case $target in direct) url=$mock_url ;; nginx) url=$nginx_url ;; skein) url=$skein_url ;; esac
+      load "$target/unary/$rate" "$url" "$body" "$rate" | tee -a "$results"
+      load "$target/stream/$rate" "$url" "$stream_body" "$rate" | tee -a "$results"
+    done
   done
 done
 echo "{\"label\":\"rss_peak_to_5000\",\"skein_rss_kib\":$(rss_kib $skein_pid VmHWM)}" | tee -a "$results"

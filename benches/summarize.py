@@ -1,11 +1,27 @@
 """Summarize a benches/run.sh result file into Markdown tables and check the targets."""
 
 import json
+import statistics
 import sys
 
 
+def median_run(records):
+    """One record whose figures are the medians over repeated runs of the same label."""
+    if len(records) == 1:
+        return records[0]
+    merged = dict(records[0])
+    for section in ("latency", "ttfb", "service"):
+        merged[section] = {
+            key: statistics.median(record[section][key] for record in records) for key in records[0][section]
+        }
+    for key in ("achieved_rps", "errors", "dropped"):
+        merged[key] = statistics.median(record[key] for record in records) if key == "achieved_rps" else sum(record[key] for record in records)
+    merged["repeats"] = len(records)
+    return merged
+
+
 def main(path):
-    runs = {}
+    grouped = {}
     extra = {}
     with open(path) as lines:
         for line in lines:
@@ -16,7 +32,10 @@ def main(path):
             if "skein_rss_kib" in record:
                 extra[record["label"]] = record["skein_rss_kib"]
             else:
-                runs[record["label"]] = record
+                grouped.setdefault(record["label"], []).append(record)
+    runs = {label: median_run(records) for label, records in grouped.items()}
+    repeats = max(len(records) for records in grouped.values()) if grouped else 0
+    print(f"\nOpen-loop figures are medians over {repeats} interleaved run(s) of each.")
 
     print("\n### Max throughput (closed loop, 64 connections)\n")
     print("| target | req/s | errors | proxy CPU (cores) | req/s per proxy core |")
@@ -42,16 +61,16 @@ def main(path):
             if not (direct and nginx and skein):
                 continue
             metric = "service"
-            d = [direct[metric][key] for key in keys]
-            n = [max(nginx[metric][key] - direct[metric][key], 0) for key in keys]
-            s_ = [max(skein[metric][key] - direct[metric][key], 0) for key in keys]
+            d = [round(direct[metric][key]) for key in keys]
+            n = [round(max(nginx[metric][key] - direct[metric][key], 0)) for key in keys]
+            s_ = [round(max(skein[metric][key] - direct[metric][key], 0)) for key in keys]
 
             def verdict(index, factor):
                 # Met when Skein adds at most `factor` times what nginx adds, or when Skein's
                 # own latency at that percentile is no worse than nginx's (nginx's added
                 # latency can be within noise of zero, which makes a ratio meaningless).
-                skein_total = skein[metric][keys[index]]
-                nginx_total = nginx[metric][keys[index]]
+                skein_total = round(skein[metric][keys[index]])
+                nginx_total = round(nginx[metric][keys[index]])
                 ratio = s_[index] / n[index] if n[index] else float("inf")
                 met = s_[index] <= factor * n[index] or skein_total <= nginx_total
                 shown = f"{ratio:.2f}×" if n[index] else "n/a"
@@ -71,8 +90,8 @@ def main(path):
             row = [runs.get(f"{target}/{mode}/{rate}") for target in ("direct", "nginx", "skein")]
             if not all(row):
                 continue
-            cells = [" / ".join(str(run["latency"][key]) for key in keys) for run in row]
-            ttfb = f"{row[2]['ttfb']['p50_us']} / {row[2]['ttfb']['p99_us']}"
+            cells = [" / ".join(str(round(run["latency"][key])) for key in keys) for run in row]
+            ttfb = f"{round(row[2]['ttfb']['p50_us'])} / {round(row[2]['ttfb']['p99_us'])}"
             print(f"| {mode} | {rate} | {cells[0]} | {cells[1]} | {cells[2]} | {ttfb} |")
 
     print("\n### Memory (Skein)\n")

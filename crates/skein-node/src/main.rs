@@ -9,10 +9,6 @@ use skein_node::node::bind_listener;
 use skein_node::{ConfigSource, NodeOptions, ProcessEnvironment, load_config, start_node};
 use tracing_subscriber::EnvFilter;
 
-// A faster allocator for the many short-lived buffers of the request path.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Skein, an LLM gateway.
 #[derive(Debug, Parser)]
 #[command(name = "skein", version, about)]

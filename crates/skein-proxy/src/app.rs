@@ -89,7 +89,9 @@ fn upstream_client(options: &ProxyOptions) -> Result<UpstreamClient, String> {
         .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(options.upstream_idle_timeout)
-        .pool_max_idle_per_host(1024)
+        // Idle connections kept per upstream host: enough for steady high concurrency, few
+        // enough that a burst's connections (and their buffers) are not all kept for good.
+        .pool_max_idle_per_host(256)
         .build(https))
 }
 
