@@ -62,14 +62,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_logging(args.log_format);
-            // One worker thread: a current-thread runtime saves every cross-thread wake-up.
-            let mut builder = match args.worker_threads {
-                Some(1) => tokio::runtime::Builder::new_current_thread(),
-                _ => tokio::runtime::Builder::new_multi_thread(),
-            };
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
             builder.enable_all();
-            if let Some(threads) = args.worker_threads.filter(|threads| *threads > 1) {
-                builder.worker_threads(threads);
+            if let Some(threads) = args.worker_threads {
+                builder.worker_threads(threads.max(1));
             }
             let runtime = builder.build().context("starting the runtime")?;
             runtime.block_on(serve(args))
