@@ -62,10 +62,16 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_logging(args.log_format);
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            // One worker thread: a current-thread runtime (no work stealing, no cross-thread
+            // wake-ups). In the benchmark's medians over repeated runs it added less latency
+            // than a one-worker multi-thread runtime (benches/README.md).
+            let mut builder = match args.worker_threads {
+                Some(1) => tokio::runtime::Builder::new_current_thread(),
+                _ => tokio::runtime::Builder::new_multi_thread(),
+            };
             builder.enable_all();
-            if let Some(threads) = args.worker_threads {
-                builder.worker_threads(threads.max(1));
+            if let Some(threads) = args.worker_threads.filter(|threads| *threads > 1) {
+                builder.worker_threads(threads);
             }
             let runtime = builder.build().context("starting the runtime")?;
             runtime.block_on(serve(args))
