@@ -13,6 +13,7 @@
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::openai::ChunkWriter;
 use crate::sse::{OutEvent, StreamTranslator};
 use crate::usage::Usage;
 
@@ -344,16 +345,6 @@ pub fn finish_reason_from_stop(stop_reason: &str) -> &'static str {
     }
 }
 
-fn openai_usage_json(usage: &Usage) -> Value {
-    json!({
-        "prompt_tokens": usage.input_tokens,
-        "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.input_tokens + usage.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens},
-        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
-    })
-}
-
 /// Translate an Anthropic Messages response into an OpenAI chat completion.
 pub fn response_to_openai(body: &[u8], created: u64) -> Result<(Value, Usage), String> {
     let response: Value = serde_json::from_slice(body)
@@ -391,7 +382,7 @@ pub fn response_to_openai(body: &[u8], created: u64) -> Result<(Value, Usage), S
         "created": created,
         "model": response["model"],
         "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": null}],
-        "usage": openai_usage_json(&usage),
+        "usage": crate::openai::usage_json(&usage),
     });
     Ok((answer, usage))
 }
@@ -402,10 +393,7 @@ pub fn response_to_openai(body: &[u8], created: u64) -> Result<(Value, Usage), S
 /// Translates Anthropic stream events into OpenAI chat chunks.
 #[derive(Debug)]
 pub struct AnthropicToOpenAiStream {
-    client_wants_usage: bool,
-    created: u64,
-    id: String,
-    model: String,
+    writer: ChunkWriter,
     usage: Usage,
     input: AnthropicUsage,
     /// Block index → OpenAI tool call index, for tool_use blocks.
@@ -417,10 +405,12 @@ pub struct AnthropicToOpenAiStream {
 impl AnthropicToOpenAiStream {
     pub fn new(client_wants_usage: bool, created: u64) -> AnthropicToOpenAiStream {
         AnthropicToOpenAiStream {
-            client_wants_usage,
-            created,
-            id: "chatcmpl-anthropic".to_owned(),
-            model: String::new(),
+            writer: ChunkWriter {
+                id: "chatcmpl-anthropic".to_owned(),
+                model: String::new(),
+                created,
+                client_wants_usage,
+            },
             usage: Usage::default(),
             input: AnthropicUsage::default(),
             tool_indexes: Vec::new(),
@@ -430,14 +420,7 @@ impl AnthropicToOpenAiStream {
     }
 
     fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> OutEvent {
-        let mut chunk = json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null}],
-        });
-        if self.client_wants_usage {
-            chunk["usage"] = Value::Null;
-        }
-        OutEvent::data(chunk.to_string())
+        self.writer.chunk(delta, finish_reason)
     }
 }
 
@@ -454,9 +437,9 @@ impl StreamTranslator for AnthropicToOpenAiStream {
             "message_start" => {
                 let message = &event["message"];
                 if let Some(id) = message["id"].as_str() {
-                    self.id = format!("chatcmpl-{id}");
+                    self.writer.id = format!("chatcmpl-{id}");
                 }
-                self.model = message["model"].as_str().unwrap_or("").to_owned();
+                self.writer.model = message["model"].as_str().unwrap_or("").to_owned();
                 self.input = AnthropicUsage::deserialize(&message["usage"]).unwrap_or_default();
                 self.usage.merge_max(&self.input.to_usage());
                 out.push(self.chunk(json!({"role": "assistant", "content": ""}), None));
@@ -514,15 +497,8 @@ impl StreamTranslator for AnthropicToOpenAiStream {
             }
             "message_stop" => {
                 self.completed = true;
-                out.push(self.chunk(json!({}), Some(self.finish_reason.unwrap_or("stop"))));
-                if self.client_wants_usage {
-                    let chunk = json!({
-                        "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                        "choices": [], "usage": openai_usage_json(&self.usage),
-                    });
-                    out.push(OutEvent::data(chunk.to_string()));
-                }
-                out.push(OutEvent::data("[DONE]".to_owned()));
+                self.writer
+                    .close(self.finish_reason.unwrap_or("stop"), &self.usage, out);
             }
             "error" => {
                 let message = event["error"]["message"]

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value, json};
 
+use crate::openai::ChunkWriter;
 use crate::sse::{OutEvent, StreamTranslator};
 use crate::usage::Usage;
 
@@ -314,16 +315,6 @@ pub fn usage_of(metadata: &Value) -> Usage {
     }
 }
 
-fn openai_usage_json(usage: &Usage) -> Value {
-    json!({
-        "prompt_tokens": usage.input_tokens,
-        "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.input_tokens + usage.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens},
-        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
-    })
-}
-
 /// Translate a Gemini `generateContent` response into an OpenAI chat completion.
 pub fn response_to_openai(
     body: &[u8],
@@ -388,7 +379,7 @@ pub fn response_to_openai(
         "created": created,
         "model": response["modelVersion"].as_str().unwrap_or(model),
         "choices": choices,
-        "usage": openai_usage_json(&usage),
+        "usage": crate::openai::usage_json(&usage),
     });
     Ok((answer, usage))
 }
@@ -397,10 +388,7 @@ pub fn response_to_openai(
 /// chat chunks. Gemini sends no end marker; the stream's end closes it.
 #[derive(Debug)]
 pub struct GeminiToOpenAiStream {
-    client_wants_usage: bool,
-    created: u64,
-    model: String,
-    id: String,
+    writer: ChunkWriter,
     started: bool,
     tool_calls: usize,
     finish: Option<&'static str>,
@@ -411,10 +399,12 @@ pub struct GeminiToOpenAiStream {
 impl GeminiToOpenAiStream {
     pub fn new(client_wants_usage: bool, model: &str, created: u64) -> GeminiToOpenAiStream {
         GeminiToOpenAiStream {
-            client_wants_usage,
-            created,
-            model: model.to_owned(),
-            id: "chatcmpl-gemini".to_owned(),
+            writer: ChunkWriter {
+                id: "chatcmpl-gemini".to_owned(),
+                model: model.to_owned(),
+                created,
+                client_wants_usage,
+            },
             started: false,
             tool_calls: 0,
             finish: None,
@@ -424,14 +414,7 @@ impl GeminiToOpenAiStream {
     }
 
     fn chunk(&self, delta: Value, finish: Option<&str>) -> OutEvent {
-        let mut chunk = json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
-        });
-        if self.client_wants_usage {
-            chunk["usage"] = Value::Null;
-        }
-        OutEvent::data(chunk.to_string())
+        self.writer.chunk(delta, finish)
     }
 }
 
@@ -455,10 +438,10 @@ impl StreamTranslator for GeminiToOpenAiStream {
         if !self.started {
             self.started = true;
             if let Some(id) = response["responseId"].as_str() {
-                self.id = format!("chatcmpl-{id}");
+                self.writer.id = format!("chatcmpl-{id}");
             }
             if let Some(version) = response["modelVersion"].as_str() {
-                self.model = version.to_owned();
+                self.writer.model = version.to_owned();
             }
             out.push(self.chunk(json!({"role": "assistant", "content": ""}), None));
         }
@@ -502,15 +485,7 @@ impl StreamTranslator for GeminiToOpenAiStream {
             return;
         }
         if let Some(finish) = self.finish {
-            out.push(self.chunk(json!({}), Some(finish)));
-            if self.client_wants_usage {
-                let chunk = json!({
-                    "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                    "choices": [], "usage": openai_usage_json(&self.usage),
-                });
-                out.push(OutEvent::data(chunk.to_string()));
-            }
-            out.push(OutEvent::data("[DONE]".to_owned()));
+            self.writer.close(finish, &self.usage, out);
             self.completed = true;
         }
     }

@@ -130,6 +130,54 @@ pub fn response_usage(body: &[u8]) -> Usage {
     Usage::default()
 }
 
+/// OpenAI's `usage` object for a [`Usage`].
+pub fn usage_json(usage: &Usage) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+    })
+}
+
+/// Writes the OpenAI chat chunks of a stream translated from another provider.
+#[derive(Debug)]
+pub struct ChunkWriter {
+    pub id: String,
+    pub model: String,
+    pub created: u64,
+    /// The client asked for `stream_options.include_usage`.
+    pub client_wants_usage: bool,
+}
+
+impl ChunkWriter {
+    /// One chunk with a delta for choice 0.
+    pub fn chunk(&self, delta: serde_json::Value, finish_reason: Option<&str>) -> OutEvent {
+        let mut chunk = serde_json::json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null}],
+        });
+        if self.client_wants_usage {
+            chunk["usage"] = serde_json::Value::Null;
+        }
+        OutEvent::data(chunk.to_string())
+    }
+
+    /// The end of a stream: the finish chunk, the usage chunk when the client asked, `[DONE]`.
+    pub fn close(&self, finish_reason: &str, usage: &Usage, out: &mut Vec<OutEvent>) {
+        out.push(self.chunk(serde_json::json!({}), Some(finish_reason)));
+        if self.client_wants_usage {
+            let chunk = serde_json::json!({
+                "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [], "usage": usage_json(usage),
+            });
+            out.push(OutEvent::data(chunk.to_string()));
+        }
+        out.push(OutEvent::data("[DONE]".to_owned()));
+    }
+}
+
 /// Whether a chunk has `"usage": {` (not `"usage": null`), without parsing it.
 fn carries_usage_object(data: &str) -> bool {
     let mut rest = data;

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::Value;
 use serde_json::json;
-use skein_core::{Candidate, ResolveError, RouteRuntime};
+use skein_core::{Candidate, ResolveError, RouteRuntime, RuntimeConfig};
 use skein_providers::openai::{self, StreamShape};
 use skein_providers::{Endpoint, RawObject, StreamTranslator};
 use skein_providers::{anthropic, gemini};
@@ -139,16 +139,15 @@ async fn openai_endpoint(
         Ok(bytes) => bytes,
         Err(error) => return finish_error(&state, &context, None, None, error),
     };
-    let request = match RawObject::parse(&bytes) {
-        Ok(request) => request,
-        Err(error) => {
-            let error = ApiError::invalid(error.to_string()).with_detail_code("invalid_json");
-            return finish_error(&state, &context, None, None, error);
+    let Parsed {
+        request,
+        model,
+        routes,
+    } = match parse_request(&snapshot, &bytes) {
+        Ok(parsed) => parsed,
+        Err((error, model)) => {
+            return finish_error(&state, &context, model.as_deref(), None, error);
         }
-    };
-    let model = match required_model(&request) {
-        Ok(model) => model,
-        Err(error) => return finish_error(&state, &context, None, None, error),
     };
     let shape = if endpoint.can_stream() {
         match openai::stream_shape(&request) {
@@ -167,18 +166,6 @@ async fn openai_endpoint(
         StreamShape {
             stream: false,
             client_wants_usage: false,
-        }
-    };
-    let routes = match snapshot.resolve(&model) {
-        Ok(routes) => routes,
-        Err(error) => {
-            return finish_error(
-                &state,
-                &context,
-                Some(&model),
-                None,
-                unknown_model(&model, error),
-            );
         }
     };
     // The full tree is only built when a candidate needs a translated request.
@@ -292,16 +279,15 @@ pub async fn messages(
         Ok(bytes) => bytes,
         Err(error) => return finish_error(&state, &context, None, None, error),
     };
-    let request = match RawObject::parse(&bytes) {
-        Ok(request) => request,
-        Err(error) => {
-            let error = ApiError::invalid(error.to_string()).with_detail_code("invalid_json");
-            return finish_error(&state, &context, None, None, error);
+    let Parsed {
+        request,
+        model,
+        routes,
+    } = match parse_request(&snapshot, &bytes) {
+        Ok(parsed) => parsed,
+        Err((error, model)) => {
+            return finish_error(&state, &context, model.as_deref(), None, error);
         }
-    };
-    let model = match required_model(&request) {
-        Ok(model) => model,
-        Err(error) => return finish_error(&state, &context, None, None, error),
     };
     let stream = match request.get_bool("stream") {
         Ok(stream) => stream,
@@ -319,18 +305,6 @@ pub async fn messages(
         let error = ApiError::invalid("`messages` is required").with_param("messages");
         return finish_error(&state, &context, Some(&model), None, error);
     }
-    let routes = match snapshot.resolve(&model) {
-        Ok(routes) => routes,
-        Err(error) => {
-            return finish_error(
-                &state,
-                &context,
-                Some(&model),
-                None,
-                unknown_model(&model, error),
-            );
-        }
-    };
     let tree: OnceLock<Result<Value, String>> = OnceLock::new();
     let prepare = |candidate: &Candidate| -> Result<PreparedRequest, ApiError> {
         let provider = &candidate.deployment.provider;
@@ -423,27 +397,14 @@ pub async fn count_tokens(
         Ok(bytes) => bytes,
         Err(error) => return finish_error(&state, &context, None, None, error),
     };
-    let request = match RawObject::parse(&bytes) {
-        Ok(request) => request,
-        Err(error) => {
-            let error = ApiError::invalid(error.to_string()).with_detail_code("invalid_json");
-            return finish_error(&state, &context, None, None, error);
-        }
-    };
-    let model = match required_model(&request) {
-        Ok(model) => model,
-        Err(error) => return finish_error(&state, &context, None, None, error),
-    };
-    let routes = match snapshot.resolve(&model) {
-        Ok(routes) => routes,
-        Err(error) => {
-            return finish_error(
-                &state,
-                &context,
-                Some(&model),
-                None,
-                unknown_model(&model, error),
-            );
+    let Parsed {
+        request,
+        model,
+        routes,
+    } = match parse_request(&snapshot, &bytes) {
+        Ok(parsed) => parsed,
+        Err((error, model)) => {
+            return finish_error(&state, &context, model.as_deref(), None, error);
         }
     };
     let prepare = |candidate: &Candidate| -> Result<PreparedRequest, ApiError> {
@@ -490,6 +451,35 @@ fn parsed_tree<'a>(
 
 fn untranslatable(message: String) -> ApiError {
     ApiError::invalid(message).with_detail_code("untranslatable_request")
+}
+
+/// A request body read as a JSON object, with its model resolved to routes.
+struct Parsed<'a> {
+    request: RawObject<'a>,
+    model: String,
+    routes: Vec<Arc<RouteRuntime>>,
+}
+
+/// Parse the body, read its `model` and resolve it. The error carries the model when known.
+fn parse_request<'a>(
+    snapshot: &RuntimeConfig,
+    bytes: &'a [u8],
+) -> Result<Parsed<'a>, (ApiError, Option<String>)> {
+    let request = RawObject::parse(bytes).map_err(|error| {
+        (
+            ApiError::invalid(error.to_string()).with_detail_code("invalid_json"),
+            None,
+        )
+    })?;
+    let model = required_model(&request).map_err(|error| (error, None))?;
+    match snapshot.resolve(&model) {
+        Ok(routes) => Ok(Parsed {
+            request,
+            model,
+            routes,
+        }),
+        Err(error) => Err((unknown_model(&model, error), Some(model))),
+    }
 }
 
 /// The `model` member, required and non-empty.
