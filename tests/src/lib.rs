@@ -103,19 +103,6 @@ pub async fn start_mock() -> anyhow::Result<MockServer> {
     .await?)
 }
 
-/// A mock provider with latency settings.
-pub async fn start_mock_with(
-    latency: Duration,
-    token_latency: Duration,
-) -> anyhow::Result<MockServer> {
-    Ok(MockServer::start(MockOptions {
-        latency,
-        token_latency,
-        record: true,
-    })
-    .await?)
-}
-
 /// Poll `condition` until it holds or `timeout` passes.
 pub async fn wait_until<F, Fut>(timeout: Duration, mut condition: F) -> bool
 where

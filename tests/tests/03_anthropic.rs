@@ -362,3 +362,28 @@ async fn count_tokens_and_anthropic_shaped_errors() {
     assert_eq!(status, 502);
     assert_eq!(body["error"]["type"], "api_error");
 }
+
+#[tokio::test]
+async fn a_broken_anthropic_stream_ends_with_an_error_event() {
+    let (_mock, gateway) = setup().await;
+    // Anthropic upstream, passed through: the mock cuts the stream after three events.
+    let request = json!({"model": "claude/mock-stream-cut", "max_tokens": 50, "stream": true, "messages": [{"role": "user", "content": "x"}]});
+    let response = gateway.post("/v1/messages", &request).await.expect("call");
+    assert_eq!(response.status(), 200);
+    let events = named_events(&response.text().await.expect("body"));
+    assert_eq!(
+        events.first().map(|(name, _)| name.as_str()),
+        Some("message_start")
+    );
+    let (name, data) = events.last().expect("events");
+    assert_eq!(name, "error");
+    assert_eq!(data["type"], "error");
+    assert_eq!(data["error"]["type"], "api_error");
+    assert!(!events.iter().any(|(name, _)| name == "message_stop"));
+
+    // OpenAI-shaped upstream, translated: same ending.
+    let request = json!({"model": "oai/mock-stream-cut", "max_tokens": 50, "stream": true, "messages": [{"role": "user", "content": "x"}]});
+    let response = gateway.post("/v1/messages", &request).await.expect("call");
+    let events = named_events(&response.text().await.expect("body"));
+    assert_eq!(events.last().map(|(name, _)| name.as_str()), Some("error"));
+}
