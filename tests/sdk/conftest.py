@@ -116,7 +116,7 @@ routes:
         }
     )
     node = Process(
-        [binary("skein"), "serve", "--config", str(path), "--http-addr", "127.0.0.1:0"],
+        [binary("skein"), "serve", "--config", str(path), "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"],
         env=env,
     )
     try:

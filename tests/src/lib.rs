@@ -23,7 +23,14 @@ impl Gateway {
         let validated = parse_config_text(config_yaml, "test config")?;
         let runtime = build_runtime(&validated, &env)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let node = start_node(listener, runtime, NodeOptions::default()).await?;
+        let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let node = start_node(
+            listener,
+            Some(grpc_listener),
+            runtime,
+            NodeOptions::default(),
+        )
+        .await?;
         let url = format!("http://{}", node.http_addr);
         let client = reqwest::Client::builder().no_proxy().build()?;
         Ok(Gateway { node, url, client })

@@ -114,6 +114,8 @@ async fn serve_proxies_keeps_secrets_out_of_logs_and_drains_on_sigterm() {
                 "serve",
                 "--http-addr",
                 "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
                 "--log-format",
                 "json",
             ])
@@ -155,6 +157,24 @@ async fn serve_proxies_keeps_secrets_out_of_logs_and_drains_on_sigterm() {
         "the provider key reached the logs:\n{}",
         node.output()
     );
+
+    // `skein status` reads the node through the admin gRPC API.
+    let grpc = started["grpc"].as_str().expect("grpc field").to_owned();
+    let status_output = Command::new(binary("skein").expect("binary"))
+        .args(["status", "--addr", &grpc])
+        .output()
+        .expect("status");
+    let printed = String::from_utf8_lossy(&status_output.stdout);
+    assert!(
+        status_output.status.success(),
+        "{printed}\n{}",
+        String::from_utf8_lossy(&status_output.stderr)
+    );
+    assert!(
+        printed.contains("provider openai (openai)") && printed.contains("key key-0 weight 1"),
+        "{printed}"
+    );
+    assert!(!printed.contains(secret));
 
     let status = Command::new("kill")
         .args(["-TERM", &node.child.id().to_string()])

@@ -1,7 +1,8 @@
 //! A Skein node: loads the config (a file, or providers discovered from the environment),
-//! resolves credentials, and serves the proxy. The `skein` binary is a thin CLI over this
+//! resolves credentials, and serves the proxy API and the admin gRPC API. The `skein` binary is a thin CLI over this
 //! crate, and tests start nodes in-process through [`start_node`].
 
+pub mod admin;
 pub mod env;
 pub mod load;
 pub mod node;

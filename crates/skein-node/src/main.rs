@@ -23,6 +23,19 @@ enum Command {
     Serve(ServeArgs),
     /// Check a config file and print what it declares, without serving.
     Check(CheckArgs),
+    /// Show what a running node serves and the state of its provider keys (admin gRPC API).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// The node's admin gRPC address.
+    #[arg(
+        long,
+        env = "SKEIN_ADMIN_ADDR",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    addr: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -33,6 +46,9 @@ struct ServeArgs {
     /// Address of the proxy API.
     #[arg(long, env = "SKEIN_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: String,
+    /// Address of the admin gRPC API (internal; do not expose publicly).
+    #[arg(long, env = "SKEIN_GRPC_ADDR", default_value = "0.0.0.0:8081")]
+    grpc_addr: String,
     /// Log format.
     #[arg(long, env = "SKEIN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -77,6 +93,13 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(serve(args))
         }
         Command::Check(args) => check(args),
+        Command::Status(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            runtime.block_on(status(args))
+        }
     }
 }
 
@@ -105,7 +128,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout_secs),
         ..NodeOptions::default()
     };
-    let node = start_node(listener, runtime, options).await?;
+    let grpc_listener = bind_listener(&args.grpc_addr)
+        .await
+        .with_context(|| format!("binding the admin gRPC address {}", args.grpc_addr))?;
+    let node = start_node(listener, Some(grpc_listener), runtime, options).await?;
 
     let config = validated.config();
     let source_text = match &source {
@@ -114,6 +140,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     tracing::info!(
         http = %format!("http://{}", node.http_addr),
+        grpc = %node.grpc_addr.map(|addr| format!("http://{addr}")).unwrap_or_default(),
         config = %source_text,
         version = env!("CARGO_PKG_VERSION"),
         "skein is serving the proxy API"
@@ -172,6 +199,42 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    use skein_proto::admin::v1::GetStatusRequest;
+    use skein_proto::admin::v1::admin_client::AdminClient;
+    let mut client = AdminClient::connect(args.addr.clone())
+        .await
+        .with_context(|| format!("connecting to the admin API at {}", args.addr))?;
+    let status = client
+        .get_status(GetStatusRequest {})
+        .await
+        .context("GetStatus")?
+        .into_inner();
+    println!(
+        "skein {} at http://{} ({}), up {} s",
+        status.version,
+        status.http_addr,
+        if status.ready { "ready" } else { "not ready" },
+        status.uptime_ms / 1000
+    );
+    for provider in &status.providers {
+        println!(
+            "provider {} ({}) {}",
+            provider.name, provider.kind, provider.base_url
+        );
+        for key in &provider.keys {
+            let state = if key.cooling_down_ms > 0 {
+                format!("cooling down for {} ms", key.cooling_down_ms)
+            } else {
+                "in rotation".to_owned()
+            };
+            println!("  key {} weight {}: {state}", key.name, key.weight);
+        }
+    }
+    println!("routes: {}", status.routes.join(", "));
+    Ok(())
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {

@@ -8,6 +8,8 @@ use anyhow::Context;
 use axum::serve::ListenerExt;
 use skein_core::RuntimeConfig;
 use skein_proxy::{AppState, ProxyOptions};
+
+use crate::admin::AdminService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -32,15 +34,20 @@ impl Default for NodeOptions {
 /// A node serving on its listeners.
 pub struct RunningNode {
     pub http_addr: SocketAddr,
+    /// The admin gRPC address, when a gRPC listener was given.
+    pub grpc_addr: Option<SocketAddr>,
     pub state: Arc<AppState>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
+    admin: Option<JoinHandle<std::io::Result<()>>>,
     drain_timeout: Duration,
 }
 
-/// Serve the proxy on `http_listener` (bound by the caller, port 0 in tests).
+/// Serve the proxy on `http_listener`, and the admin gRPC API on `grpc_listener` when given
+/// (both bound by the caller, port 0 in tests).
 pub async fn start_node(
     http_listener: TcpListener,
+    grpc_listener: Option<TcpListener>,
     runtime: RuntimeConfig,
     options: NodeOptions,
 ) -> anyhow::Result<RunningNode> {
@@ -52,7 +59,7 @@ pub async fn start_node(
             .map_err(|error| anyhow::anyhow!("building the upstream HTTP client: {error}"))?,
     );
     let app = skein_proxy::router(state.clone());
-    let (shutdown, mut shutdown_signal) = watch::channel(false);
+    let (shutdown, shutdown_signal) = watch::channel(false);
     // Streams write one small event at a time: without TCP_NODELAY, Nagle's algorithm and the
     // client's delayed ACK hold every event after the first for up to 40 ms.
     let http_listener = http_listener.tap_io(|stream| {
@@ -60,18 +67,39 @@ pub async fn start_node(
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
     });
+    let mut http_signal = shutdown_signal.clone();
     let server = tokio::spawn(async move {
         axum::serve(http_listener, app)
             .with_graceful_shutdown(async move {
-                let _ = shutdown_signal.wait_for(|stop| *stop).await;
+                let _ = http_signal.wait_for(|stop| *stop).await;
             })
             .await
     });
+    let mut grpc_addr = None;
+    let mut admin = None;
+    if let Some(grpc_listener) = grpc_listener {
+        grpc_addr = Some(
+            grpc_listener
+                .local_addr()
+                .context("reading the gRPC listener address")?,
+        );
+        let router = AdminService::new(state.clone(), http_addr).into_router();
+        let mut grpc_signal = shutdown_signal;
+        admin = Some(tokio::spawn(async move {
+            axum::serve(grpc_listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = grpc_signal.wait_for(|stop| *stop).await;
+                })
+                .await
+        }));
+    }
     Ok(RunningNode {
         http_addr,
+        grpc_addr,
         state,
         shutdown,
         server,
+        admin,
         drain_timeout: options.drain_timeout,
     })
 }
@@ -87,6 +115,12 @@ impl RunningNode {
                 timeout_s = self.drain_timeout.as_secs(),
                 "requests still in flight after the drain timeout; stopping anyway"
             ),
+        }
+        if let Some(admin) = self.admin {
+            // Admin calls are short; a second is plenty.
+            if let Ok(joined) = tokio::time::timeout(Duration::from_secs(1), admin).await {
+                joined.context("admin task")?.context("admin gRPC server")?;
+            }
         }
         Ok(())
     }
