@@ -57,6 +57,18 @@ fn usage_of(value: &Value) -> Usage {
         .unwrap_or_default()
 }
 
+/// The usage of a `message_delta` event. It is cumulative; when it leaves out the input
+/// figures, those of `message_start` (`input`) stand.
+fn delta_usage(value: &Value, input: &AnthropicUsage) -> Usage {
+    let mut usage = AnthropicUsage::deserialize(value).unwrap_or_default();
+    if usage.input_tokens.is_none() {
+        usage.input_tokens = input.input_tokens;
+        usage.cache_read_input_tokens = input.cache_read_input_tokens;
+        usage.cache_creation_input_tokens = input.cache_creation_input_tokens;
+    }
+    usage.to_usage()
+}
+
 /// Usage of a non-streaming Messages response.
 pub fn response_usage(body: &[u8]) -> Usage {
     serde_json::from_slice::<Value>(body)
@@ -486,14 +498,8 @@ impl StreamTranslator for AnthropicToOpenAiStream {
                 if let Some(stop_reason) = event["delta"]["stop_reason"].as_str() {
                     self.finish_reason = Some(finish_reason_from_stop(stop_reason));
                 }
-                // message_delta carries cumulative usage; input counts may be repeated there.
-                let mut usage = AnthropicUsage::deserialize(&event["usage"]).unwrap_or_default();
-                if usage.input_tokens.is_none() {
-                    usage.input_tokens = self.input.input_tokens;
-                    usage.cache_read_input_tokens = self.input.cache_read_input_tokens;
-                    usage.cache_creation_input_tokens = self.input.cache_creation_input_tokens;
-                }
-                self.usage.merge_max(&usage.to_usage());
+                self.usage
+                    .merge_max(&delta_usage(&event["usage"], &self.input));
             }
             "message_stop" => {
                 self.completed = true;
@@ -1002,14 +1008,8 @@ impl StreamTranslator for AnthropicPassthroughStream {
             }
             "message_delta" => {
                 if let Ok(value) = serde_json::from_str::<Value>(data) {
-                    let mut usage =
-                        AnthropicUsage::deserialize(&value["usage"]).unwrap_or_default();
-                    if usage.input_tokens.is_none() {
-                        usage.input_tokens = self.input.input_tokens;
-                        usage.cache_read_input_tokens = self.input.cache_read_input_tokens;
-                        usage.cache_creation_input_tokens = self.input.cache_creation_input_tokens;
-                    }
-                    self.usage.merge_max(&usage.to_usage());
+                    self.usage
+                        .merge_max(&delta_usage(&value["usage"], &self.input));
                 }
             }
             "message_stop" | "error" => self.completed = true,
