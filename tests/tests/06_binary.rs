@@ -63,40 +63,35 @@ impl Drop for Spawned {
     }
 }
 
+/// Write `content` to a config file, run `skein check` on it, expect a failure; its stderr.
+fn failing_check(path: &std::path::Path, content: &str) -> String {
+    std::fs::write(path, content).expect("write");
+    let output = Command::new(binary("skein").expect("binary"))
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .expect("run");
+    assert!(!output.status.success(), "skein check accepted:\n{content}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[test]
 fn check_names_the_unknown_key_and_its_line() {
     let directory = std::env::temp_dir().join(format!("skein-check-{}", std::process::id()));
     std::fs::create_dir_all(&directory).expect("dir");
     let path = directory.join("bad.yaml");
-    std::fs::write(
+    let stderr = failing_check(
         &path,
         "version: 1\nproviders:\n  - name: a\n    kind: openai\n    api_key: sk-literal\n",
-    )
-    .expect("write");
-    let output = Command::new(binary("skein").expect("binary"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    );
     assert!(
         stderr.contains("api_key") && stderr.contains("line 5"),
         "{stderr}"
     );
-
-    std::fs::write(
+    let stderr = failing_check(
         &path,
         "version: 1\nroutes:\n  - name: r\n    deployments: [{provider: ghost, model: m}]\n",
-    )
-    .expect("write");
-    let output = Command::new(binary("skein").expect("binary"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    );
     assert!(
         stderr.contains("routes[0].deployments[0].provider: no provider named \"ghost\""),
         "{stderr}"
