@@ -20,7 +20,7 @@ async fn get_status_reports_routes_and_key_cooldowns() {
     )
     .await
     .expect("gateway");
-    // Key A is rate limited for 30 s; one request is enough for the node to notice.
+    // Key A is rate limited for 30 s; one request to it is enough for the node to notice.
     mock.set_key_fault(
         "key-a",
         Some(Fault::Status {
@@ -28,7 +28,15 @@ async fn get_status_reports_routes_and_key_cooldowns() {
             retry_after: Some(30),
         }),
     );
-    for _ in 0..6 {
+    // Keys are picked by weight (1 : 3), so call until key A has been tried (bounded).
+    for _ in 0..200 {
+        if mock
+            .requests()
+            .iter()
+            .any(|request| request.api_key.as_deref() == Some("key-a"))
+        {
+            break;
+        }
         let (status, _, _) = gateway
             .post_json(
                 "/v1/chat/completions",
@@ -38,6 +46,12 @@ async fn get_status_reports_routes_and_key_cooldowns() {
             .expect("call");
         assert_eq!(status, 200);
     }
+    assert!(
+        mock.requests()
+            .iter()
+            .any(|request| request.api_key.as_deref() == Some("key-a")),
+        "key A was tried"
+    );
 
     let grpc = gateway.node.grpc_addr.expect("grpc listener");
     let mut client = AdminClient::connect(format!("http://{grpc}"))
