@@ -82,7 +82,7 @@ def main(path):
             print(f"| {mode} | {rate} | {d[0]} / {d[1]} / {d[2]} | {n[0]} / {n[1]} / {n[2]} | {s_[0]} / {s_[1]} / {s_[2]} | {text50} | {text99} | {errors} |")
             checks.append((mode, rate, met50, met99))
 
-    print("\n### Latency from the scheduled send time (µs; includes the load generator's ~1 ms timer granularity and any queueing)\n")
+    print("\n### Latency from the scheduled send time (µs; includes any delay in the load generator and any queueing)\n")
     print("| mode | req/s | direct p50 / p99 / p99.9 | nginx p50 / p99 / p99.9 | skein p50 / p99 / p99.9 | skein TTFB p50 / p99 |")
     print("|---|---:|---|---|---|---|")
     for mode in ["unary", "stream"]:
