@@ -66,7 +66,7 @@ routes:
   - name: bench
     deployments: [{provider: mock, model: bench}]
 YAML
-SKEIN_LOG='warn,skein=info,skein::access=warn' taskset -c 0 "$bin/skein" serve --config "$work/skein.yaml" \
+SKEIN_LOG='warn,skein=info,skein::access=warn' taskset -c 0 "$bin/skein" serve --config "$work/skein.yaml" --data-dir "$work/data" \
   --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --worker-threads 1 --log-format json > /dev/null 2> "$work/skein.log" &
 skein_pid=$!
 pids+=($skein_pid)

@@ -104,7 +104,8 @@ routes:
     retry: {{max_attempts: 1}}
     deployments: [{{provider: broken, model: mock-gpt}}]
 """
-    path = tmp_path_factory.mktemp("skein") / "skein.yaml"
+    directory = tmp_path_factory.mktemp("skein")
+    path = directory / "skein.yaml"
     path.write_text(config)
     env = dict(os.environ)
     env.update(
@@ -116,7 +117,10 @@ routes:
         }
     )
     node = Process(
-        [binary("skein"), "serve", "--config", str(path), "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"],
+        [
+            binary("skein"), "serve", "--config", str(path), "--data-dir", str(directory / "data"),
+            "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0",
+        ],
         env=env,
     )
     try:

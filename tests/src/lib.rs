@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use skein_mock::{MockOptions, MockServer};
-use skein_node::load::build_runtime;
 use skein_node::{MapEnvironment, NodeOptions, RunningNode, parse_config_text, start_node};
 
 /// A gateway node started in-process.
@@ -15,25 +14,44 @@ pub struct Gateway {
     /// `http://127.0.0.1:PORT`
     pub url: String,
     pub client: reqwest::Client,
+    /// The node's data directory (removed on drop).
+    pub data_dir: tempfile::TempDir,
 }
 
 impl Gateway {
     /// Start a node from YAML config text; credentials resolve from `env`.
     pub async fn start(config_yaml: &str, env: MapEnvironment) -> anyhow::Result<Gateway> {
+        Gateway::start_with(config_yaml, env, |_| {}).await
+    }
+
+    /// Start a node from YAML config text, with options adjusted by `adjust`.
+    pub async fn start_with(
+        config_yaml: &str,
+        env: MapEnvironment,
+        adjust: impl FnOnce(&mut NodeOptions),
+    ) -> anyhow::Result<Gateway> {
         let validated = parse_config_text(config_yaml, "test config")?;
-        let runtime = build_runtime(&validated, &env)?;
+        let data_dir = tempfile::tempdir()?;
+        let mut options = NodeOptions::new(data_dir.path().to_owned());
+        adjust(&mut options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let node = start_node(
             listener,
-            Some(grpc_listener),
-            runtime,
-            NodeOptions::default(),
+            grpc_listener,
+            validated,
+            std::sync::Arc::new(env),
+            options,
         )
         .await?;
         let url = format!("http://{}", node.http_addr);
         let client = reqwest::Client::builder().no_proxy().build()?;
-        Ok(Gateway { node, url, client })
+        Ok(Gateway {
+            node,
+            url,
+            client,
+            data_dir,
+        })
     }
 
     /// POST JSON to a path.

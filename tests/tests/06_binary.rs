@@ -103,10 +103,13 @@ fn check_names_the_unknown_key_and_its_line() {
 async fn serve_proxies_keeps_secrets_out_of_logs_and_drains_on_sigterm() {
     let mock = start_mock().await.expect("mock");
     let secret = "sk-do-not-log-this-7d1c";
+    let data = tempfile::tempdir().expect("data dir");
     let node = Spawned::start(
         Command::new(binary("skein").expect("binary"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data.path())
             .args([
-                "serve",
                 "--http-addr",
                 "127.0.0.1:0",
                 "--grpc-addr",

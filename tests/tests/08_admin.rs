@@ -53,7 +53,7 @@ async fn get_status_reports_routes_and_key_cooldowns() {
         "key A was tried"
     );
 
-    let grpc = gateway.node.grpc_addr.expect("grpc listener");
+    let grpc = gateway.node.grpc_addr;
     let mut client = AdminClient::connect(format!("http://{grpc}"))
         .await
         .expect("connect");

@@ -205,6 +205,8 @@ mod tests {
             key: CredentialRef::Env(name.to_owned()),
             weight: 1,
             name: None,
+            rpm: None,
+            tpm: None,
         };
         let provider = |name: &str, keys: Vec<KeySpec>| ProviderSpec {
             name: name.to_owned(),

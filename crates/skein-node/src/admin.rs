@@ -1,35 +1,292 @@
-//! The admin gRPC service (`proto/skein/admin/v1/admin.proto`), served on the internal port.
+//! The admin gRPC service (`proto/skein/admin/v1/admin.proto`), served on the internal port
+//! next to the Raft service. Writes are proposed through the leader; reads come from this
+//! node's applied state after waiting for the caller's `min_version`.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures_util::Stream;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use skein_control::{ControlError, ControlPlane, LeaderReply, LeaderRequest};
+use skein_core::auth::{display_prefix, generate_secret, hash_secret, tokens_match};
 use skein_proto::admin::v1::admin_server::{Admin, AdminServer};
-use skein_proto::admin::v1::{GetStatusRequest, GetStatusResponse, KeyStatus, ProviderStatus};
+use skein_proto::admin::v1::{
+    AddLearnerRequest, ClusterMember, ClusterStatusRequest, ClusterStatusResponse, ConfigChange,
+    CreateKeyRequest, CreateKeyResponse, DeleteRequest, ExportConfigRequest, ExportConfigResponse,
+    GetRequest, GetResponse, GetStatusRequest, GetStatusResponse, ImportConfigRequest, KeyRequest,
+    KeyStatus, Kind, ListRequest, ListResponse, NodeRequest, ProviderStatus, Resource,
+    TriggerSnapshotRequest, TriggerSnapshotResponse, UsageRequest, UsageResponse, UsageRow,
+    WatchRequest, WriteRequest, WriteResponse,
+};
 use skein_proxy::AppState;
+use skein_types::control::{
+    Budget, Command, ConfigExport, ControlState, Customer, Limits, Outcome, Price, RejectCode,
+    Team, VirtualKey,
+};
+use skein_types::{ProviderSpec, RouteSpec};
+use tonic::{Request, Response, Status};
 
-/// Answers admin calls from the node's live state.
+/// How long a read waits for this node to apply the caller's `min_version`.
+const READ_WAIT: Duration = Duration::from_secs(5);
+
+/// Answers admin calls from the node's live state and its control plane.
 pub struct AdminService {
     state: Arc<AppState>,
+    control: ControlPlane,
     http_addr: SocketAddr,
+    token: Option<String>,
 }
 
 impl AdminService {
-    pub fn new(state: Arc<AppState>, http_addr: SocketAddr) -> AdminService {
-        AdminService { state, http_addr }
+    pub fn new(
+        state: Arc<AppState>,
+        control: ControlPlane,
+        http_addr: SocketAddr,
+        token: Option<String>,
+    ) -> AdminService {
+        AdminService {
+            state,
+            control,
+            http_addr,
+            token,
+        }
     }
 
-    /// The service as an axum router, to serve on the gRPC listener.
+    /// The admin service (behind the token check) and the Raft service, as an axum router to
+    /// serve on the gRPC listener.
     pub fn into_router(self) -> axum::Router {
-        tonic::service::Routes::new(AdminServer::new(self)).into_axum_router()
+        let token = self.token.clone();
+        let raft = self.control.service();
+        let admin = AdminServer::with_interceptor(self, move |request: Request<()>| {
+            check_token(token.as_deref(), &request)?;
+            Ok(request)
+        });
+        tonic::service::Routes::new(admin)
+            .add_service(raft)
+            .into_axum_router()
+    }
+
+    async fn read(&self, min_version: u64) -> Result<Arc<ControlState>, Status> {
+        if min_version > 0 {
+            self.control
+                .wait_for_version(min_version, READ_WAIT)
+                .await
+                .map_err(control_status)?;
+        }
+        Ok(self.control.state())
+    }
+
+    async fn write(&self, command: Command) -> Result<WriteResponse, Status> {
+        let response = self
+            .control
+            .propose("admin", command)
+            .await
+            .map_err(control_status)?;
+        match response.outcome {
+            Outcome::Applied | Outcome::Duplicate | Outcome::AlreadyBootstrapped => {
+                Ok(WriteResponse {
+                    version: response.version,
+                })
+            }
+            Outcome::Rejected(rejection) => {
+                let message = rejection.to_string();
+                Err(match rejection.code {
+                    RejectCode::NotFound => Status::not_found(message),
+                    RejectCode::AlreadyExists => Status::already_exists(message),
+                    RejectCode::InvalidArgument => Status::invalid_argument(message),
+                    RejectCode::FailedPrecondition => Status::failed_precondition(message),
+                })
+            }
+        }
+    }
+
+    async fn membership(&self, request: LeaderRequest) -> Result<WriteResponse, Status> {
+        match self
+            .control
+            .to_leader(request)
+            .await
+            .map_err(control_status)?
+        {
+            LeaderReply::Membership { version }
+            | LeaderReply::Applied(skein_control::ApplyResponse { version, .. }) => {
+                Ok(WriteResponse { version })
+            }
+        }
     }
 }
+
+/// Check `authorization: Bearer <token>` when the node has an admin token.
+fn check_token(expected: Option<&str>, request: &Request<()>) -> Result<(), Status> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let given = request
+        .metadata()
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .map(|value| value.trim().strip_prefix("Bearer ").unwrap_or(value).trim());
+    match given {
+        Some(given) if tokens_match(given, expected) => Ok(()),
+        Some(_) => Err(Status::unauthenticated("invalid admin token")),
+        None => Err(Status::unauthenticated(
+            "missing admin token: send `authorization: Bearer <token>`",
+        )),
+    }
+}
+
+fn control_status(error: ControlError) -> Status {
+    match error {
+        ControlError::Unavailable(message) => Status::unavailable(message),
+        ControlError::NotLeader => Status::unavailable("no leader could take the write"),
+        ControlError::InvalidArgument(message) => Status::invalid_argument(message),
+        ControlError::Timeout(message) => Status::deadline_exceeded(message),
+        ControlError::Internal(message) => Status::internal(message),
+    }
+}
+
+fn kind_of(raw: i32) -> Result<Kind, Status> {
+    match Kind::try_from(raw) {
+        Ok(Kind::Unspecified) | Err(_) => Err(Status::invalid_argument(
+            "kind: must be one of provider, route, key, team, customer, budget, price",
+        )),
+        Ok(kind) => Ok(kind),
+    }
+}
+
+fn parse<T: DeserializeOwned>(kind: Kind, json: &str) -> Result<T, Status> {
+    serde_json::from_str(json).map_err(|error| {
+        Status::invalid_argument(format!("json: not a valid {}: {error}", kind_name(kind)))
+    })
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Unspecified => "entity",
+        Kind::Provider => "provider",
+        Kind::Route => "route",
+        Kind::Key => "key",
+        Kind::Team => "team",
+        Kind::Customer => "customer",
+        Kind::Budget => "budget",
+        Kind::Price => "price",
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, Status> {
+    serde_json::to_string(value).map_err(|error| Status::internal(error.to_string()))
+}
+
+/// Every entity of `kind` in `state` as `(id, json)`, ordered by id.
+fn entities(state: &ControlState, kind: Kind) -> Result<Vec<(String, String)>, Status> {
+    fn all<T: Serialize>(
+        map: &std::collections::BTreeMap<String, T>,
+    ) -> Result<Vec<(String, String)>, Status> {
+        map.iter()
+            .map(|(id, value)| Ok((id.clone(), to_json(value)?)))
+            .collect()
+    }
+    match kind {
+        Kind::Unspecified => Err(Status::invalid_argument("kind: must be given")),
+        Kind::Provider => all(&state.providers),
+        Kind::Route => all(&state.routes),
+        Kind::Key => all(&state.keys),
+        Kind::Team => all(&state.teams),
+        Kind::Customer => all(&state.customers),
+        Kind::Budget => all(&state.budgets),
+        Kind::Price => all(&state.prices),
+    }
+}
+
+fn entity(state: &ControlState, kind: Kind, id: &str) -> Result<Option<String>, Status> {
+    let found = match kind {
+        Kind::Unspecified => return Err(Status::invalid_argument("kind: must be given")),
+        Kind::Provider => state.providers.get(id).map(to_json),
+        Kind::Route => state.routes.get(id).map(to_json),
+        Kind::Key => state.keys.get(id).map(to_json),
+        Kind::Team => state.teams.get(id).map(to_json),
+        Kind::Customer => state.customers.get(id).map(to_json),
+        Kind::Budget => state.budgets.get(id).map(to_json),
+        Kind::Price => state.prices.get(id).map(to_json),
+    };
+    found.transpose()
+}
+
+/// The command that stores `json` as an entity of `kind`, and the entity's id.
+fn put_command(kind: Kind, json: &str) -> Result<(String, Command), Status> {
+    Ok(match kind {
+        Kind::Unspecified => return Err(Status::invalid_argument("kind: must be given")),
+        Kind::Provider => {
+            let provider: ProviderSpec = parse(kind, json)?;
+            (provider.name.clone(), Command::PutProvider { provider })
+        }
+        Kind::Route => {
+            let route: RouteSpec = parse(kind, json)?;
+            (route.name.clone(), Command::PutRoute { route })
+        }
+        Kind::Key => {
+            let key: VirtualKey = parse(kind, json)?;
+            (key.id.clone(), Command::UpdateKey { key })
+        }
+        Kind::Team => {
+            let team: Team = parse(kind, json)?;
+            (team.id.clone(), Command::PutTeam { team })
+        }
+        Kind::Customer => {
+            let customer: Customer = parse(kind, json)?;
+            (customer.id.clone(), Command::PutCustomer { customer })
+        }
+        Kind::Budget => {
+            let budget: Budget = parse(kind, json)?;
+            (budget.id.clone(), Command::PutBudget { budget })
+        }
+        Kind::Price => {
+            let price: Price = parse(kind, json)?;
+            (price.model.clone(), Command::PutPrice { price })
+        }
+    })
+}
+
+/// Lay the top-level members of `patch` over `existing` (both JSON objects).
+fn merge(existing: &str, patch: &str) -> Result<String, Status> {
+    let mut base: serde_json::Value =
+        serde_json::from_str(existing).map_err(|error| Status::internal(error.to_string()))?;
+    let patch: serde_json::Value = serde_json::from_str(patch)
+        .map_err(|error| Status::invalid_argument(format!("json: {error}")))?;
+    let (Some(base_object), Some(patch_object)) = (base.as_object_mut(), patch.as_object()) else {
+        return Err(Status::invalid_argument("json: must be an object"));
+    };
+    for (name, value) in patch_object {
+        base_object.insert(name.clone(), value.clone());
+    }
+    to_json(&base)
+}
+
+fn random_id(prefix: &str) -> Result<String, Status> {
+    let secret = generate_secret().map_err(Status::internal)?;
+    let random = &secret[skein_core::auth::SECRET_PREFIX.len()..];
+    Ok(format!("{prefix}{}", &random[..12]))
+}
+
+fn non_zero<T: PartialEq + Default>(value: T) -> Option<T> {
+    (value != T::default()).then_some(value)
+}
+
+fn non_empty(value: String) -> Option<String> {
+    (!value.is_empty()).then_some(value)
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<ConfigChange, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn get_status(
         &self,
-        _request: tonic::Request<GetStatusRequest>,
-    ) -> Result<tonic::Response<GetStatusResponse>, tonic::Status> {
+        _request: Request<GetStatusRequest>,
+    ) -> Result<Response<GetStatusResponse>, Status> {
         let snapshot = self.state.config.load();
         let now_ms = self.state.clock_ms();
         let mut providers: Vec<ProviderStatus> = snapshot
@@ -52,13 +309,432 @@ impl Admin for AdminService {
         providers.sort_by(|left, right| left.name.cmp(&right.name));
         let mut routes: Vec<String> = snapshot.routes().map(|route| route.name.clone()).collect();
         routes.sort();
-        Ok(tonic::Response::new(GetStatusResponse {
+        Ok(Response::new(GetStatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             ready: self.state.is_ready(),
             http_addr: self.http_addr.to_string(),
             providers,
             routes,
             uptime_ms: now_ms,
+            config_version: self.control.state().version,
         }))
+    }
+
+    async fn create(
+        &self,
+        request: Request<WriteRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let request = request.into_inner();
+        let kind = kind_of(request.kind)?;
+        if kind == Kind::Key {
+            return Err(Status::invalid_argument(
+                "kind: keys are created with CreateKey, which makes their secret",
+            ));
+        }
+        let (id, command) = put_command(kind, &request.json)?;
+        if entity(&self.control.state(), kind, &id)?.is_some() {
+            return Err(Status::already_exists(format!(
+                "{} `{id}` already exists",
+                kind_name(kind)
+            )));
+        }
+        Ok(Response::new(self.write(command).await?))
+    }
+
+    async fn update(
+        &self,
+        request: Request<WriteRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let request = request.into_inner();
+        let kind = kind_of(request.kind)?;
+        let patch: serde_json::Value = serde_json::from_str(&request.json)
+            .map_err(|error| Status::invalid_argument(format!("json: {error}")))?;
+        let id_field = match kind {
+            Kind::Provider | Kind::Route => "name",
+            Kind::Price => "model",
+            _ => "id",
+        };
+        let Some(id) = patch.get(id_field).and_then(|id| id.as_str()) else {
+            return Err(Status::invalid_argument(format!(
+                "json.{id_field}: required to say which {} to update",
+                kind_name(kind)
+            )));
+        };
+        let state = self.control.state();
+        let Some(existing) = entity(&state, kind, id)? else {
+            return Err(Status::not_found(format!(
+                "{} `{id}` does not exist",
+                kind_name(kind)
+            )));
+        };
+        let mut merged = merge(&existing, &request.json)?;
+        if kind == Kind::Key {
+            // The secret's hash and prefix only change through RotateKey.
+            let current = &state.keys[id];
+            let mut key: VirtualKey = parse(kind, &merged)?;
+            key.hash = current.hash.clone();
+            key.prefix = current.prefix.clone();
+            merged = to_json(&key)?;
+        }
+        let (_, command) = put_command(kind, &merged)?;
+        Ok(Response::new(self.write(command).await?))
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let request = request.into_inner();
+        let kind = kind_of(request.kind)?;
+        let state = self.read(request.min_version).await?;
+        let Some(json) = entity(&state, kind, &request.id)? else {
+            return Err(Status::not_found(format!(
+                "{} `{}` does not exist",
+                kind_name(kind),
+                request.id
+            )));
+        };
+        Ok(Response::new(GetResponse {
+            resource: Some(Resource {
+                kind: kind as i32,
+                id: request.id,
+                json,
+            }),
+            version: state.version,
+        }))
+    }
+
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let request = request.into_inner();
+        let kind = kind_of(request.kind)?;
+        let page_size = match request.page_size {
+            0 => 100,
+            size => size.min(1000) as usize,
+        };
+        let state = self.read(request.min_version).await?;
+        let all = entities(&state, kind)?;
+        let start = if request.page_token.is_empty() {
+            0
+        } else {
+            all.partition_point(|(id, _)| id.as_str() <= request.page_token.as_str())
+        };
+        let page: Vec<Resource> = all[start..]
+            .iter()
+            .take(page_size)
+            .map(|(id, json)| Resource {
+                kind: kind as i32,
+                id: id.clone(),
+                json: json.clone(),
+            })
+            .collect();
+        let next_page_token = if start + page.len() < all.len() {
+            page.last().map(|last| last.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListResponse {
+            items: page,
+            next_page_token,
+            version: state.version,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let request = request.into_inner();
+        let id = request.id;
+        let command = match kind_of(request.kind)? {
+            Kind::Unspecified => return Err(Status::invalid_argument("kind: must be given")),
+            Kind::Provider => Command::DeleteProvider { name: id },
+            Kind::Route => Command::DeleteRoute { name: id },
+            Kind::Key => Command::DeleteKey { id },
+            Kind::Team => Command::DeleteTeam { id },
+            Kind::Customer => Command::DeleteCustomer { id },
+            Kind::Budget => Command::DeleteBudget { id },
+            Kind::Price => Command::DeletePrice { model: id },
+        };
+        Ok(Response::new(self.write(command).await?))
+    }
+
+    async fn create_key(
+        &self,
+        request: Request<CreateKeyRequest>,
+    ) -> Result<Response<CreateKeyResponse>, Status> {
+        let request = request.into_inner();
+        let secret = generate_secret().map_err(Status::internal)?;
+        let id = match non_empty(request.id) {
+            Some(id) => id,
+            None => random_id("key-")?,
+        };
+        let name = non_empty(request.name).unwrap_or_else(|| id.clone());
+        let key = VirtualKey {
+            id: id.clone(),
+            name,
+            hash: hash_secret(&secret),
+            prefix: display_prefix(&secret),
+            owner: non_empty(request.owner),
+            team: non_empty(request.team),
+            models: request.models,
+            limits: Limits {
+                rpm: non_zero(request.rpm),
+                tpm: non_zero(request.tpm),
+                max_parallel: non_zero(request.max_parallel),
+            },
+            expires_at_ms: non_zero(request.expires_at_ms),
+            revoked: false,
+            metadata: request.metadata.into_iter().collect(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        let written = self.write(Command::CreateKey { key }).await?;
+        let state = self.control.state();
+        let json = entity(&state, Kind::Key, &id)?.unwrap_or_default();
+        Ok(Response::new(CreateKeyResponse {
+            secret,
+            key: Some(Resource {
+                kind: Kind::Key as i32,
+                id,
+                json,
+            }),
+            version: written.version,
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<KeyRequest>,
+    ) -> Result<Response<CreateKeyResponse>, Status> {
+        let id = request.into_inner().id;
+        let secret = generate_secret().map_err(Status::internal)?;
+        let written = self
+            .write(Command::RotateKey {
+                id: id.clone(),
+                hash: hash_secret(&secret),
+                prefix: display_prefix(&secret),
+            })
+            .await?;
+        let json = entity(&self.control.state(), Kind::Key, &id)?.unwrap_or_default();
+        Ok(Response::new(CreateKeyResponse {
+            secret,
+            key: Some(Resource {
+                kind: Kind::Key as i32,
+                id,
+                json,
+            }),
+            version: written.version,
+        }))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<KeyRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let id = request.into_inner().id;
+        Ok(Response::new(self.write(Command::RevokeKey { id }).await?))
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<UsageRequest>,
+    ) -> Result<Response<UsageResponse>, Status> {
+        let request = request.into_inner();
+        let state = self.read(request.min_version).await?;
+        let key_matches = |key_id: &str| {
+            (request.key_id.is_empty() || request.key_id == key_id)
+                && (request.team.is_empty()
+                    || state.keys.get(key_id).and_then(|key| key.team.as_deref())
+                        == Some(request.team.as_str()))
+        };
+        let mut rows = Vec::new();
+        for (key_id, models) in &state.usage {
+            if !key_matches(key_id) {
+                continue;
+            }
+            for (model, totals) in models {
+                if !request.model.is_empty() && &request.model != model {
+                    continue;
+                }
+                rows.push(UsageRow {
+                    key_id: key_id.clone(),
+                    model: model.clone(),
+                    requests: totals.requests,
+                    input_tokens: totals.input_tokens,
+                    output_tokens: totals.output_tokens,
+                    cost_nanos: totals.cost_nanos,
+                });
+            }
+        }
+        let until = if request.until_ms == 0 {
+            u64::MAX
+        } else {
+            request.until_ms
+        };
+        let cost_in_period_nanos = state
+            .daily_cost
+            .iter()
+            .filter(|(key_id, _)| key_matches(key_id))
+            .flat_map(|(_, days)| days.iter())
+            .filter(|(day, _)| *day >= request.since_ms && *day < until)
+            .map(|(_, cost)| *cost)
+            .fold(0u64, u64::saturating_add);
+        Ok(Response::new(UsageResponse {
+            rows,
+            cost_in_period_nanos,
+            version: state.version,
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let metrics = self.control.metrics();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let matched = metrics.replication.clone().unwrap_or_default();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| ClusterMember {
+                id: *id,
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+                matched_index: matched
+                    .get(id)
+                    .and_then(|log_id| log_id.map(|log_id| log_id.index))
+                    .unwrap_or(0),
+            })
+            .collect();
+        let role = match metrics.state {
+            openraft::ServerState::Leader => "leader",
+            openraft::ServerState::Follower => "follower",
+            openraft::ServerState::Candidate => "candidate",
+            openraft::ServerState::Learner => "learner",
+            openraft::ServerState::Shutdown => "shutdown",
+        };
+        Ok(Response::new(ClusterStatusResponse {
+            node_id: metrics.id,
+            role: role.to_owned(),
+            leader_id: metrics.current_leader.unwrap_or(0),
+            term: metrics.current_term,
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            commit_index: self.control.committed_index(),
+            applied_index: metrics.last_applied.map(|id| id.index).unwrap_or(0),
+            snapshot_index: metrics.snapshot.map(|id| id.index).unwrap_or(0),
+            members,
+        }))
+    }
+
+    async fn add_learner(
+        &self,
+        request: Request<AddLearnerRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let request = request.into_inner();
+        if request.id == 0 || request.addr.is_empty() {
+            return Err(Status::invalid_argument(
+                "id and addr: a node id above zero and its gRPC address are required",
+            ));
+        }
+        Ok(Response::new(
+            self.membership(LeaderRequest::AddLearner {
+                id: request.id,
+                addr: request.addr,
+            })
+            .await?,
+        ))
+    }
+
+    async fn promote_voter(
+        &self,
+        request: Request<NodeRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let id = request.into_inner().id;
+        let metrics = self.control.metrics();
+        let membership = metrics.membership_config.membership();
+        if membership.get_node(&id).is_none() {
+            return Err(Status::failed_precondition(format!(
+                "id: node {id} is not a member; add it as a learner first"
+            )));
+        }
+        let mut voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        voters.insert(id);
+        Ok(Response::new(
+            self.membership(LeaderRequest::ChangeVoters { voters })
+                .await?,
+        ))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<NodeRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let id = request.into_inner().id;
+        Ok(Response::new(
+            self.membership(LeaderRequest::RemoveNode { id }).await?,
+        ))
+    }
+
+    async fn trigger_snapshot(
+        &self,
+        _request: Request<TriggerSnapshotRequest>,
+    ) -> Result<Response<TriggerSnapshotResponse>, Status> {
+        let index = self.control.snapshot().await.map_err(control_status)?;
+        Ok(Response::new(TriggerSnapshotResponse { index }))
+    }
+
+    async fn export_config(
+        &self,
+        request: Request<ExportConfigRequest>,
+    ) -> Result<Response<ExportConfigResponse>, Status> {
+        let state = self.read(request.into_inner().min_version).await?;
+        let yaml = serde_norway::to_string(&state.export())
+            .map_err(|error| Status::internal(error.to_string()))?;
+        Ok(Response::new(ExportConfigResponse {
+            yaml,
+            version: state.version,
+        }))
+    }
+
+    async fn import_config(
+        &self,
+        request: Request<ImportConfigRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let config: ConfigExport = serde_norway::from_str(&request.into_inner().yaml)
+            .map_err(|error| Status::invalid_argument(format!("yaml: {error}")))?;
+        Ok(Response::new(self.write(Command::Import { config }).await?))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let from = request.into_inner().from_version;
+        let control = self.control.clone();
+        let versions = control.versions();
+        let stream = futures_util::stream::unfold(
+            (control, versions, from, VecDeque::<ConfigChange>::new()),
+            |(control, mut versions, mut last, mut pending)| async move {
+                loop {
+                    if let Some(change) = pending.pop_front() {
+                        return Some((Ok(change), (control, versions, last, pending)));
+                    }
+                    let state = control.state();
+                    for entry in state.audit.iter().filter(|entry| entry.version > last) {
+                        pending.push_back(ConfigChange {
+                            version: entry.version,
+                            at_ms: entry.at_ms,
+                            actor: entry.actor.clone(),
+                            action: entry.action.clone(),
+                            target: entry.target.clone(),
+                        });
+                    }
+                    last = last.max(state.version);
+                    if pending.is_empty() && versions.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -9,4 +9,4 @@ pub mod node;
 
 pub use env::{Environment, MapEnvironment, ProcessEnvironment};
 pub use load::{ConfigSource, discover_providers, load_config, parse_config_text};
-pub use node::{NodeOptions, RunningNode, start_node};
+pub use node::{ClusterOptions, NodeOptions, RunningNode, start_node};

@@ -90,6 +90,8 @@ pub fn discover_providers(env: &dyn Environment) -> Vec<ProviderSpec> {
                 key: CredentialRef::Env(key_variable.to_owned()),
                 weight: 1,
                 name: None,
+                rpm: None,
+                tpm: None,
             }],
             api_version: if kind == ProviderKind::Azure {
                 env.var("OPENAI_API_VERSION")

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use skein_node::load::build_runtime;
+use skein_node::node::ClusterOptions;
 use skein_node::node::bind_listener;
 use skein_node::{ConfigSource, NodeOptions, ProcessEnvironment, load_config, start_node};
 use tracing_subscriber::EnvFilter;
@@ -20,7 +21,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a gateway node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check a config file and print what it declares, without serving.
     Check(CheckArgs),
     /// Show what a running node serves and the state of its provider keys (admin gRPC API).
@@ -58,6 +59,29 @@ struct ServeArgs {
     /// Seconds to wait for requests in flight on shutdown.
     #[arg(long, env = "SKEIN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     drain_timeout_secs: u64,
+    /// Where the node keeps its Raft log and snapshots (sled).
+    #[arg(long, env = "SKEIN_DATA_DIR", default_value = "./skein-data")]
+    data_dir: PathBuf,
+    /// This node's id in the cluster (above zero).
+    #[arg(long, env = "SKEIN_NODE_ID", default_value_t = 1)]
+    node_id: u64,
+    /// The Raft voters, as `id=host:port` gRPC addresses separated by commas. Every voter may
+    /// start with the same list at the same time. Empty: this node alone.
+    #[arg(long, env = "SKEIN_VOTERS", default_value = "")]
+    voters: String,
+    /// gRPC addresses (`host:port`, comma-separated) of members to join through, for a node
+    /// that is not a voter: it joins as a learner.
+    #[arg(long, env = "SKEIN_PEERS", default_value = "")]
+    peers: String,
+    /// The gRPC address other nodes reach this one at (default: the gRPC listener's address).
+    #[arg(long, env = "SKEIN_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
+    /// The admin API token. With one set, proxy calls also need a virtual key.
+    #[arg(long, env = "SKEIN_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// A file holding the admin API token (instead of --admin-token).
+    #[arg(long, env = "SKEIN_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -90,7 +114,7 @@ fn main() -> anyhow::Result<()> {
                 builder.worker_threads(threads);
             }
             let runtime = builder.build().context("starting the runtime")?;
-            runtime.block_on(serve(args))
+            runtime.block_on(serve(*args))
         }
         Command::Check(args) => check(args),
         Command::Status(args) => {
@@ -120,18 +144,48 @@ fn init_logging(format: LogFormat) {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let env = ProcessEnvironment;
     let (validated, source) = load_config(args.config.as_deref(), &env)?;
-    let runtime = build_runtime(&validated, &env)?;
+    // Fail early on credentials this node cannot resolve.
+    build_runtime(&validated, &env)?;
     let listener = bind_listener(&args.http_addr)
         .await
         .with_context(|| format!("binding the proxy address {}", args.http_addr))?;
+    let admin_token = match (&args.admin_token, &args.admin_token_file) {
+        (Some(token), _) => Some(token.trim().to_owned()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the admin token file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    }
+    .filter(|token| !token.is_empty());
+    let mut cluster = ClusterOptions::single(args.data_dir.clone());
+    cluster.node_id = args.node_id;
+    cluster.voters = parse_voters(&args.voters)?;
+    cluster.peers = split_list(&args.peers);
+    cluster.advertise_addr = args.advertise_addr.clone();
+    if cluster.node_id == 0 {
+        anyhow::bail!("--node-id must be above zero");
+    }
     let options = NodeOptions {
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout_secs),
-        ..NodeOptions::default()
+        cluster,
+        admin_token,
+        sync_env_providers: source == ConfigSource::Environment,
+        ..NodeOptions::new(args.data_dir.clone())
     };
     let grpc_listener = bind_listener(&args.grpc_addr)
         .await
         .with_context(|| format!("binding the admin gRPC address {}", args.grpc_addr))?;
-    let node = start_node(listener, Some(grpc_listener), runtime, options).await?;
+    let node = start_node(
+        listener,
+        grpc_listener,
+        validated.clone(),
+        std::sync::Arc::new(env),
+        options,
+    )
+    .await?;
 
     let config = validated.config();
     let source_text = match &source {
@@ -140,7 +194,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     tracing::info!(
         http = %format!("http://{}", node.http_addr),
-        grpc = %node.grpc_addr.map(|addr| format!("http://{addr}")).unwrap_or_default(),
+        grpc = %format!("http://{}", node.grpc_addr),
+        node_id = node.control.id(),
+        data_dir = %args.data_dir.display(),
         config = %source_text,
         version = env!("CARGO_PKG_VERSION"),
         "skein is serving the proxy API"
@@ -167,10 +223,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "no providers configured: set OPENAI_API_KEY (or another provider's key) or pass --config"
         );
     }
-    tracing::warn!(
-        "no virtual keys exist yet: the proxy is OPEN to anyone who can reach {} (local single-user mode)",
-        node.http_addr
-    );
+    if !node.state.auth_required() {
+        tracing::warn!(
+            "no virtual keys exist and no admin token is set: the proxy is OPEN to anyone who can reach {} (local single-user mode)",
+            node.http_addr
+        );
+    }
 
     wait_for_signal().await;
     tracing::info!("shutting down: not ready, draining requests in flight");
@@ -235,6 +293,33 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     println!("routes: {}", status.routes.join(", "));
     Ok(())
+}
+
+/// Parse `1=host:port,2=host:port`.
+fn parse_voters(text: &str) -> anyhow::Result<std::collections::BTreeMap<u64, String>> {
+    let mut voters = std::collections::BTreeMap::new();
+    for item in split_list(text) {
+        let Some((id, addr)) = item.split_once('=') else {
+            anyhow::bail!("--voters: `{item}` is not `id=host:port`");
+        };
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("--voters: `{id}` is not a node id"))?;
+        if id == 0 || addr.trim().is_empty() {
+            anyhow::bail!("--voters: `{item}` needs an id above zero and an address");
+        }
+        voters.insert(id, addr.trim().to_owned());
+    }
+    Ok(voters)
+}
+
+fn split_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {

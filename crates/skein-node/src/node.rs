@@ -1,15 +1,22 @@
-//! Starting and stopping a node's listeners.
+//! Starting and stopping a node: its control plane (Raft over sled), its listeners, and the
+//! tasks that keep the proxy's config snapshot in step with the replicated state.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
-use skein_core::RuntimeConfig;
+use skein_control::{ControlOptions, ControlPlane, NodeId};
 use skein_proxy::{AppState, ProxyOptions};
+use skein_types::control::{Command, Outcome};
+use skein_types::{SkeinConfig, ValidatedConfig};
 
 use crate::admin::AdminService;
+use crate::env::Environment;
+use crate::load::build_runtime;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -20,13 +27,63 @@ pub struct NodeOptions {
     pub proxy: ProxyOptions,
     /// How long shutdown waits for requests in flight (streams included).
     pub drain_timeout: Duration,
+    pub cluster: ClusterOptions,
+    /// The admin API token. With one set, the proxy also requires a virtual key.
+    pub admin_token: Option<String>,
+    /// The bootstrap config's providers come from environment variables (no config file):
+    /// on every start, providers whose variables changed are updated in the replicated config,
+    /// so a changed `OPENAI_BASE_URL` takes effect as it would without a control plane.
+    pub sync_env_providers: bool,
 }
 
-impl Default for NodeOptions {
-    fn default() -> Self {
+/// Where this node's Raft state lives and which group it belongs to.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub node_id: NodeId,
+    /// sled lives under `<data_dir>/raft`.
+    pub data_dir: PathBuf,
+    /// The voters (id → gRPC address). Empty: this node alone.
+    pub voters: BTreeMap<NodeId, String>,
+    /// gRPC addresses of members to join through, for a node outside the voter set.
+    pub peers: Vec<String>,
+    /// The gRPC address other nodes reach this one at; defaults to the gRPC listener's.
+    pub advertise_addr: Option<String>,
+    /// Raft timing and log compaction.
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    pub snapshot_after_logs: u64,
+    pub keep_logs: u64,
+}
+
+impl ClusterOptions {
+    /// A single node with its data in `data_dir`.
+    pub fn single(data_dir: PathBuf) -> ClusterOptions {
+        let defaults = ControlOptions::new(1, String::new(), data_dir.clone());
+        ClusterOptions {
+            node_id: 1,
+            data_dir,
+            voters: BTreeMap::new(),
+            peers: Vec::new(),
+            advertise_addr: None,
+            heartbeat_ms: defaults.heartbeat_ms,
+            election_timeout_min_ms: defaults.election_timeout_min_ms,
+            election_timeout_max_ms: defaults.election_timeout_max_ms,
+            snapshot_after_logs: defaults.snapshot_after_logs,
+            keep_logs: defaults.keep_logs,
+        }
+    }
+}
+
+impl NodeOptions {
+    /// Defaults, with the node's data in `data_dir`.
+    pub fn new(data_dir: PathBuf) -> NodeOptions {
         NodeOptions {
             proxy: ProxyOptions::default(),
             drain_timeout: Duration::from_secs(30),
+            cluster: ClusterOptions::single(data_dir),
+            admin_token: None,
+            sync_env_providers: false,
         }
     }
 }
@@ -34,30 +91,69 @@ impl Default for NodeOptions {
 /// A node serving on its listeners.
 pub struct RunningNode {
     pub http_addr: SocketAddr,
-    /// The admin gRPC address, when a gRPC listener was given.
-    pub grpc_addr: Option<SocketAddr>,
+    pub grpc_addr: SocketAddr,
     pub state: Arc<AppState>,
+    pub control: ControlPlane,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
-    admin: Option<JoinHandle<std::io::Result<()>>>,
+    admin: JoinHandle<std::io::Result<()>>,
+    tasks: Vec<JoinHandle<()>>,
     drain_timeout: Duration,
 }
 
-/// Serve the proxy on `http_listener`, and the admin gRPC API on `grpc_listener` when given
-/// (both bound by the caller, port 0 in tests).
+/// Start a node: open its control plane, serve the proxy on `http_listener` and the admin API
+/// and Raft on `grpc_listener` (both bound by the caller, port 0 in tests), join or form the
+/// Raft group, and propose `bootstrap` (the config file, or the providers found in the
+/// environment) once; the first bootstrap the group applies wins, later ones are no-ops.
 pub async fn start_node(
     http_listener: TcpListener,
-    grpc_listener: Option<TcpListener>,
-    runtime: RuntimeConfig,
+    grpc_listener: TcpListener,
+    bootstrap: ValidatedConfig,
+    env: Arc<dyn Environment>,
     options: NodeOptions,
 ) -> anyhow::Result<RunningNode> {
     let http_addr = http_listener
         .local_addr()
         .context("reading the HTTP listener address")?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .context("reading the gRPC listener address")?;
+    let cluster = &options.cluster;
+    let advertise = cluster
+        .advertise_addr
+        .clone()
+        .unwrap_or_else(|| grpc_addr.to_string());
+    std::fs::create_dir_all(&cluster.data_dir)
+        .with_context(|| format!("creating the data directory {}", cluster.data_dir.display()))?;
+    let control = ControlPlane::open(ControlOptions {
+        node_id: cluster.node_id,
+        advertise_addr: advertise.clone(),
+        data_dir: cluster.data_dir.clone(),
+        heartbeat_ms: cluster.heartbeat_ms,
+        election_timeout_min_ms: cluster.election_timeout_min_ms,
+        election_timeout_max_ms: cluster.election_timeout_max_ms,
+        snapshot_after_logs: cluster.snapshot_after_logs,
+        keep_logs: cluster.keep_logs,
+    })
+    .await
+    .map_err(|error| anyhow::anyhow!("opening the control plane: {error}"))?;
+
+    // Serve what the group has applied if it has any config, else the bootstrap config until
+    // the group applies one.
+    let replicated = control.state();
+    let initial = if replicated.bootstrapped {
+        ValidatedConfig::validate(replicated.routing_config())
+            .map_err(|errors| anyhow::anyhow!("the replicated config is not valid: {errors:?}"))?
+    } else {
+        bootstrap.clone()
+    };
+    let runtime = build_runtime(&initial, env.as_ref())?;
     let state = Arc::new(
         AppState::new(runtime, &options.proxy)
             .map_err(|error| anyhow::anyhow!("building the upstream HTTP client: {error}"))?,
     );
+    state.set_control(replicated, options.admin_token.is_some());
+
     let app = skein_proxy::router(state.clone());
     let (shutdown, shutdown_signal) = watch::channel(false);
     // Streams write one small event at a time: without TCP_NODELAY, Nagle's algorithm and the
@@ -75,37 +171,202 @@ pub async fn start_node(
             })
             .await
     });
-    let mut grpc_addr = None;
-    let mut admin = None;
-    if let Some(grpc_listener) = grpc_listener {
-        grpc_addr = Some(
-            grpc_listener
-                .local_addr()
-                .context("reading the gRPC listener address")?,
-        );
-        let router = AdminService::new(state.clone(), http_addr).into_router();
-        let mut grpc_signal = shutdown_signal;
-        admin = Some(tokio::spawn(async move {
-            axum::serve(grpc_listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = grpc_signal.wait_for(|stop| *stop).await;
-                })
-                .await
-        }));
+    let router = AdminService::new(
+        state.clone(),
+        control.clone(),
+        http_addr,
+        options.admin_token.clone(),
+    )
+    .into_router();
+    let mut grpc_signal = shutdown_signal;
+    let admin = tokio::spawn(async move {
+        axum::serve(grpc_listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = grpc_signal.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+
+    let mut tasks = vec![tokio::spawn(follow_config(
+        control.clone(),
+        state.clone(),
+        env,
+        options.admin_token.is_some(),
+        normalized(initial.into_inner()),
+    ))];
+    let voters = if cluster.voters.is_empty() {
+        BTreeMap::from([(cluster.node_id, advertise.clone())])
+    } else {
+        cluster.voters.clone()
+    };
+    if voters.contains_key(&cluster.node_id) {
+        control
+            .initialize(voters)
+            .await
+            .map_err(|error| anyhow::anyhow!("initializing the Raft group: {error}"))?;
+    } else {
+        tasks.push(tokio::spawn(join_as_learner(
+            control.clone(),
+            advertise,
+            cluster.peers.clone(),
+        )));
     }
+    tasks.push(tokio::spawn(propose_bootstrap(
+        control.clone(),
+        bootstrap.into_inner(),
+        options.sync_env_providers,
+    )));
+
     Ok(RunningNode {
         http_addr,
         grpc_addr,
         state,
+        control,
         shutdown,
         server,
         admin,
+        tasks,
         drain_timeout: options.drain_timeout,
     })
 }
 
+/// Keep the proxy's snapshots in step with the applied state: the control state on every
+/// change, the routing config (with credentials resolved on this node) when it changed.
+async fn follow_config(
+    control: ControlPlane,
+    app: Arc<AppState>,
+    env: Arc<dyn Environment>,
+    admin_token: bool,
+    serving: SkeinConfig,
+) {
+    let mut versions = control.versions();
+    let mut routing = serving;
+    loop {
+        let state = control.state();
+        if state.bootstrapped {
+            let current = normalized(state.routing_config());
+            if routing != current {
+                let built = ValidatedConfig::validate(current.clone())
+                    .map_err(|errors| anyhow::anyhow!("{errors:?}"))
+                    .and_then(|validated| build_runtime(&validated, env.as_ref()));
+                match built {
+                    Ok(runtime) => {
+                        app.config.store(Arc::new(runtime));
+                        tracing::info!(version = state.version, "serving the replicated config");
+                    }
+                    Err(error) => tracing::error!(
+                        version = state.version,
+                        %error,
+                        "cannot serve the replicated config on this node; keeping the previous one"
+                    ),
+                }
+                routing = current;
+            }
+        }
+        app.set_control(state, admin_token);
+        if versions.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A config with providers and routes in name order, for comparing configs.
+fn normalized(mut config: SkeinConfig) -> SkeinConfig {
+    config.providers.sort_by(|a, b| a.name.cmp(&b.name));
+    config.routes.sort_by(|a, b| a.name.cmp(&b.name));
+    config
+}
+
+/// Propose the bootstrap config until the group answers (the first leader may take a moment).
+/// With `sync_providers`, also bring the replicated providers in line with the bootstrap's.
+async fn propose_bootstrap(control: ControlPlane, config: SkeinConfig, sync_providers: bool) {
+    let mut commands = Vec::new();
+    if !control.state().bootstrapped {
+        commands.push(Command::Bootstrap {
+            config: config.clone(),
+        });
+    }
+    if sync_providers {
+        commands.extend(
+            config
+                .providers
+                .iter()
+                .map(|provider| Command::PutProvider {
+                    provider: provider.clone(),
+                }),
+        );
+    }
+    for command in commands {
+        if let Command::PutProvider { provider } = &command
+            && control.state().providers.get(&provider.name) == Some(provider)
+        {
+            continue;
+        }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match control.propose("bootstrap", command.clone()).await {
+                Ok(response) => {
+                    match response.outcome {
+                        Outcome::Applied => tracing::info!(
+                            version = response.version,
+                            change = %command.target(),
+                            "bootstrap config applied"
+                        ),
+                        Outcome::AlreadyBootstrapped => tracing::info!(
+                            "the cluster already has a config; this node's bootstrap config is not applied"
+                        ),
+                        other => {
+                            tracing::error!(?other, change = %command.target(), "the bootstrap config was refused")
+                        }
+                    }
+                    break;
+                }
+                Err(error) if attempts < 60 => {
+                    tracing::debug!(%error, "bootstrap not proposed yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "gave up proposing the bootstrap config");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Ask the members in `peers` to add this node as a learner, until one of them does.
+async fn join_as_learner(control: ControlPlane, advertise: String, peers: Vec<String>) {
+    let request = skein_control::LeaderRequest::AddLearner {
+        id: control.id(),
+        addr: advertise,
+    };
+    loop {
+        if control
+            .metrics()
+            .membership_config
+            .membership()
+            .get_node(&control.id())
+            .is_some()
+        {
+            return;
+        }
+        for peer in &peers {
+            match control.forward_to(peer, &request, true).await {
+                Ok(_) => {
+                    tracing::info!(%peer, "joined the cluster as a learner");
+                    return;
+                }
+                Err(error) => tracing::debug!(%peer, %error, "join attempt failed"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 impl RunningNode {
-    /// Say not ready, stop accepting, and wait for requests in flight up to the drain timeout.
+    /// Say not ready, stop accepting, wait for requests in flight up to the drain timeout, and
+    /// stop the Raft node.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.state.set_ready(false);
         let _ = self.shutdown.send(true);
@@ -116,12 +377,14 @@ impl RunningNode {
                 "requests still in flight after the drain timeout; stopping anyway"
             ),
         }
-        if let Some(admin) = self.admin {
-            // Admin calls are short; a second is plenty.
-            if let Ok(joined) = tokio::time::timeout(Duration::from_secs(1), admin).await {
-                joined.context("admin task")?.context("admin gRPC server")?;
-            }
+        // Admin calls are short; a second is plenty.
+        if let Ok(joined) = tokio::time::timeout(Duration::from_secs(1), self.admin).await {
+            joined.context("admin task")?.context("admin gRPC server")?;
         }
+        for task in self.tasks {
+            task.abort();
+        }
+        self.control.shutdown().await;
         Ok(())
     }
 }

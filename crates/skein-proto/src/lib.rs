@@ -1,10 +1,19 @@
 //! gRPC types and stubs generated from `proto/` at build time: the admin API
-//! (`skein.admin.v1`). Depends on nothing of Skein's own.
+//! (`skein.admin.v1`) and Raft between nodes (`skein.raft.v1`). Depends on nothing of Skein's
+//! own.
 
 /// `skein.admin.v1`: the admin API of a node.
 #[allow(clippy::unwrap_used, clippy::pedantic, missing_docs)]
 pub mod admin {
     pub mod v1 {
         tonic::include_proto!("skein.admin.v1");
+    }
+}
+
+/// `skein.raft.v1`: Raft RPCs between nodes.
+#[allow(clippy::unwrap_used, clippy::pedantic, missing_docs)]
+pub mod raft {
+    pub mod v1 {
+        tonic::include_proto!("skein.raft.v1");
     }
 }

@@ -14,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use skein_core::RuntimeConfig;
+use skein_types::control::ControlState;
 
 use crate::handlers;
 use crate::metrics::Metrics;
@@ -39,6 +40,10 @@ impl Default for ProxyOptions {
 /// What every handler shares. The config is an immutable snapshot swapped whole.
 pub struct AppState {
     pub config: ArcSwap<RuntimeConfig>,
+    /// The replicated control state (virtual keys, teams, budgets), swapped after each apply.
+    control: ArcSwap<ControlState>,
+    /// Whether proxy calls need a virtual key: some key exists, or an admin token is set.
+    auth_required: AtomicBool,
     pub client: UpstreamClient,
     pub metrics: Metrics,
     started: Instant,
@@ -49,11 +54,31 @@ impl AppState {
     pub fn new(config: RuntimeConfig, options: &ProxyOptions) -> Result<AppState, String> {
         Ok(AppState {
             config: ArcSwap::from_pointee(config),
+            control: ArcSwap::from_pointee(ControlState::default()),
+            auth_required: AtomicBool::new(false),
             client: upstream_client(options)?,
             metrics: Metrics::new(),
             started: Instant::now(),
             ready: AtomicBool::new(true),
         })
+    }
+
+    /// The control state the proxy enforces.
+    pub fn control(&self) -> Arc<ControlState> {
+        self.control.load_full()
+    }
+
+    /// Whether proxy calls need a virtual key.
+    pub fn auth_required(&self) -> bool {
+        self.auth_required.load(Ordering::Relaxed)
+    }
+
+    /// Swap in a newly applied control state. `admin_token` says whether the node has one
+    /// (which closes the proxy even before the first virtual key exists).
+    pub fn set_control(&self, state: Arc<ControlState>, admin_token: bool) {
+        self.auth_required
+            .store(admin_token || !state.keys.is_empty(), Ordering::Relaxed);
+        self.control.store(state);
     }
 
     /// Milliseconds since this node started: the clock of circuit breakers.

@@ -19,6 +19,7 @@ use skein_types::{ErrorCode, ProviderKind, WireProtocol};
 use std::sync::OnceLock;
 
 use crate::app::AppState;
+use crate::auth::{Caller, authenticate};
 use crate::dispatch::{EventStream, Failed, Mode, ServedBody, dispatch};
 use crate::error::{ApiError, ErrorShape};
 use crate::metrics::{EndpointLabels, ProviderLabels, RequestLabels, RouteLabels};
@@ -134,6 +135,10 @@ async fn openai_endpoint(
     body: Body,
 ) -> Response {
     let context = RequestContext::new(&state, &headers, endpoint.label(), ErrorShape::OpenAi);
+    let caller = match authenticate(&state, &headers) {
+        Ok(caller) => caller,
+        Err(error) => return finish_error(&state, &context, None, None, error),
+    };
     let snapshot = state.config.load_full();
     let bytes = match read_body(body, snapshot.server.max_body_bytes).await {
         Ok(bytes) => bytes,
@@ -143,7 +148,7 @@ async fn openai_endpoint(
         request,
         model,
         routes,
-    } = match parse_request(&snapshot, &bytes) {
+    } = match parse_request(&snapshot, &bytes, caller.as_ref()) {
         Ok(parsed) => parsed,
         Err((error, model)) => {
             return finish_error(&state, &context, model.as_deref(), None, error);
@@ -274,6 +279,10 @@ pub async fn messages(
     body: Body,
 ) -> Response {
     let context = RequestContext::new(&state, &headers, "messages", ErrorShape::Anthropic);
+    let caller = match authenticate(&state, &headers) {
+        Ok(caller) => caller,
+        Err(error) => return finish_error(&state, &context, None, None, error),
+    };
     let snapshot = state.config.load_full();
     let bytes = match read_body(body, snapshot.server.max_body_bytes).await {
         Ok(bytes) => bytes,
@@ -283,7 +292,7 @@ pub async fn messages(
         request,
         model,
         routes,
-    } = match parse_request(&snapshot, &bytes) {
+    } = match parse_request(&snapshot, &bytes, caller.as_ref()) {
         Ok(parsed) => parsed,
         Err((error, model)) => {
             return finish_error(&state, &context, model.as_deref(), None, error);
@@ -392,6 +401,10 @@ pub async fn count_tokens(
     body: Body,
 ) -> Response {
     let context = RequestContext::new(&state, &headers, "count_tokens", ErrorShape::Anthropic);
+    let caller = match authenticate(&state, &headers) {
+        Ok(caller) => caller,
+        Err(error) => return finish_error(&state, &context, None, None, error),
+    };
     let snapshot = state.config.load_full();
     let bytes = match read_body(body, snapshot.server.max_body_bytes).await {
         Ok(bytes) => bytes,
@@ -401,7 +414,7 @@ pub async fn count_tokens(
         request,
         model,
         routes,
-    } = match parse_request(&snapshot, &bytes) {
+    } = match parse_request(&snapshot, &bytes, caller.as_ref()) {
         Ok(parsed) => parsed,
         Err((error, model)) => {
             return finish_error(&state, &context, model.as_deref(), None, error);
@@ -464,6 +477,7 @@ struct Parsed<'a> {
 fn parse_request<'a>(
     snapshot: &RuntimeConfig,
     bytes: &'a [u8],
+    caller: Option<&Caller>,
 ) -> Result<Parsed<'a>, (ApiError, Option<String>)> {
     let request = RawObject::parse(bytes).map_err(|error| {
         (
@@ -472,6 +486,17 @@ fn parse_request<'a>(
         )
     })?;
     let model = required_model(&request).map_err(|error| (error, None))?;
+    if let Some(caller) = caller
+        && !caller.allows_model(&model)
+    {
+        let error = ApiError::new(
+            ErrorCode::PermissionDenied,
+            format!("this API key is not allowed to use model `{model}`"),
+        )
+        .with_param("model")
+        .with_detail_code("model_not_allowed");
+        return Err((error, Some(model)));
+    }
     match snapshot.resolve(&model) {
         Ok(routes) => Ok(Parsed {
             request,
@@ -970,11 +995,16 @@ impl Drop for StreamRelay {
     }
 }
 
-pub async fn models(State(state): State<Arc<AppState>>) -> Response {
+pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let caller = match authenticate(&state, &headers) {
+        Ok(caller) => caller,
+        Err(error) => return error.into_response(),
+    };
     let snapshot = state.config.load();
     let data: Vec<serde_json::Value> = snapshot
         .models
         .iter()
+        .filter(|entry| caller.as_ref().is_none_or(|caller| caller.allows_model(&entry.id)))
         .map(|entry| json!({"id": entry.id, "object": "model", "created": 0, "owned_by": entry.owned_by}))
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()

@@ -6,6 +6,7 @@
 //! swapped atomically; must never wait on storage, Raft or gossip on the request path.
 
 pub mod app;
+pub mod auth;
 pub mod dispatch;
 pub mod error;
 pub mod handlers;

@@ -149,6 +149,12 @@ pub struct KeySpec {
     /// A display name for logs and metrics; defaults to `key-<index>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The upstream's requests-per-minute quota for this key, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u64>,
+    /// The upstream's tokens-per-minute quota for this key, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
 }
 
 fn default_weight() -> u32 {

@@ -5,6 +5,7 @@
 //! This crate owns no I/O: it must not depend on tokio, axum, reqwest or any storage.
 
 pub mod config;
+pub mod control;
 pub mod duration;
 pub mod error_code;
 pub mod provider_kind;

@@ -249,6 +249,8 @@ mod tests {
                 key: CredentialRef::Env("KEY".to_owned()),
                 weight: 1,
                 name: None,
+                rpm: None,
+                tpm: None,
             }],
             api_version: None,
             models: vec![],

@@ -1,0 +1,491 @@
+//! Skein's control plane: a Raft group (openraft 0.9) whose log and snapshots live in sled, and
+//! whose state machine is the [`ControlState`] of `skein-types`.
+//!
+//! - [`store::LogStore`] and [`machine::StateMachine`] implement openraft's storage-v2 traits;
+//!   openraft's compliance suite runs against them (`tests/suite.rs`).
+//! - [`network`] carries Raft RPCs over gRPC (`skein.raft.v1`), one cached channel per peer.
+//! - [`ControlPlane`] is what the node uses: open it, serve its Raft service, propose commands
+//!   from any node (writes are forwarded to the leader), and read the applied state as an
+//!   immutable snapshot without locks or awaits.
+//!
+//! All openraft-specific code lives in this crate, so a move to openraft 0.10 stays contained.
+
+// openraft's storage traits return its `StorageError`, which is large; helpers that feed those
+// traits return it too.
+#![allow(clippy::result_large_err)]
+
+pub mod machine;
+pub mod network;
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Raft, RaftMetrics, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use skein_proto::raft::v1::RaftMessage;
+use skein_proto::raft::v1::raft_client::RaftClient;
+use skein_types::control::{Command, ControlState, Proposal};
+use tokio::sync::watch;
+
+pub use machine::{ApplyResponse, Published};
+pub use network::{Channels, Network, RaftService};
+
+/// A node's id in the Raft group.
+pub type NodeId = u64;
+/// What the group knows of a node: its gRPC address.
+pub type Node = BasicNode;
+
+openraft::declare_raft_types!(
+    /// Skein's Raft types: proposals in, apply responses out.
+    pub TypeConfig:
+        D = Proposal,
+        R = ApplyResponse,
+        NodeId = NodeId,
+        Node = Node,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// How long a request that needs the leader waits for one to be known.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+/// Settings of the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    pub node_id: NodeId,
+    /// The gRPC address other nodes reach this one at (`host:port`).
+    pub advertise_addr: String,
+    /// sled lives in `<data_dir>/raft`.
+    pub data_dir: PathBuf,
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many new log entries.
+    pub snapshot_after_logs: u64,
+    /// Log entries kept behind the last snapshot (for followers that lag a little).
+    pub keep_logs: u64,
+}
+
+impl ControlOptions {
+    /// Defaults for a node: re-election in about 1–2 s, a snapshot every 5000 entries.
+    pub fn new(node_id: NodeId, advertise_addr: String, data_dir: PathBuf) -> ControlOptions {
+        ControlOptions {
+            node_id,
+            advertise_addr,
+            data_dir,
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 600,
+            election_timeout_max_ms: 1200,
+            snapshot_after_logs: 5000,
+            keep_logs: 1000,
+        }
+    }
+}
+
+/// Why a control-plane call failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ControlError {
+    /// No leader could be reached in time, or the cluster has no quorum.
+    #[error("the control plane is unavailable: {0}")]
+    Unavailable(String),
+    /// The request was sent to a node that is not (or no longer) the leader.
+    #[error("this node is not the leader")]
+    NotLeader,
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A request only the leader can serve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum LeaderRequest {
+    Write(Box<Proposal>),
+    AddLearner {
+        id: NodeId,
+        addr: String,
+    },
+    /// Make the given nodes the voters (they must be members already).
+    ChangeVoters {
+        voters: BTreeSet<NodeId>,
+    },
+    RemoveNode {
+        id: NodeId,
+    },
+}
+
+/// A [`LeaderRequest`] sent to another node: to the leader (`relay` off), or to any member
+/// that passes it on to the leader (`relay` on).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Forwarded {
+    pub request: LeaderRequest,
+    pub relay: bool,
+}
+
+/// The leader's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaderReply {
+    Applied(ApplyResponse),
+    /// A membership change, committed at this log index.
+    Membership {
+        version: u64,
+    },
+}
+
+/// One node's handle on the control plane. Cheap to clone.
+#[derive(Clone)]
+pub struct ControlPlane {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+    published: Arc<Published>,
+    channels: Channels,
+    committed: Arc<AtomicU64>,
+}
+
+impl ControlPlane {
+    /// Open the node's storage and start its Raft node. The node takes part in no group until
+    /// [`ControlPlane::initialize`] or a leader adds it.
+    pub async fn open(options: ControlOptions) -> Result<ControlPlane, ControlError> {
+        let path = options.data_dir.join("raft");
+        let db = sled::Config::new().path(&path).open().map_err(|error| {
+            ControlError::Internal(format!("opening {}: {error}", path.display()))
+        })?;
+        let log = store::LogStore::open(&db).map_err(internal)?;
+        let committed = log.committed_index();
+        let machine = machine::StateMachine::open(&db).map_err(internal)?;
+        let published = machine.published();
+        let config = openraft::Config {
+            cluster_name: "skein".to_owned(),
+            heartbeat_interval: options.heartbeat_ms,
+            election_timeout_min: options.election_timeout_min_ms,
+            election_timeout_max: options.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(options.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: options.keep_logs,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|error| ControlError::InvalidArgument(error.to_string()))?;
+        let channels = Channels::default();
+        let network = Network {
+            channels: channels.clone(),
+        };
+        let raft = Raft::new(options.node_id, Arc::new(config), network, log, machine)
+            .await
+            .map_err(internal)?;
+        Ok(ControlPlane {
+            inner: Arc::new(Inner {
+                id: options.node_id,
+                raft,
+                published,
+                channels,
+                committed,
+            }),
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The openraft handle (for metrics and the Raft service).
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.inner.raft
+    }
+
+    /// The tonic service that serves Raft RPCs and forwarded requests for this node.
+    pub fn service(&self) -> skein_proto::raft::v1::raft_server::RaftServer<RaftService> {
+        RaftService::new(self.clone()).into_server()
+    }
+
+    /// The applied state: an immutable snapshot, read without locks or awaits.
+    pub fn state(&self) -> Arc<ControlState> {
+        self.inner.published.load()
+    }
+
+    /// Watch the applied config version.
+    pub fn versions(&self) -> watch::Receiver<u64> {
+        self.inner.published.subscribe()
+    }
+
+    /// The last committed log index this node knows of.
+    pub fn committed_index(&self) -> u64 {
+        self.inner.committed.load(Ordering::Relaxed)
+    }
+
+    /// The current Raft metrics of this node.
+    pub fn metrics(&self) -> RaftMetrics<NodeId, Node> {
+        self.inner.raft.metrics().borrow().clone()
+    }
+
+    /// Form a group of `voters` (id → gRPC address). Every voter may call this with the same
+    /// set, at the same time: a node that is already initialized (or has learned of a leader)
+    /// ignores it.
+    pub async fn initialize(&self, voters: BTreeMap<NodeId, String>) -> Result<(), ControlError> {
+        let members: BTreeMap<NodeId, Node> = voters
+            .into_iter()
+            .map(|(id, addr)| (id, BasicNode { addr }))
+            .collect();
+        match self.inner.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(error) => Err(ControlError::Internal(error.to_string())),
+        }
+    }
+
+    /// Wait until this node has applied `version` (read-your-writes on any node).
+    pub async fn wait_for_version(
+        &self,
+        version: u64,
+        timeout: Duration,
+    ) -> Result<(), ControlError> {
+        let mut versions = self.versions();
+        let reached =
+            tokio::time::timeout(timeout, versions.wait_for(|applied| *applied >= version))
+                .await
+                .map(|result| result.is_ok());
+        match reached {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ControlError::Unavailable(
+                "the node is shutting down".to_owned(),
+            )),
+            Err(_) => Err(ControlError::Timeout(format!(
+                "this node has not applied config version {version} yet (it is at {})",
+                self.state().version
+            ))),
+        }
+    }
+
+    /// Propose a command from `actor`, through the leader wherever it is, and wait until it is
+    /// applied here too.
+    pub async fn propose(
+        &self,
+        actor: &str,
+        command: Command,
+    ) -> Result<ApplyResponse, ControlError> {
+        let proposal = Proposal {
+            actor: actor.to_owned(),
+            at_ms: now_ms(),
+            command,
+        };
+        match self
+            .to_leader(LeaderRequest::Write(Box::new(proposal)))
+            .await?
+        {
+            LeaderReply::Applied(response) => {
+                self.wait_for_version(response.version, LEADER_WAIT).await?;
+                Ok(response)
+            }
+            LeaderReply::Membership { .. } => Err(ControlError::Internal(
+                "the leader answered a write with a membership change".to_owned(),
+            )),
+        }
+    }
+
+    /// Send a request to the leader (this node or another), retrying while the leader changes.
+    pub async fn to_leader(&self, request: LeaderRequest) -> Result<LeaderReply, ControlError> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        let mut last_error = ControlError::Unavailable("no leader is known".to_owned());
+        while Instant::now() < deadline {
+            let metrics = self.metrics();
+            match metrics.current_leader {
+                Some(leader) if leader == self.inner.id => {
+                    match self.handle_as_leader(request.clone()).await {
+                        Err(ControlError::NotLeader) => last_error = ControlError::NotLeader,
+                        other => return other,
+                    }
+                }
+                Some(leader) => {
+                    let addr = metrics
+                        .membership_config
+                        .membership()
+                        .get_node(&leader)
+                        .map(|node| node.addr.clone());
+                    match addr {
+                        Some(addr) => match self.forward_to(&addr, &request, false).await {
+                            Err(
+                                error @ (ControlError::NotLeader | ControlError::Unavailable(_)),
+                            ) => {
+                                last_error = error;
+                            }
+                            other => return other,
+                        },
+                        None => {
+                            last_error = ControlError::Unavailable(format!(
+                                "the leader, node {leader}, has no known address"
+                            ));
+                        }
+                    }
+                }
+                None => {}
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(match last_error {
+            ControlError::NotLeader => {
+                ControlError::Unavailable("the leader keeps changing".to_owned())
+            }
+            other => other,
+        })
+    }
+
+    /// Send a request to the member at `addr`. With `relay`, that member passes it on to the
+    /// leader (used to join a cluster through any member); without, it must be the leader.
+    pub async fn forward_to(
+        &self,
+        addr: &str,
+        request: &LeaderRequest,
+        relay: bool,
+    ) -> Result<LeaderReply, ControlError> {
+        let forwarded = Forwarded {
+            request: request.clone(),
+            relay,
+        };
+        self.send_forwarded(addr, &forwarded).await
+    }
+
+    async fn send_forwarded(
+        &self,
+        addr: &str,
+        forwarded: &Forwarded,
+    ) -> Result<LeaderReply, ControlError> {
+        let channel = self
+            .inner
+            .channels
+            .get(addr)
+            .map_err(|error| ControlError::Unavailable(error.to_string()))?;
+        let payload = serde_json::to_vec(forwarded).map_err(internal)?;
+        let reply = RaftClient::new(channel)
+            .forward(RaftMessage { payload })
+            .await
+            .map_err(|status| {
+                ControlError::Unavailable(format!("forwarding to {addr}: {}", status.message()))
+            })?;
+        serde_json::from_slice::<Result<LeaderReply, ControlError>>(&reply.into_inner().payload)
+            .map_err(internal)?
+    }
+
+    /// Serve a forwarded request: on this node if `relay` is off, else through the leader.
+    pub async fn handle_forwarded(
+        &self,
+        forwarded: Forwarded,
+    ) -> Result<LeaderReply, ControlError> {
+        if forwarded.relay {
+            self.to_leader(forwarded.request).await
+        } else {
+            self.handle_as_leader(forwarded.request).await
+        }
+    }
+
+    /// Serve a request that needs the leader, on this node. Answers `NotLeader` if this node
+    /// is not the leader (the caller then finds the leader again).
+    pub async fn handle_as_leader(
+        &self,
+        request: LeaderRequest,
+    ) -> Result<LeaderReply, ControlError> {
+        let raft = &self.inner.raft;
+        let result = match request {
+            LeaderRequest::Write(proposal) => {
+                return raft
+                    .client_write(*proposal)
+                    .await
+                    .map(|response| LeaderReply::Applied(response.data))
+                    .map_err(write_error);
+            }
+            LeaderRequest::AddLearner { id, addr } => {
+                raft.add_learner(id, BasicNode { addr }, true).await
+            }
+            LeaderRequest::ChangeVoters { voters } => {
+                raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
+                    .await
+            }
+            LeaderRequest::RemoveNode { id } => {
+                let metrics = self.metrics();
+                let membership = metrics.membership_config.membership();
+                if membership.voter_ids().any(|voter| voter == id) {
+                    let voters: BTreeSet<NodeId> = membership
+                        .voter_ids()
+                        .filter(|voter| *voter != id)
+                        .collect();
+                    raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
+                        .await
+                        .map_err(write_error)?;
+                }
+                raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                    .await
+            }
+        };
+        result
+            .map(|response| LeaderReply::Membership {
+                version: response.log_id.index,
+            })
+            .map_err(write_error)
+    }
+
+    /// Whether this node is the leader right now.
+    pub fn is_leader(&self) -> bool {
+        self.metrics().state == ServerState::Leader
+    }
+
+    /// Ask this node to build a snapshot now; returns the log index it covers once built.
+    pub async fn snapshot(&self) -> Result<u64, ControlError> {
+        let applied = self.metrics().last_applied.map(|id| id.index).unwrap_or(0);
+        self.inner
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(internal)?;
+        let metrics = self
+            .inner
+            .raft
+            .wait(Some(LEADER_WAIT))
+            .metrics(
+                |metrics| metrics.snapshot.is_some_and(|id| id.index >= applied),
+                "snapshot built",
+            )
+            .await
+            .map_err(|error| ControlError::Timeout(error.to_string()))?;
+        Ok(metrics.snapshot.map(|id| id.index).unwrap_or(0))
+    }
+
+    /// Stop the Raft node and release its storage.
+    pub async fn shutdown(&self) {
+        if let Err(error) = self.inner.raft.shutdown().await {
+            tracing::warn!(%error, "the Raft node did not shut down cleanly");
+        }
+    }
+}
+
+fn write_error(error: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> ControlError {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ControlError::NotLeader,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => {
+            ControlError::InvalidArgument(error.to_string())
+        }
+        RaftError::Fatal(error) => ControlError::Unavailable(error.to_string()),
+    }
+}
+
+fn internal(error: impl std::fmt::Display) -> ControlError {
+    ControlError::Internal(error.to_string())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,254 @@
+//! Raft RPCs over gRPC (`skein.raft.v1`): a client with one cached channel per peer, and the
+//! service that hands incoming RPCs to the local Raft node. Payloads are openraft's own types
+//! as JSON.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, Raft};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use skein_proto::raft::v1::RaftMessage;
+use skein_proto::raft::v1::raft_client::RaftClient;
+use skein_proto::raft::v1::raft_server;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::{ControlPlane, Forwarded, Node, NodeId, TypeConfig};
+
+/// Connection timeout for a peer's channel.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Channels to peers, one per address, shared by every Raft client and the write forwarder.
+#[derive(Clone, Default)]
+pub struct Channels {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Channels {
+    /// The cached channel to `addr` (`host:port`), created lazily on first use.
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = match self.channels.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(channel) = channels.get(addr) {
+            return Ok(channel.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Makes a Raft client per peer.
+#[derive(Clone, Default)]
+pub struct Network {
+    pub channels: Channels,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
+        PeerClient {
+            target,
+            node: node.clone(),
+            channel: self.channels.get(&node.addr).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The Raft client of one peer.
+pub struct PeerClient {
+    target: NodeId,
+    node: Node,
+    channel: Result<Channel, String>,
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, Node, RaftError<NodeId, E>>>;
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &self,
+        kind: Rpc,
+        request: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let channel = self.channel.clone().map_err(|message| {
+            RPCError::Unreachable(Unreachable::new(&AnyError::error(message)))
+        })?;
+        let payload =
+            serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut client = RaftClient::new(channel);
+        let message = RaftMessage { payload };
+        let ttl = option.hard_ttl();
+        let call = async {
+            match kind {
+                Rpc::AppendEntries => client.append_entries(message).await,
+                Rpc::Vote => client.vote(message).await,
+                Rpc::InstallSnapshot => client.install_snapshot(message).await,
+            }
+        };
+        let reply = match tokio::time::timeout(ttl, call).await {
+            Err(_) => {
+                return Err(RPCError::Timeout(Timeout {
+                    action: kind.action(),
+                    id: 0,
+                    target: self.target,
+                    timeout: ttl,
+                }));
+            }
+            Ok(Err(status)) => return Err(status_error(&status)),
+            Ok(Ok(reply)) => reply.into_inner(),
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply.payload)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|error| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                error,
+            ))
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+impl Rpc {
+    fn action(self) -> openraft::RPCTypes {
+        match self {
+            Rpc::AppendEntries => openraft::RPCTypes::AppendEntries,
+            Rpc::Vote => openraft::RPCTypes::Vote,
+            Rpc::InstallSnapshot => openraft::RPCTypes::InstallSnapshot,
+        }
+    }
+}
+
+/// A gRPC failure as openraft sees it: a peer that cannot be reached is `Unreachable` (openraft
+/// backs off), anything else a network error.
+fn status_error<E: std::error::Error>(
+    status: &Status,
+) -> RPCError<NodeId, Node, RaftError<NodeId, E>> {
+    let error = AnyError::error(format!("{}: {}", status.code(), status.message()));
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown => {
+            RPCError::Unreachable(Unreachable::new(&error))
+        }
+        _ => RPCError::Network(NetworkError::new(&error)),
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        self.call(Rpc::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.call(Rpc::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+        self.call(Rpc::Vote, &rpc, &option).await
+    }
+}
+
+/// The `skein.raft.v1.Raft` service: hands RPCs to the local Raft node.
+pub struct RaftService {
+    raft: Raft<TypeConfig>,
+    control: ControlPlane,
+}
+
+impl RaftService {
+    pub fn new(control: ControlPlane) -> RaftService {
+        RaftService {
+            raft: control.raft().clone(),
+            control,
+        }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> raft_server::RaftServer<RaftService> {
+        raft_server::RaftServer::new(self)
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024)
+    }
+}
+
+fn decode<T: DeserializeOwned>(request: Request<RaftMessage>) -> Result<T, Status> {
+    serde_json::from_slice(&request.into_inner().payload)
+        .map_err(|error| Status::invalid_argument(format!("undecodable Raft message: {error}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
+    serde_json::to_vec(value)
+        .map(|payload| Response::new(RaftMessage { payload }))
+        .map_err(|error| Status::internal(format!("unencodable Raft reply: {error}")))
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let request: AppendEntriesRequest<TypeConfig> = decode(request)?;
+        encode(&self.raft.append_entries(request).await)
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let request: VoteRequest<NodeId> = decode(request)?;
+        encode(&self.raft.vote(request).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let request: InstallSnapshotRequest<TypeConfig> = decode(request)?;
+        encode(&self.raft.install_snapshot(request).await)
+    }
+
+    async fn forward(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let forwarded: Forwarded = decode(request)?;
+        encode(&self.control.handle_forwarded(forwarded).await)
+    }
+}
