@@ -1,6 +1,8 @@
 //! Test harness: start a mock provider and a gateway node in-process on port 0, poll with a
 //! deadline, locate the real binaries for black-box tests.
 
+pub mod process;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -171,4 +173,11 @@ pub fn metric_value(metrics: &str, name: &str, fragments: &[&str]) -> Option<f64
             line.starts_with(name) && fragments.iter().all(|fragment| line.contains(fragment))
         })
         .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for addresses that must be known before
+/// a process starts, such as Raft voter lists).
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
 }

@@ -1,67 +1,11 @@
 //! Black-box tests of the real `skein` binary: config errors, serving, logs without secrets,
 //! graceful shutdown on SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use skein_tests::process::Spawned;
 use skein_tests::{binary, start_mock};
-
-/// A child process whose stderr is collected by a thread.
-struct Spawned {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Spawned {
-    fn start(command: &mut Command) -> Spawned {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().expect("lock").push(line);
-            }
-        });
-        Spawned { child, lines }
-    }
-
-    fn output(&self) -> String {
-        self.lines.lock().expect("lock").join("\n")
-    }
-
-    /// Poll the log for a line containing `needle`.
-    fn wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(line) = self
-                .lines
-                .lock()
-                .expect("lock")
-                .iter()
-                .find(|line| line.contains(needle))
-            {
-                return Some(line.clone());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Write `content` to a config file, run `skein check` on it, expect a failure; its stderr.
 fn failing_check(path: &std::path::Path, content: &str) -> String {
@@ -174,20 +118,10 @@ async fn serve_proxies_keeps_secrets_out_of_logs_and_drains_on_sigterm() {
     );
     assert!(!printed.contains(secret));
 
-    let status = Command::new("kill")
-        .args(["-TERM", &node.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(15);
     let mut node = node;
-    let exit = loop {
-        if let Some(exit) = node.child.try_wait().expect("wait") {
-            break exit;
-        }
-        assert!(Instant::now() < deadline, "did not stop after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let exit = node
+        .terminate(Duration::from_secs(15))
+        .expect("stopped after SIGTERM");
     assert!(exit.success(), "exit status {exit:?}\n{}", node.output());
     assert!(node.wait_for("stopped", Duration::from_secs(2)).is_some());
 }

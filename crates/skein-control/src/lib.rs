@@ -72,15 +72,16 @@ pub struct ControlOptions {
 }
 
 impl ControlOptions {
-    /// Defaults for a node: re-election in about 1–2 s, a snapshot every 5000 entries.
+    /// Defaults for a node: a dead leader is replaced in about 1–2 s, a snapshot every 5000
+    /// entries.
     pub fn new(node_id: NodeId, advertise_addr: String, data_dir: PathBuf) -> ControlOptions {
         ControlOptions {
             node_id,
             advertise_addr,
             data_dir,
-            heartbeat_ms: 150,
-            election_timeout_min_ms: 600,
-            election_timeout_max_ms: 1200,
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
             snapshot_after_logs: 5000,
             keep_logs: 1000,
         }

@@ -79,6 +79,22 @@ struct ServeArgs {
     /// The admin API token. With one set, proxy calls also need a virtual key.
     #[arg(long, env = "SKEIN_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Build a Raft snapshot (and compact the log) after this many new entries.
+    #[arg(
+        long,
+        env = "SKEIN_RAFT_SNAPSHOT_AFTER_LOGS",
+        default_value_t = 5000,
+        hide = true
+    )]
+    raft_snapshot_after_logs: u64,
+    /// Log entries kept behind the last snapshot.
+    #[arg(
+        long,
+        env = "SKEIN_RAFT_KEEP_LOGS",
+        default_value_t = 1000,
+        hide = true
+    )]
+    raft_keep_logs: u64,
     /// A file holding the admin API token (instead of --admin-token).
     #[arg(long, env = "SKEIN_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
     admin_token_file: Option<PathBuf>,
@@ -165,6 +181,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cluster.voters = parse_voters(&args.voters)?;
     cluster.peers = split_list(&args.peers);
     cluster.advertise_addr = args.advertise_addr.clone();
+    cluster.snapshot_after_logs = args.raft_snapshot_after_logs.max(1);
+    cluster.keep_logs = args.raft_keep_logs;
     if cluster.node_id == 0 {
         anyhow::bail!("--node-id must be above zero");
     }

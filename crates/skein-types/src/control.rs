@@ -428,7 +428,8 @@ pub struct ConfigExport {
 pub struct ControlState {
     /// The config version: the log index of the last applied entry.
     pub version: u64,
-    /// Whether a bootstrap (or any config) has been applied.
+    /// Whether a bootstrap or an import has been applied: from then on the replicated routing
+    /// config is the one every node serves.
     pub bootstrapped: bool,
     pub server: ServerSpec,
     pub providers: BTreeMap<String, ProviderSpec>,
@@ -739,9 +740,17 @@ impl ControlState {
         let at_ms = proposal.at_ms;
         match command.clone() {
             Command::Bootstrap { config } => {
+                // What an operator wrote before the bootstrap landed is kept.
+                self.bootstrapped = true;
                 self.server = config.server;
-                self.providers = by_name(config.providers, |p| p.name.clone());
-                self.routes = by_name(config.routes, |r| r.name.clone());
+                for provider in config.providers {
+                    self.providers
+                        .entry(provider.name.clone())
+                        .or_insert(provider);
+                }
+                for route in config.routes {
+                    self.routes.entry(route.name.clone()).or_insert(route);
+                }
             }
             Command::PutProvider { provider } => {
                 self.providers.insert(provider.name.clone(), provider);
@@ -869,7 +878,6 @@ impl ControlState {
                 self.budgets = budgets;
             }
         }
-        self.bootstrapped = true;
         if !matches!(command, Command::RecordSpend { .. }) {
             if self.audit.len() >= AUDIT_CAPACITY {
                 self.audit.pop_front();

@@ -1,0 +1,507 @@
+//! Three (and four) real `skein` processes on loopback forming a Raft group: writes on any node
+//! reach every node, keys work and are revoked everywhere, the group survives `kill -9` of its
+//! leader and of all its nodes, and a node that missed compacted history catches up from a
+//! snapshot.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use skein_proto::admin::v1::admin_client::AdminClient;
+use skein_proto::admin::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, CreateKeyRequest, GetRequest, KeyRequest, Kind,
+    ListRequest, WriteRequest,
+};
+use skein_tests::process::Spawned;
+use skein_tests::{binary, free_port, start_mock};
+use tonic::transport::Channel;
+
+const TOKEN: &str = "cluster-admin-token";
+
+struct Node {
+    id: u64,
+    grpc: String,
+    data: PathBuf,
+    process: Option<Spawned>,
+    http: String,
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    voters: String,
+    config: PathBuf,
+    extra: Vec<String>,
+    _dir: tempfile::TempDir,
+    client: reqwest::Client,
+}
+
+impl Cluster {
+    /// `voters` nodes forming the group, plus `learners` that join through the first node.
+    fn start(mock_url: &str, voters: u64, learners: u64, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = dir.path().join("skein.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 1\nproviders:\n  - name: p\n    kind: openai_compatible\n    base_url: {mock_url}/v1\n    keys: [{{key: env:UPSTREAM_KEY}}]\nroutes:\n  - name: alpha\n    deployments: [{{provider: p, model: m}}]\n"
+            ),
+        )
+        .expect("config");
+        let nodes: Vec<Node> = (1..=voters + learners)
+            .map(|id| Node {
+                id,
+                grpc: format!("127.0.0.1:{}", free_port().expect("port")),
+                data: dir.path().join(format!("node-{id}")),
+                process: None,
+                http: String::new(),
+            })
+            .collect();
+        let voter_list = nodes
+            .iter()
+            .take(voters as usize)
+            .map(|node| format!("{}={}", node.id, node.grpc))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            nodes,
+            voters: voter_list,
+            config,
+            extra: extra.iter().map(|arg| (*arg).to_owned()).collect(),
+            _dir: dir,
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client"),
+        };
+        for index in 0..voters as usize {
+            cluster.spawn(index);
+        }
+        for index in 0..voters as usize {
+            cluster.await_serving(index);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, index: usize) {
+        let peers = self.nodes[0].grpc.clone();
+        let node = &mut self.nodes[index];
+        let mut command = Command::new(binary("skein").expect("binary"));
+        command
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .arg("--data-dir")
+            .arg(&node.data)
+            .args(["--node-id", &node.id.to_string()])
+            .args(["--voters", &self.voters])
+            .args(["--peers", &peers])
+            .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", &node.grpc])
+            .args(["--log-format", "json", "--admin-token", TOKEN])
+            .args(&self.extra)
+            .env("UPSTREAM_KEY", "upstream-secret")
+            .env("SKEIN_LOG", "info,openraft=error")
+            .env_remove("SKEIN_CONFIG");
+        node.process = Some(Spawned::start(&mut command));
+    }
+
+    fn await_serving(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        let process = node.process.as_ref().expect("running");
+        let line = process
+            .wait_for("skein is serving", Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("node {} did not start:\n{}", node.id, process.output()));
+        let started: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+        node.http = started["http"].as_str().expect("http").to_owned();
+    }
+
+    fn restart(&mut self, index: usize) {
+        self.spawn(index);
+        self.await_serving(index);
+    }
+
+    fn kill9(&mut self, index: usize) {
+        if let Some(mut process) = self.nodes[index].process.take() {
+            process.kill9();
+        }
+    }
+
+    async fn admin(&self, index: usize) -> AdminClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.nodes[index].grpc))
+            .expect("uri")
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(15))
+            .connect_lazy();
+        AdminClient::new(channel)
+    }
+
+    async fn status(&self, index: usize) -> Option<ClusterStatusResponse> {
+        self.admin(index)
+            .await
+            .cluster_status(authorized(ClusterStatusRequest {}))
+            .await
+            .ok()
+            .map(tonic::Response::into_inner)
+    }
+
+    /// The index of the node every live node agrees is the leader.
+    async fn leader(&self, live: &[usize], timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut leaders = Vec::new();
+            for &index in live {
+                if let Some(status) = self.status(index).await {
+                    leaders.push(status.leader_id);
+                }
+            }
+            if leaders.len() == live.len()
+                && leaders[0] != 0
+                && leaders.iter().all(|leader| *leader == leaders[0])
+                && let Some(index) = self.nodes.iter().position(|n| n.id == leaders[0])
+                && live.contains(&index)
+            {
+                return index;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader among {live:?}: {leaders:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn chat(&self, index: usize, secret: &str) -> u16 {
+        self.client
+            .post(format!("{}/v1/chat/completions", self.nodes[index].http))
+            .bearer_auth(secret)
+            .timeout(Duration::from_secs(5))
+            .json(&json!({"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .map(|response| response.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    async fn has_key(&self, index: usize, id: &str) -> bool {
+        self.admin(index)
+            .await
+            .get(authorized(GetRequest {
+                kind: Kind::Key as i32,
+                id: id.to_owned(),
+                min_version: 0,
+            }))
+            .await
+            .is_ok()
+    }
+}
+
+fn authorized<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("header"),
+    );
+    request
+}
+
+async fn create_key(client: &mut AdminClient<Channel>, id: &str) -> (String, u64) {
+    let created = client
+        .create_key(authorized(CreateKeyRequest {
+            id: id.to_owned(),
+            name: id.to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .expect("create key")
+        .into_inner();
+    (created.secret, created.version)
+}
+
+/// Poll `check` on every node in `nodes` until all pass; the time it took.
+async fn everywhere<F, Fut>(nodes: &[usize], timeout: Duration, mut check: F) -> Duration
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    let mut pending: Vec<usize> = nodes.to_vec();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for index in pending {
+            if !check(index).await {
+                still.push(index);
+            }
+        }
+        pending = still;
+        assert!(
+            started.elapsed() < timeout,
+            "nodes {pending:?} did not converge within {timeout:?}"
+        );
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_replicate_keys_work_everywhere_and_the_group_survives_kill_9() {
+    let mock = start_mock().await.expect("mock");
+    let mut cluster = Cluster::start(&mock.url(), 3, 0, &[]);
+    let all = [0, 1, 2];
+    let leader = cluster.leader(&all, Duration::from_secs(15)).await;
+    let followers: Vec<usize> = all.iter().copied().filter(|i| *i != leader).collect();
+
+    // A key created on a follower is visible on every node within a second, and works on
+    // another node's proxy.
+    let (a, c) = (followers[0], followers[1]);
+    let mut admin_a = cluster.admin(a).await;
+    let (secret, version) = create_key(&mut admin_a, "k1").await;
+    let took = everywhere(&all, Duration::from_secs(1), |i| cluster.has_key(i, "k1")).await;
+    println!("key visible on all nodes after {took:?}");
+    // Read-your-writes: a read at the write's version on another node waits for it.
+    cluster
+        .admin(c)
+        .await
+        .get(authorized(GetRequest {
+            kind: Kind::Key as i32,
+            id: "k1".to_owned(),
+            min_version: version,
+        }))
+        .await
+        .expect("read at version");
+    let took = everywhere(&all, Duration::from_secs(1), |i| {
+        let secret = secret.clone();
+        let cluster = &cluster;
+        async move { cluster.chat(i, &secret).await == 200 }
+    })
+    .await;
+    println!("key accepted by every proxy after {took:?}");
+
+    // Revoked on one node, refused by every node within a second.
+    cluster
+        .admin(leader)
+        .await
+        .revoke_key(authorized(KeyRequest {
+            id: "k1".to_owned(),
+        }))
+        .await
+        .expect("revoke");
+    let took = everywhere(&all, Duration::from_secs(1), |i| {
+        let secret = secret.clone();
+        let cluster = &cluster;
+        async move { cluster.chat(i, &secret).await == 401 }
+    })
+    .await;
+    println!("revoked key refused by every proxy after {took:?}");
+
+    // kill -9 the leader: the others elect a new one and take writes within 3 s, and their
+    // proxies keep answering meanwhile.
+    let mut admin_c = cluster.admin(c).await;
+    let (traffic_secret, _) = create_key(&mut admin_c, "k2").await;
+    everywhere(&all, Duration::from_secs(2), |i| {
+        let secret = traffic_secret.clone();
+        let cluster = &cluster;
+        async move { cluster.chat(i, &secret).await == 200 }
+    })
+    .await;
+    cluster.kill9(leader);
+    let killed_at = Instant::now();
+    let survivors = followers.clone();
+    // Proxy traffic to the survivors all through the failover (bounded in count and time).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        let client = cluster.client.clone();
+        let urls: Vec<String> = survivors
+            .iter()
+            .map(|&i| cluster.nodes[i].http.clone())
+            .collect();
+        let secret = traffic_secret.clone();
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            for round in 0..500 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let url = &urls[round % urls.len()];
+                let status = client
+                    .post(format!("{url}/v1/chat/completions"))
+                    .bearer_auth(&secret)
+                    .timeout(Duration::from_secs(5))
+                    .json(
+                        &json!({"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}),
+                    )
+                    .send()
+                    .await
+                    .map(|response| response.status().as_u16())
+                    .unwrap_or(0);
+                results.push(status);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            results
+        })
+    };
+    let mut write_done = None;
+    let mut attempt = 0usize;
+    while write_done.is_none() {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "no write succeeded after the leader died"
+        );
+        attempt += 1;
+        let mut admin = cluster.admin(survivors[attempt % 2]).await;
+        let written = tokio::time::timeout(
+            Duration::from_millis(500),
+            admin.create(authorized(WriteRequest {
+                kind: Kind::Team as i32,
+                json: json!({"id": "after-failover", "name": "written after the leader died"})
+                    .to_string(),
+            })),
+        )
+        .await;
+        match written {
+            Ok(Ok(_)) => write_done = Some(killed_at.elapsed()),
+            Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => {
+                write_done = Some(killed_at.elapsed());
+            }
+            _ => {}
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = traffic.await.expect("traffic task");
+    let proxy_calls = statuses.len();
+    let proxy_failures: Vec<u16> = statuses
+        .into_iter()
+        .filter(|status| *status != 200)
+        .collect();
+    let write_after = write_done.expect("write");
+    println!(
+        "writes accepted {write_after:?} after kill -9 of the leader; {proxy_calls} proxy calls meanwhile"
+    );
+    assert!(
+        write_after < Duration::from_secs(3),
+        "writes resumed only after {write_after:?}"
+    );
+    assert!(
+        proxy_failures.is_empty(),
+        "proxy calls failed during the failover: {proxy_failures:?}"
+    );
+
+    // kill -9 every node, restart them all: nothing committed is lost.
+    for index in all {
+        cluster.kill9(index);
+    }
+    for index in all {
+        cluster.spawn(index);
+    }
+    for index in all {
+        cluster.await_serving(index);
+    }
+    cluster.leader(&all, Duration::from_secs(15)).await;
+    for id in ["k1", "k2"] {
+        everywhere(&all, Duration::from_secs(5), |i| cluster.has_key(i, id)).await;
+    }
+    let teams = cluster
+        .admin(0)
+        .await
+        .list(authorized(ListRequest {
+            kind: Kind::Team as i32,
+            ..Default::default()
+        }))
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(teams.items.iter().any(|team| team.id == "after-failover"));
+    everywhere(&all, Duration::from_secs(5), |i| {
+        let cluster = &cluster;
+        let (revoked, live) = (secret.clone(), traffic_secret.clone());
+        async move { cluster.chat(i, &revoked).await == 401 && cluster.chat(i, &live).await == 200 }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_node_and_a_new_learner_catch_up_from_a_snapshot() {
+    let mock = start_mock().await.expect("mock");
+    // Snapshot every 20 entries and keep 5 behind it, so history is compacted quickly.
+    let mut cluster = Cluster::start(
+        &mock.url(),
+        3,
+        1,
+        &["--raft-snapshot-after-logs", "20", "--raft-keep-logs", "5"],
+    );
+    let voters = [0, 1, 2];
+    let leader = cluster.leader(&voters, Duration::from_secs(15)).await;
+    let lagging = voters
+        .iter()
+        .copied()
+        .find(|i| *i != leader)
+        .expect("follower");
+    cluster.kill9(lagging);
+
+    let mut admin = cluster.admin(leader).await;
+    for index in 0..60 {
+        admin
+            .create(authorized(WriteRequest {
+                kind: Kind::Team as i32,
+                json: json!({"id": format!("t{index:02}"), "name": "team"}).to_string(),
+            }))
+            .await
+            .expect("write while a node is down");
+    }
+    let status = cluster.status(leader).await.expect("status");
+    assert!(
+        status.snapshot_index > 20,
+        "the leader compacted its log: {status:?}"
+    );
+
+    // The lagging voter comes back; a new node joins as a learner through node 1.
+    cluster.restart(lagging);
+    cluster.restart(3);
+    let teams_on = |index: usize| {
+        let cluster = &cluster;
+        async move {
+            cluster
+                .admin(index)
+                .await
+                .list(authorized(ListRequest {
+                    kind: Kind::Team as i32,
+                    page_size: 1000,
+                    ..Default::default()
+                }))
+                .await
+                .map(|list| list.into_inner().items.len())
+                .unwrap_or(0)
+                == 60
+        }
+    };
+    everywhere(&[lagging, 3], Duration::from_secs(15), teams_on).await;
+    for index in [lagging, 3] {
+        let status = cluster.status(index).await.expect("status");
+        assert!(
+            status.snapshot_index > 0,
+            "node {} caught up from a snapshot: {status:?}",
+            index + 1
+        );
+    }
+    let learner = cluster.status(3).await.expect("status");
+    assert_eq!(learner.role, "learner");
+    let member = cluster
+        .status(leader)
+        .await
+        .expect("status")
+        .members
+        .into_iter()
+        .find(|member| member.id == 4)
+        .expect("the learner is a member");
+    assert!(!member.voter);
+
+    // The learner serves traffic like a voter: a key created on the leader works on it.
+    let (secret, _) = create_key(&mut admin, "learner-key").await;
+    everywhere(&[3], Duration::from_secs(2), |i| {
+        let secret = secret.clone();
+        let cluster = &cluster;
+        async move { cluster.chat(i, &secret).await == 200 }
+    })
+    .await;
+}
