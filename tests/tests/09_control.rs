@@ -6,7 +6,7 @@ use skein_node::MapEnvironment;
 use skein_proto::admin::v1::admin_client::AdminClient;
 use skein_proto::admin::v1::{
     CreateKeyRequest, DeleteRequest, ExportConfigRequest, GetRequest, ImportConfigRequest,
-    KeyRequest, Kind, ListRequest, WatchRequest, WriteRequest,
+    KeyRequest, Kind, ListRequest, UsageRequest, WatchRequest, WriteRequest,
 };
 use skein_tests::{Gateway, start_mock};
 use tonic::Code;
@@ -344,4 +344,159 @@ async fn entities_list_in_pages_export_import_and_watch() {
     }
     assert!(seen.contains(&("put_team".to_owned(), "team/team-0".to_owned())));
     assert!(seen.contains(&("delete_team".to_owned(), "team/team-4".to_owned())));
+}
+
+async fn put(client: &mut AdminClient<Channel>, kind: Kind, value: serde_json::Value) -> u64 {
+    client
+        .create(authorized(WriteRequest {
+            kind: kind as i32,
+            json: value.to_string(),
+        }))
+        .await
+        .expect("create")
+        .into_inner()
+        .version
+}
+
+async fn recorded_cost(client: &mut AdminClient<Channel>, key_id: &str) -> (u64, u64) {
+    let usage = client
+        .get_usage(authorized(UsageRequest {
+            key_id: key_id.to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .expect("usage")
+        .into_inner();
+    let cost = usage.rows.iter().map(|row| row.cost_nanos).sum();
+    let requests = usage.rows.iter().map(|row| row.requests).sum();
+    (cost, requests)
+}
+
+#[tokio::test]
+async fn a_hard_budget_refuses_with_insufficient_quota_once_spent() {
+    let mock = start_mock().await.expect("mock");
+    let gateway = gateway_with_token(&mock.url()).await;
+    let mut client = admin(&gateway).await;
+    // 1 µ$ per token in and out.
+    put(
+        &mut client,
+        Kind::Price,
+        json!({"model": "alpha", "input_nanos_per_token": 1000, "output_nanos_per_token": 1000}),
+    )
+    .await;
+    let key = client
+        .create_key(authorized(CreateKeyRequest {
+            id: "budgeted".to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .expect("key")
+        .into_inner();
+    // 0.2 m$: a few dozen small requests.
+    put(
+        &mut client,
+        Kind::Budget,
+        json!({"id": "small", "scope": {"kind": "key", "id": "budgeted"}, "limit_nanos": 200_000, "period": "lifetime"}),
+    )
+    .await;
+
+    let mut accepted = 0;
+    let mut refusal = None;
+    for _ in 0..500 {
+        let response = gateway
+            .client
+            .post(format!("{}/v1/chat/completions", gateway.url))
+            .bearer_auth(&key.secret)
+            .json(&json!({"model": "alpha", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .expect("call");
+        if response.status().as_u16() == 200 {
+            accepted += 1;
+        } else {
+            refusal = Some((
+                response.status().as_u16(),
+                response.json::<serde_json::Value>().await.expect("json"),
+            ));
+            break;
+        }
+    }
+    let (status, body) = refusal.expect("the budget ran out");
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["type"], "insufficient_quota");
+    assert_eq!(body["error"]["code"], "insufficient_quota");
+    assert!(accepted > 5, "{accepted} requests fit");
+
+    // Every accepted request is recorded once, and the total stays within the budget: on one
+    // node, the reservation check sees all of its own spend.
+    let mut recorded = (0, 0);
+    let converged = skein_tests::wait_until(std::time::Duration::from_secs(5), || {
+        let mut client = client.clone();
+        async move {
+            let (_, requests) = recorded_cost(&mut client, "budgeted").await;
+            requests == accepted
+        }
+    })
+    .await;
+    if converged {
+        recorded = recorded_cost(&mut client, "budgeted").await;
+    }
+    assert_eq!(recorded.1, accepted, "each request recorded once");
+    assert!(recorded.0 <= 200_000, "spent {} of 200000", recorded.0);
+    assert!(recorded.0 > 0);
+}
+
+#[tokio::test]
+async fn a_stream_the_client_leaves_is_still_charged() {
+    let mock = skein_mock::MockServer::start(skein_mock::MockOptions {
+        token_latency: std::time::Duration::from_millis(30),
+        record: true,
+        ..Default::default()
+    })
+    .await
+    .expect("mock");
+    let gateway = gateway_with_token(&mock.url()).await;
+    let mut client = admin(&gateway).await;
+    put(
+        &mut client,
+        Kind::Price,
+        json!({"model": "alpha", "input_nanos_per_token": 1000, "output_nanos_per_token": 1000}),
+    )
+    .await;
+    let key = client
+        .create_key(authorized(CreateKeyRequest {
+            id: "streamer".to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .expect("key")
+        .into_inner();
+    let mut response = gateway
+        .client
+        .post(format!("{}/v1/chat/completions", gateway.url))
+        .bearer_auth(&key.secret)
+        .json(&json!({"model": "alpha", "stream": true, "messages": [{"role": "user", "content": "tell me a long story please"}]}))
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(response.status().as_u16(), 200);
+    // Read the first chunks, then hang up.
+    let mut received = 0;
+    while received < 2 {
+        match response.chunk().await.expect("chunk") {
+            Some(chunk) if !chunk.is_empty() => received += 1,
+            Some(_) => {}
+            None => break,
+        }
+    }
+    drop(response);
+
+    let charged = skein_tests::wait_until(std::time::Duration::from_secs(5), || {
+        let mut client = client.clone();
+        async move { recorded_cost(&mut client, "streamer").await.1 == 1 }
+    })
+    .await;
+    assert!(charged, "the abandoned stream was recorded");
+    let (cost, _) = recorded_cost(&mut client, "streamer").await;
+    assert!(cost > 0, "it cost something");
 }

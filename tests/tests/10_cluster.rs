@@ -11,7 +11,7 @@ use serde_json::json;
 use skein_proto::admin::v1::admin_client::AdminClient;
 use skein_proto::admin::v1::{
     ClusterStatusRequest, ClusterStatusResponse, CreateKeyRequest, GetRequest, KeyRequest, Kind,
-    ListRequest, WriteRequest,
+    ListRequest, UsageRequest, WriteRequest,
 };
 use skein_tests::process::Spawned;
 use skein_tests::{binary, free_port, start_mock};
@@ -174,11 +174,33 @@ impl Cluster {
             .post(format!("{}/v1/chat/completions", self.nodes[index].http))
             .bearer_auth(secret)
             .timeout(Duration::from_secs(5))
-            .json(&json!({"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}))
+            .json(&json!({"model": "alpha", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}))
             .send()
             .await
             .map(|response| response.status().as_u16())
             .unwrap_or(0)
+    }
+
+    /// A chat call's status and error code (empty on success).
+    async fn chat_code(&self, index: usize, secret: &str) -> (u16, String) {
+        let response = self
+            .client
+            .post(format!("{}/v1/chat/completions", self.nodes[index].http))
+            .bearer_auth(secret)
+            .timeout(Duration::from_secs(5))
+            .json(&json!({"model": "alpha", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await;
+        let Ok(response) = response else {
+            return (0, String::new());
+        };
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let code = body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        (status, code)
     }
 
     async fn has_key(&self, index: usize, id: &str) -> bool {
@@ -504,4 +526,175 @@ async fn a_lagging_node_and_a_new_learner_catch_up_from_a_snapshot() {
         async move { cluster.chat(i, &secret).await == 200 }
     })
     .await;
+}
+
+/// Total recorded cost and requests of a key, as node `index` has applied it.
+async fn recorded(cluster: &Cluster, index: usize, key_id: &str) -> (u64, u64) {
+    let usage = cluster
+        .admin(index)
+        .await
+        .get_usage(authorized(UsageRequest {
+            key_id: key_id.to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .map(tonic::Response::into_inner)
+        .unwrap_or_default();
+    (
+        usage.rows.iter().map(|row| row.cost_nanos).sum(),
+        usage.rows.iter().map(|row| row.requests).sum(),
+    )
+}
+
+/// Poll the recorded usage of `key_id` on node `index` until `done` holds (10 s at most).
+async fn poll_recorded(
+    cluster: &Cluster,
+    index: usize,
+    key_id: &str,
+    done: impl Fn((u64, u64)) -> bool,
+) -> (u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let figures = recorded(cluster, index, key_id).await;
+        if done(figures) {
+            return figures;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usage of {key_id} stuck at {figures:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_overshoot_across_three_nodes_under_concurrent_load() {
+    let mock = start_mock().await.expect("mock");
+    let cluster = std::sync::Arc::new(Cluster::start(&mock.url(), 3, 0, &[]));
+    let all = [0, 1, 2];
+    let leader = cluster.leader(&all, Duration::from_secs(15)).await;
+    let mut admin = cluster.admin(leader).await;
+    admin
+        .create(authorized(WriteRequest {
+            kind: Kind::Price as i32,
+            json: json!({"model": "alpha", "input_nanos_per_token": 1000, "output_nanos_per_token": 1000})
+                .to_string(),
+        }))
+        .await
+        .expect("price");
+
+    // Calibrate: the cost of one request.
+    let (probe, _) = create_key(&mut admin, "probe").await;
+    everywhere(&[0], Duration::from_secs(2), |i| {
+        let probe = probe.clone();
+        let cluster = &cluster;
+        async move { cluster.chat(i, &probe).await == 200 }
+    })
+    .await;
+    let unit = poll_recorded(&cluster, leader, "probe", |(_, requests)| requests >= 1).await;
+    let unit_cost = unit.0 / unit.1;
+    assert!(unit_cost > 0);
+
+    // A budget worth 300 requests, spent by 6 clients (2 per node) as fast as they can.
+    let limit = 300 * unit_cost;
+    let (secret, _) = create_key(&mut admin, "shared").await;
+    let version = admin
+        .create(authorized(WriteRequest {
+            kind: Kind::Budget as i32,
+            json: json!({"id": "shared-budget", "scope": {"kind": "key", "id": "shared"}, "limit_nanos": limit, "period": "lifetime"})
+                .to_string(),
+        }))
+        .await
+        .expect("budget")
+        .into_inner()
+        .version;
+    for index in all {
+        cluster
+            .admin(index)
+            .await
+            .get(authorized(GetRequest {
+                kind: Kind::Budget as i32,
+                id: "shared-budget".to_owned(),
+                min_version: version,
+            }))
+            .await
+            .expect("budget on every node");
+    }
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..6 {
+        let cluster = cluster.clone();
+        let secret = secret.clone();
+        workers.push(tokio::spawn(async move {
+            let node = worker % 3;
+            let (mut accepted, mut shares, mut refused_in_a_row) = (0u64, 0u64, 0u32);
+            // Bounded: at most 3000 calls or 20 s per worker; stops once the budget is refused
+            // as exhausted 5 times in a row.
+            for _ in 0..3000 {
+                if started.elapsed() > Duration::from_secs(20) || refused_in_a_row >= 5 {
+                    break;
+                }
+                match cluster.chat_code(node, &secret).await {
+                    (200, _) => {
+                        accepted += 1;
+                        refused_in_a_row = 0;
+                    }
+                    (429, code) if code == "budget_share_exhausted" => {
+                        // The node's share is in use until its spend is recorded: back off.
+                        shares += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    (429, code) if code == "insufficient_quota" => refused_in_a_row += 1,
+                    other => panic!("unexpected answer {other:?}"),
+                }
+            }
+            let _ = shares;
+            (node, accepted)
+        }));
+    }
+    let mut accepted_per_node = [0u64; 3];
+    for worker in workers {
+        let (node, accepted) = worker.await.expect("worker");
+        accepted_per_node[node] += accepted;
+    }
+    let elapsed = started.elapsed();
+    let accepted: u64 = accepted_per_node.iter().sum();
+
+    // Wait until every accepted request is recorded.
+    let total = poll_recorded(&cluster, leader, "shared", |(_, requests)| {
+        requests == accepted
+    })
+    .await;
+    let (spent, requests) = total;
+    for index in all {
+        println!(
+            "node {} sees {:?}",
+            index + 1,
+            recorded(&cluster, index, "shared").await
+        );
+    }
+    let overshoot = spent.saturating_sub(limit);
+    // The bound (README): a node cannot see what the others settled since their last recorded
+    // batch, so the overshoot is at most what the other N-1 nodes settle in one flush interval
+    // plus the commit time (1.5 s allowed here), plus one reservation each.
+    let busiest = accepted_per_node.iter().copied().max().unwrap_or(0) * unit_cost;
+    let rate = busiest as f64 / elapsed.as_secs_f64().max(0.001);
+    let reservation = 46 * 1000; // (≈30 estimated prompt tokens + max_tokens 16) × 1000 n$
+    let bound = (2.0 * (rate * 1.5).min(limit as f64) + 2.0 * reservation as f64) as u64;
+    println!(
+        "budget {limit} n$ ({} requests' worth); recorded {spent} n$ over {requests} requests \
+         ({accepted_per_node:?} per node) in {elapsed:?}; overshoot {overshoot} n$ = {:.1}% \
+         of the budget; bound {bound} n$",
+        limit / unit_cost,
+        overshoot as f64 * 100.0 / limit as f64
+    );
+    assert_eq!(requests, accepted, "every accepted request recorded once");
+    assert!(
+        spent >= limit * 9 / 10,
+        "the budget was used: {spent} of {limit}"
+    );
+    assert!(
+        overshoot <= bound,
+        "overshoot {overshoot} beyond the bound {bound}"
+    );
 }

@@ -5,6 +5,7 @@
 //! Must not open sockets, touch storage or depend on the HTTP server or client: everything here
 //! is testable with plain values and a clock passed in.
 
+pub mod accounting;
 pub mod auth;
 pub mod balance;
 pub mod health;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use skein_control::{ControlOptions, ControlPlane, NodeId};
+use skein_core::accounting::Ledger;
 use skein_proxy::{AppState, ProxyOptions};
 use skein_types::control::{Command, Outcome};
 use skein_types::{SkeinConfig, ValidatedConfig};
@@ -211,6 +212,11 @@ pub async fn start_node(
             cluster.peers.clone(),
         )));
     }
+    tasks.push(tokio::spawn(flush_spend_every(
+        control.clone(),
+        state.ledger.clone(),
+        SPEND_FLUSH_INTERVAL,
+    )));
     tasks.push(tokio::spawn(propose_bootstrap(
         control.clone(),
         bootstrap.into_inner(),
@@ -264,9 +270,54 @@ async fn follow_config(
             }
         }
         app.set_control(state, admin_token);
+        let members = control
+            .metrics()
+            .membership_config
+            .membership()
+            .nodes()
+            .count();
+        app.set_cluster_size(members as u64);
         if versions.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// How often settled spend is recorded in Raft.
+pub const SPEND_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Record settled spend in Raft every `interval`, and at once when a reservation ran into
+/// this node's share of a budget (checked ten times per interval).
+async fn flush_spend_every(control: ControlPlane, ledger: Arc<Ledger>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval / 10);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = tokio::time::Instant::now();
+    loop {
+        ticks.tick().await;
+        if ledger.take_flush_wanted() || last.elapsed() >= interval {
+            last = tokio::time::Instant::now();
+            flush_spend(&control, &ledger).await;
+        }
+    }
+}
+
+/// Propose this node's settled spend as one `RecordSpend`; the batch stays pending (and is
+/// retried with the same sequence) until it is known applied.
+async fn flush_spend(control: &ControlPlane, ledger: &Ledger) {
+    let Some(batch) = ledger.take_batch(skein_control::now_ms()) else {
+        return;
+    };
+    let command = Command::RecordSpend {
+        node: control.id(),
+        seq: batch.seq,
+        items: batch.items,
+    };
+    match control.propose("spend", command).await {
+        Ok(response) => match response.outcome {
+            Outcome::Applied | Outcome::Duplicate => ledger.batch_applied(batch.seq),
+            other => tracing::error!(?other, "a spend batch was refused"),
+        },
+        Err(error) => tracing::warn!(%error, seq = batch.seq, "spend not recorded yet; retrying"),
     }
 }
 
@@ -384,6 +435,12 @@ impl RunningNode {
         for task in self.tasks {
             task.abort();
         }
+        // Record what the drained requests spent (bounded: the group may be gone).
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            flush_spend(&self.control, &self.state.ledger),
+        )
+        .await;
         self.control.shutdown().await;
         Ok(())
     }

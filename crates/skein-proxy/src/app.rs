@@ -1,7 +1,7 @@
 //! The proxy's shared state and router.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -14,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use skein_core::RuntimeConfig;
+use skein_core::accounting::Ledger;
 use skein_types::control::ControlState;
 
 use crate::handlers;
@@ -44,8 +45,12 @@ pub struct AppState {
     control: ArcSwap<ControlState>,
     /// Whether proxy calls need a virtual key: some key exists, or an admin token is set.
     auth_required: AtomicBool,
+    /// Nodes in the cluster (each may hold a share of a budget's remainder).
+    cluster_size: AtomicU64,
     pub client: UpstreamClient,
     pub metrics: Metrics,
+    /// This node's spend not yet recorded in the replicated state, and open reservations.
+    pub ledger: Arc<Ledger>,
     started: Instant,
     ready: AtomicBool,
 }
@@ -56,8 +61,10 @@ impl AppState {
             config: ArcSwap::from_pointee(config),
             control: ArcSwap::from_pointee(ControlState::default()),
             auth_required: AtomicBool::new(false),
+            cluster_size: AtomicU64::new(1),
             client: upstream_client(options)?,
             metrics: Metrics::new(),
+            ledger: Ledger::new(),
             started: Instant::now(),
             ready: AtomicBool::new(true),
         })
@@ -79,6 +86,16 @@ impl AppState {
         self.auth_required
             .store(admin_token || !state.keys.is_empty(), Ordering::Relaxed);
         self.control.store(state);
+    }
+
+    /// Nodes in the cluster.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Record the number of nodes in the cluster.
+    pub fn set_cluster_size(&self, nodes: u64) {
+        self.cluster_size.store(nodes.max(1), Ordering::Relaxed);
     }
 
     /// Milliseconds since this node started: the clock of circuit breakers.

@@ -82,7 +82,11 @@ impl ApiError {
             ErrorShape::OpenAi => json!({
                 "error": {
                     "message": self.message,
-                    "type": self.code.openai_type(),
+                    // OpenAI reports an exhausted budget with its own type.
+                    "type": match self.detail_code {
+                        Some("insufficient_quota") => "insufficient_quota",
+                        _ => self.code.openai_type(),
+                    },
                     "param": self.param,
                     "code": self.detail_code.unwrap_or(self.code.label()),
                 }

@@ -23,6 +23,7 @@ use crate::auth::{Caller, authenticate};
 use crate::dispatch::{EventStream, Failed, Mode, ServedBody, dispatch};
 use crate::error::{ApiError, ErrorShape};
 use crate::metrics::{EndpointLabels, ProviderLabels, RequestLabels, RouteLabels};
+use crate::spend::{Hold, reserve};
 use crate::translate::Translation;
 use crate::upstream::{PreparedRequest, openai_url};
 
@@ -232,6 +233,17 @@ async fn openai_endpoint(
             _ => Err(unsupported(candidate, endpoint.label())),
         }
     };
+    let hold = match reserve(
+        &state,
+        caller.as_ref(),
+        &model,
+        &routes,
+        &request,
+        bytes.len(),
+    ) {
+        Ok(hold) => hold,
+        Err(error) => return finish_error(&state, &context, Some(&model), None, error),
+    };
     let deadline = context.started + Duration::from_millis(snapshot.server.request_timeout_ms);
     let mode = if shape.stream {
         Mode::Stream
@@ -268,7 +280,15 @@ async fn openai_endpoint(
             _ => Translation::OpenAiPassthrough { client_wants_usage },
         }
     };
-    respond(&state, context, &model, &routes[0], served, translation_for)
+    respond(
+        &state,
+        context,
+        &model,
+        &routes[0],
+        served,
+        hold,
+        translation_for,
+    )
 }
 
 /// `POST /v1/messages`: the Anthropic Messages API, to Anthropic upstreams natively and to
@@ -368,6 +388,17 @@ pub async fn messages(
             }
         }
     };
+    let hold = match reserve(
+        &state,
+        caller.as_ref(),
+        &model,
+        &routes,
+        &request,
+        bytes.len(),
+    ) {
+        Ok(hold) => hold,
+        Err(error) => return finish_error(&state, &context, Some(&model), None, error),
+    };
     let deadline = context.started + Duration::from_millis(snapshot.server.request_timeout_ms);
     let mode = if stream { Mode::Stream } else { Mode::Unary };
     let served = dispatch(
@@ -391,7 +422,15 @@ pub async fn messages(
             requested_model: requested_model.clone(),
         },
     };
-    respond(&state, context, &model, &routes[0], served, translation_for)
+    respond(
+        &state,
+        context,
+        &model,
+        &routes[0],
+        served,
+        hold,
+        translation_for,
+    )
 }
 
 /// `POST /v1/messages/count_tokens`, where the upstream supports it (Anthropic).
@@ -445,7 +484,7 @@ pub async fn count_tokens(
     )
     .await;
     // The answer is `{"input_tokens": N}`, passed through as it is.
-    respond(&state, context, &model, &routes[0], served, |_| {
+    respond(&state, context, &model, &routes[0], served, None, |_| {
         Translation::OpenAiPassthrough {
             client_wants_usage: false,
         }
@@ -566,6 +605,7 @@ fn respond(
     model: &str,
     requested_route: &RouteRuntime,
     served: Result<crate::dispatch::Served, Box<Failed>>,
+    hold: Option<Hold>,
     translation_for: impl Fn(&Candidate) -> Translation,
 ) -> Response {
     let served = match served {
@@ -599,6 +639,9 @@ fn respond(
         ServedBody::Unary(body) => match translation.unary(body) {
             Ok((body, usage)) => {
                 state.metrics.record_usage(&provider, &usage);
+                if let Some(hold) = hold {
+                    hold.settle(&served.candidate, &usage);
+                }
                 finish_unary(
                     state,
                     &context,
@@ -635,6 +678,7 @@ fn respond(
             first,
             rest,
             translation.stream(),
+            hold,
         ),
     }
 }
@@ -818,6 +862,7 @@ pub(crate) fn stream_response(
     first: eventsource_stream::Event,
     rest: EventStream,
     translator: Box<dyn StreamTranslator>,
+    hold: Option<Hold>,
 ) -> Response {
     if candidate.route.name != requested_route.name {
         state
@@ -862,6 +907,8 @@ pub(crate) fn stream_response(
         finished: false,
         context,
         candidate,
+        hold,
+        events_out: 0,
         _in_flight: guard,
     };
     let body = futures_util::stream::unfold(relay, |mut relay| async move {
@@ -886,6 +933,11 @@ struct StreamRelay {
     finished: bool,
     context: RequestContext,
     candidate: Candidate,
+    /// Settled on drop with the usage streamed so far.
+    hold: Option<Hold>,
+    /// Events written to the client (estimates output tokens when the upstream's usage never
+    /// arrived because the client left first).
+    events_out: u64,
     _in_flight: skein_core::runtime::InFlightGuard,
 }
 
@@ -902,10 +954,10 @@ impl StreamRelay {
             let next = match self.first.take() {
                 Some(event) => Some(Ok(event)),
                 None if out.is_empty() => self.rest.next().await,
-                None if out.len() >= MAX_EVENTS_PER_WRITE => return encode_events(&out),
+                None if out.len() >= MAX_EVENTS_PER_WRITE => return self.emit(&out),
                 None => match self.rest.next().now_or_never() {
                     Some(next) => next,
-                    None => return encode_events(&out),
+                    None => return self.emit(&out),
                 },
             };
             match next {
@@ -923,7 +975,7 @@ impl StreamRelay {
                     if !self.translator.completed() {
                         self.interrupted("the upstream stream ended early");
                     }
-                    return encode_events(&out);
+                    return self.emit(&out);
                 }
                 Some(Err(error)) => {
                     let message = error.to_string();
@@ -935,7 +987,8 @@ impl StreamRelay {
                     )
                     .with_detail_code("upstream_stream_interrupted")
                     .with_shape(self.context.shape);
-                    let mut bytes = encode_events(&out)
+                    let mut bytes = self
+                        .emit(&out)
                         .map(|bytes| bytes.to_vec())
                         .unwrap_or_default();
                     match self.context.shape {
@@ -949,6 +1002,12 @@ impl StreamRelay {
                 }
             }
         }
+    }
+
+    /// Encode events for the client, counting them.
+    fn emit(&mut self, events: &[skein_providers::OutEvent]) -> Option<Bytes> {
+        self.events_out += events.len() as u64;
+        encode_events(events)
     }
 
     fn interrupted(&self, message: &str) {
@@ -978,6 +1037,16 @@ impl Drop for StreamRelay {
     fn drop(&mut self) {
         let usage = self.translator.usage();
         self.state.metrics.record_usage(&self.provider, &usage);
+        if let Some(hold) = self.hold.take() {
+            let mut charged = usage;
+            if charged.input_tokens == 0 && charged.output_tokens == 0 {
+                // The usage event comes last; a client that left early never let it arrive.
+                // Charge the estimated prompt and about one token per event delivered.
+                charged.input_tokens = hold.estimated_input_tokens;
+                charged.output_tokens = self.events_out;
+            }
+            hold.settle(&self.candidate, &charged);
+        }
         let client_left = !self.finished;
         tracing::info!(
             target: "skein::access",

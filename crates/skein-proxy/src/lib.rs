@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod error;
 pub mod handlers;
 pub mod metrics;
+pub mod spend;
 pub mod translate;
 pub mod upstream;
 

@@ -1,0 +1,445 @@
+//! Money counted once and enforced everywhere, on one node's side:
+//!
+//! 1. Before a call, [`Ledger::reserve`] checks every hard budget of the key, its team and its
+//!    customer, and holds the call's worst-case cost. Remaining budget is the replicated spend
+//!    subtracted from the limit, minus what this node has settled but not yet recorded in Raft,
+//!    minus its open reservations. On top of that, a node may only have `1/N` of the
+//!    replicated remaining budget unrecorded or held at any time (`N` nodes in the cluster):
+//!    the nodes' unrecorded spend then adds up to at most what remains, whatever the others
+//!    do, and the overshoot is bounded by how far behind a node's *replicated* view is, plus
+//!    one reservation per other node (a node holding nothing may always take one call the
+//!    remainder covers; see the README). The share only binds when a budget is nearly spent relative to a node's
+//!    spend per flush interval; then the node asks for an early flush.
+//! 2. After the call, [`Reservation::settle`] replaces the hold with the real cost. A
+//!    reservation dropped unsettled (a failed call) releases its hold; one settled from a
+//!    stream's drop counts the tokens delivered before a client disconnected.
+//! 3. Every second the node takes a [`SpendBatch`] and proposes it as
+//!    `RecordSpend{node, seq, items}`; the state machine applies each `(node, seq)` once, so
+//!    a batch retried after a leader change is never counted twice. Only once it is applied
+//!    does the node stop counting the batch locally.
+//!
+//! No I/O here: the node drives the flushing, the proxy the reservations.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use skein_types::control::{ControlState, Nanos, Price, SpendItem};
+
+/// Output tokens assumed for a request that sets no `max_tokens`.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
+
+/// A refused reservation: the budget that cannot cover it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetExceeded {
+    pub budget_id: String,
+    pub limit_nanos: Nanos,
+    pub remaining_nanos: Nanos,
+    pub needed_nanos: Nanos,
+    /// The budget has room, but not within this node's share of it until its recent spend
+    /// is recorded (about a second): worth retrying.
+    pub share_only: bool,
+}
+
+/// A batch of settled spend to record in Raft.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendBatch {
+    pub seq: u64,
+    pub items: Vec<SpendItem>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Open reservations per budget.
+    reserved: HashMap<String, Nanos>,
+    /// Settled, not yet taken into a batch, per budget.
+    unflushed: HashMap<String, Nanos>,
+    /// Settled, not yet taken into a batch, per key and model.
+    items: BTreeMap<(String, String), SpendItem>,
+    /// The batch proposed and not yet known applied, with its per-budget amounts.
+    in_flight: Option<(SpendBatch, HashMap<String, Nanos>)>,
+    last_seq: u64,
+    /// A reservation hit the node's share: record spend now rather than at the next tick.
+    flush_wanted: bool,
+}
+
+/// This node's spend that the replicated state does not show yet.
+#[derive(Default)]
+pub struct Ledger {
+    inner: Mutex<Inner>,
+}
+
+impl Ledger {
+    pub fn new() -> Arc<Ledger> {
+        Arc::new(Ledger::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Hold `amount` against every hard budget of `key_id`, or say which budget cannot
+    /// cover it. Budgets whose scope has no budget at all are unlimited.
+    pub fn reserve(
+        self: &Arc<Self>,
+        state: &ControlState,
+        key_id: &str,
+        amount: Nanos,
+        now_ms: u64,
+        nodes: u64,
+    ) -> Result<Reservation, BudgetExceeded> {
+        let scopes = state.scopes_of(key_id);
+        let budgets: Vec<_> = state
+            .budgets
+            .values()
+            .filter(|budget| scopes.contains(&budget.scope))
+            .collect();
+        let mut inner = self.lock();
+        let mut held = Vec::new();
+        for budget in &budgets {
+            if !budget.hard {
+                continue;
+            }
+            let local = inner.reserved.get(&budget.id).copied().unwrap_or(0)
+                + inner.unflushed.get(&budget.id).copied().unwrap_or(0)
+                + inner
+                    .in_flight
+                    .as_ref()
+                    .and_then(|(_, amounts)| amounts.get(&budget.id).copied())
+                    .unwrap_or(0);
+            let replicated_remaining = budget
+                .limit_nanos
+                .saturating_sub(state.budget_spent(&budget.id, now_ms));
+            let remaining = replicated_remaining.saturating_sub(local);
+            // A node with nothing pending may always take one call the remainder covers, so a
+            // remainder smaller than N reservations is still usable (at the price of at most
+            // one reservation per other node of overshoot).
+            let share = (replicated_remaining / nodes.max(1)).max(amount.max(1));
+            let needed = amount.max(1);
+            if remaining < needed || local.saturating_add(needed) > share {
+                let share_only = remaining >= needed;
+                if share_only {
+                    inner.flush_wanted = true;
+                }
+                return Err(BudgetExceeded {
+                    budget_id: budget.id.clone(),
+                    limit_nanos: budget.limit_nanos,
+                    remaining_nanos: remaining,
+                    needed_nanos: amount,
+                    share_only,
+                });
+            }
+            held.push(budget.id.clone());
+        }
+        for budget in &held {
+            *inner.reserved.entry(budget.clone()).or_default() += amount;
+        }
+        // Spend counts against soft budgets too, once settled.
+        let counted = budgets.iter().map(|budget| budget.id.clone()).collect();
+        Ok(Reservation {
+            ledger: self.clone(),
+            key_id: key_id.to_owned(),
+            held,
+            counted,
+            amount,
+            done: false,
+        })
+    }
+
+    /// Whether a reservation asked for an early flush (clears the request).
+    pub fn take_flush_wanted(&self) -> bool {
+        std::mem::take(&mut self.lock().flush_wanted)
+    }
+
+    /// Take the spend to record: the batch still in flight (a retry, same sequence), or a new
+    /// one of everything settled since. `None` when there is nothing to record.
+    pub fn take_batch(&self, now_ms: u64) -> Option<SpendBatch> {
+        let mut inner = self.lock();
+        if let Some((batch, _)) = &inner.in_flight {
+            return Some(batch.clone());
+        }
+        if inner.items.is_empty() {
+            return None;
+        }
+        // Sequences grow across restarts too: they start from the clock.
+        let seq = now_ms.saturating_mul(1024).max(inner.last_seq + 1);
+        inner.last_seq = seq;
+        let items: Vec<SpendItem> = std::mem::take(&mut inner.items).into_values().collect();
+        let amounts = std::mem::take(&mut inner.unflushed);
+        let batch = SpendBatch { seq, items };
+        inner.in_flight = Some((batch.clone(), amounts));
+        Some(batch)
+    }
+
+    /// The batch `seq` is applied (or was a duplicate): the replicated state counts it now.
+    pub fn batch_applied(&self, seq: u64) {
+        let mut inner = self.lock();
+        if inner
+            .in_flight
+            .as_ref()
+            .is_some_and(|(batch, _)| batch.seq == seq)
+        {
+            inner.in_flight = None;
+        }
+    }
+
+    /// What this node holds or has not yet recorded, per budget (for tests and status).
+    pub fn pending(&self, budget_id: &str) -> Nanos {
+        let inner = self.lock();
+        inner.reserved.get(budget_id).copied().unwrap_or(0)
+            + inner.unflushed.get(budget_id).copied().unwrap_or(0)
+            + inner
+                .in_flight
+                .as_ref()
+                .and_then(|(_, amounts)| amounts.get(budget_id).copied())
+                .unwrap_or(0)
+    }
+}
+
+/// A hold on budgets for one call. Settle it with the real usage; dropping it unsettled
+/// releases the hold.
+pub struct Reservation {
+    ledger: Arc<Ledger>,
+    key_id: String,
+    held: Vec<String>,
+    counted: Vec<String>,
+    amount: Nanos,
+    done: bool,
+}
+
+impl Reservation {
+    /// Replace the hold with the real cost of the call.
+    pub fn settle(mut self, model: &str, input_tokens: u64, output_tokens: u64, cost: Nanos) {
+        self.finish(Some((model, input_tokens, output_tokens, cost)));
+    }
+
+    /// The amount held.
+    pub fn amount(&self) -> Nanos {
+        self.amount
+    }
+
+    fn finish(&mut self, usage: Option<(&str, u64, u64, Nanos)>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let mut inner = self.ledger.lock();
+        for budget in &self.held {
+            if let Some(reserved) = inner.reserved.get_mut(budget) {
+                *reserved = reserved.saturating_sub(self.amount);
+                if *reserved == 0 {
+                    inner.reserved.remove(budget);
+                }
+            }
+        }
+        let Some((model, input_tokens, output_tokens, cost)) = usage else {
+            return;
+        };
+        for budget in &self.counted {
+            *inner.unflushed.entry(budget.clone()).or_default() += cost;
+        }
+        let item = inner
+            .items
+            .entry((self.key_id.clone(), model.to_owned()))
+            .or_insert_with(|| SpendItem {
+                key_id: self.key_id.clone(),
+                model: model.to_owned(),
+                requests: 0,
+                input_tokens: 0,
+                output_tokens: 0,
+                cost_nanos: 0,
+            });
+        item.requests += 1;
+        item.input_tokens += input_tokens;
+        item.output_tokens += output_tokens;
+        item.cost_nanos += cost;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.finish(None);
+    }
+}
+
+/// Built-in prices (nano-dollars per token: input, output), for well-known models. Operators
+/// override or add prices through the control plane.
+const BUILT_IN_PRICES: &[(&str, Nanos, Nanos)] = &[
+    ("gpt-4o", 2_500, 10_000),
+    ("gpt-4o-mini", 150, 600),
+    ("gpt-4.1", 2_000, 8_000),
+    ("gpt-4.1-mini", 400, 1_600),
+    ("gpt-4.1-nano", 100, 400),
+    ("o3", 2_000, 8_000),
+    ("o4-mini", 1_100, 4_400),
+    ("text-embedding-3-small", 20, 0),
+    ("text-embedding-3-large", 130, 0),
+    ("claude-sonnet-4-5", 3_000, 15_000),
+    ("claude-opus-4-1", 15_000, 75_000),
+    ("claude-haiku-4-5", 1_000, 5_000),
+    ("gemini-2.5-pro", 1_250, 10_000),
+    ("gemini-2.5-flash", 300, 2_500),
+];
+
+/// The price of a call: an override for the name the client asked for, then for
+/// `provider/model`, then for the upstream model, then the built-in table. `None` if unknown
+/// (such calls cost nothing).
+pub fn price_of(
+    state: &ControlState,
+    requested: &str,
+    provider: &str,
+    model: &str,
+) -> Option<Price> {
+    for name in [
+        requested.to_owned(),
+        format!("{provider}/{model}"),
+        model.to_owned(),
+    ] {
+        if let Some(price) = state.prices.get(&name) {
+            return Some(price.clone());
+        }
+    }
+    BUILT_IN_PRICES
+        .iter()
+        .find(|(name, _, _)| *name == model)
+        .map(|(name, input, output)| Price {
+            model: (*name).to_owned(),
+            input_nanos_per_token: *input,
+            output_nanos_per_token: *output,
+            cached_input_nanos_per_token: None,
+        })
+}
+
+/// The cost of `input` and `output` tokens, `cached` of the input served from cache.
+pub fn cost(price: &Price, input: u64, cached: u64, output: u64) -> Nanos {
+    let cached = cached.min(input);
+    let cached_price = price
+        .cached_input_nanos_per_token
+        .unwrap_or(price.input_nanos_per_token);
+    (input - cached)
+        .saturating_mul(price.input_nanos_per_token)
+        .saturating_add(cached.saturating_mul(cached_price))
+        .saturating_add(output.saturating_mul(price.output_nanos_per_token))
+}
+
+/// Worst-case input tokens of a request body: about one token per three bytes (English text
+/// averages four; JSON framing and other scripts run denser).
+pub fn estimate_input_tokens(body_len: usize) -> u64 {
+    (body_len as u64).div_ceil(3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skein_types::control::{
+        Budget, BudgetPeriod, Command, Limits, Proposal, Scope, VirtualKey,
+    };
+
+    fn state_with_budget(limit: Nanos) -> ControlState {
+        let mut state = ControlState::default();
+        let proposal = |command| Proposal {
+            actor: "test".into(),
+            at_ms: 0,
+            command,
+        };
+        state.apply(
+            1,
+            &proposal(Command::CreateKey {
+                key: VirtualKey {
+                    id: "k".into(),
+                    name: "k".into(),
+                    hash: "a".repeat(64),
+                    prefix: "sk".into(),
+                    owner: None,
+                    team: None,
+                    models: vec![],
+                    limits: Limits::default(),
+                    expires_at_ms: None,
+                    revoked: false,
+                    metadata: Default::default(),
+                    created_at_ms: 0,
+                    updated_at_ms: 0,
+                },
+            }),
+        );
+        state.apply(
+            2,
+            &proposal(Command::PutBudget {
+                budget: Budget {
+                    id: "b".into(),
+                    scope: Scope::Key("k".into()),
+                    limit_nanos: limit,
+                    period: BudgetPeriod::Lifetime,
+                    hard: true,
+                },
+            }),
+        );
+        state
+    }
+
+    #[test]
+    fn reservations_hold_settle_and_flush_once() {
+        let state = state_with_budget(1_000);
+        let ledger = Ledger::new();
+        let first = ledger.reserve(&state, "k", 600, 0, 1).expect("fits");
+        assert!(ledger.reserve(&state, "k", 600, 0, 1).is_err(), "held");
+        first.settle("m", 10, 5, 300);
+        assert_eq!(ledger.pending("b"), 300);
+        let second = ledger.reserve(&state, "k", 600, 0, 1).expect("fits again");
+        drop(second);
+        assert_eq!(ledger.pending("b"), 300, "a dropped hold is released");
+
+        let batch = ledger.take_batch(5).expect("batch");
+        assert_eq!(batch.items.len(), 1);
+        assert_eq!(batch.items[0].cost_nanos, 300);
+        assert_eq!(ledger.take_batch(6), Some(batch.clone()), "retried as is");
+        assert_eq!(ledger.pending("b"), 300, "counted until applied");
+        ledger.batch_applied(batch.seq);
+        assert_eq!(ledger.pending("b"), 0);
+        assert_eq!(ledger.take_batch(7), None);
+    }
+
+    #[test]
+    fn each_of_n_nodes_may_hold_a_share_of_what_remains() {
+        let state = state_with_budget(900);
+        let ledger = Ledger::new();
+        // Three nodes: this one may have 300 unrecorded or held.
+        let held = ledger
+            .reserve(&state, "k", 200, 0, 3)
+            .expect("within the share");
+        let refused = ledger
+            .reserve(&state, "k", 200, 0, 3)
+            .err()
+            .expect("beyond the share");
+        assert!(refused.share_only, "the budget itself has room");
+        assert!(ledger.take_flush_wanted());
+        assert!(!ledger.take_flush_wanted());
+        drop(held);
+        let exhausted = ledger
+            .reserve(&state, "k", 1_000, 0, 1)
+            .err()
+            .expect("too big");
+        assert!(!exhausted.share_only);
+    }
+
+    #[test]
+    fn costs_use_overrides_then_the_built_in_table() {
+        let mut state = ControlState::default();
+        assert_eq!(price_of(&state, "alias", "p", "unknown-model"), None);
+        let builtin = price_of(&state, "alias", "openai", "gpt-4o").expect("built in");
+        assert_eq!(cost(&builtin, 1_000, 0, 100), 2_500_000 + 1_000_000);
+        state.prices.insert(
+            "alias".into(),
+            Price {
+                model: "alias".into(),
+                input_nanos_per_token: 1,
+                output_nanos_per_token: 2,
+                cached_input_nanos_per_token: Some(0),
+            },
+        );
+        let overridden = price_of(&state, "alias", "openai", "gpt-4o").expect("override");
+        assert_eq!(cost(&overridden, 100, 40, 10), 60 + 20);
+    }
+}
