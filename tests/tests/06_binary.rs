@@ -125,3 +125,133 @@ async fn serve_proxies_keeps_secrets_out_of_logs_and_drains_on_sigterm() {
     assert!(exit.success(), "exit status {exit:?}\n{}", node.output());
     assert!(node.wait_for("stopped", Duration::from_secs(2)).is_some());
 }
+
+/// Run the `skein` CLI against `endpoint`; (success, stdout, stderr).
+fn cli(endpoint: &str, token: &str, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(binary("skein").expect("binary"))
+        .args(args)
+        .args(["--endpoint", endpoint, "--token", token])
+        .env_remove("SKEIN_ADMIN_TOKEN")
+        .env_remove("SKEIN_ENDPOINT")
+        .output()
+        .expect("run");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_keys_entities_cluster_and_config() {
+    let mock = start_mock().await.expect("mock");
+    let data = tempfile::tempdir().expect("data dir");
+    let config = data.path().join("skein.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 1\nproviders:\n  - name: p\n    kind: openai_compatible\n    base_url: {}/v1\n    keys: [{{key: env:UPSTREAM}}]\nroutes:\n  - name: alpha\n    deployments: [{{provider: p, model: m}}]\n",
+            mock.url()
+        ),
+    )
+    .expect("config");
+    let node = Spawned::start(
+        Command::new(binary("skein").expect("binary"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(data.path().join("data"))
+            .args([
+                "--http-addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--admin-token",
+                "cli-token",
+            ])
+            .env("UPSTREAM", "upstream-secret")
+            .env_remove("SKEIN_CONFIG"),
+    );
+    let line = node
+        .wait_for("skein is serving", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no start line:\n{}", node.output()));
+    let started: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+    let grpc = started["grpc"].as_str().expect("grpc").to_owned();
+    let http = started["http"].as_str().expect("http").to_owned();
+
+    // A key: the secret is printed once and works on the proxy.
+    let (ok, out, err) = cli(
+        &grpc,
+        "cli-token",
+        &[
+            "key", "create", "--id", "cli-key", "--model", "alpha", "--output", "json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let secret = created["secret"].as_str().expect("secret").to_owned();
+    let status = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+        .post(format!("{http}/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .json(
+            &serde_json::json!({"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .expect("call")
+        .status();
+    assert_eq!(status.as_u16(), 200);
+    let (ok, out, _) = cli(&grpc, "cli-token", &["key", "list"]);
+    assert!(
+        ok && out.contains("cli-key") && !out.contains(&secret),
+        "{out}"
+    );
+
+    // Entities from JSON, the cluster, export.
+    let (ok, _, err) = cli(
+        &grpc,
+        "cli-token",
+        &[
+            "team",
+            "create",
+            "--json",
+            r#"{"id": "platform", "name": "Platform"}"#,
+        ],
+    );
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&grpc, "cli-token", &["cluster", "status"]);
+    assert!(ok && out.contains("leader"), "{out}{err}");
+    let (ok, out, _) = cli(&grpc, "cli-token", &["config", "export"]);
+    assert!(
+        ok && out.contains("platform") && out.contains("cli-key"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&grpc, "cli-token", &["usage", "--output", "json"]);
+    assert!(ok && out.contains("rows"), "{out}");
+
+    // Errors are typed and say what is wrong.
+    let (ok, _, err) = cli(&grpc, "wrong-token", &["team", "list"]);
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    let (ok, _, err) = cli(
+        &grpc,
+        "cli-token",
+        &[
+            "route",
+            "create",
+            "--json",
+            r#"{"name": "r", "deployments": [{"provider": "ghost", "model": "m"}]}"#,
+        ],
+    );
+    assert!(
+        !ok && err.contains("InvalidArgument") && err.contains("route.deployments[0].provider"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&grpc, "cli-token", &["key", "revoke", "nobody"]);
+    assert!(!ok && err.contains("NotFound"), "{err}");
+}

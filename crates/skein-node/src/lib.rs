@@ -3,6 +3,7 @@
 //! crate, and tests start nodes in-process through [`start_node`].
 
 pub mod admin;
+pub mod cli;
 pub mod env;
 pub mod load;
 pub mod node;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use skein_node::cli;
 use skein_node::load::build_runtime;
 use skein_node::node::ClusterOptions;
 use skein_node::node::bind_listener;
@@ -16,6 +17,8 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    connection: cli::Connection,
 }
 
 #[derive(Debug, Subcommand)]
@@ -26,6 +29,36 @@ enum Command {
     Check(CheckArgs),
     /// Show what a running node serves and the state of its provider keys (admin gRPC API).
     Status(StatusArgs),
+    /// Virtual keys: create (the secret is shown once), list, get, update, rotate, revoke,
+    /// delete.
+    #[command(subcommand)]
+    Key(cli::KeyCommand),
+    /// Teams (keys belong to a team, teams to a customer).
+    #[command(subcommand)]
+    Team(cli::EntityCommand),
+    /// Customers.
+    #[command(subcommand)]
+    Customer(cli::EntityCommand),
+    /// Budgets on keys, teams and customers.
+    #[command(subcommand)]
+    Budget(cli::EntityCommand),
+    /// Upstream providers.
+    #[command(subcommand)]
+    Provider(cli::EntityCommand),
+    /// Model routes.
+    #[command(subcommand)]
+    Route(cli::EntityCommand),
+    /// Model price overrides.
+    #[command(subcommand)]
+    Price(cli::EntityCommand),
+    /// Recorded usage and spend.
+    Usage(cli::UsageArgs),
+    /// Raft membership and status.
+    #[command(subcommand)]
+    Cluster(cli::ClusterCommand),
+    /// Export or import the whole configuration.
+    #[command(subcommand)]
+    Config(cli::ConfigCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,13 +166,31 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(serve(*args))
         }
         Command::Check(args) => check(args),
-        Command::Status(args) => {
+        admin => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            runtime.block_on(status(args))
+            runtime.block_on(run_admin(&cli.connection, admin))
         }
+    }
+}
+
+async fn run_admin(connection: &cli::Connection, command: Command) -> anyhow::Result<()> {
+    use skein_proto::admin::v1::Kind;
+    match command {
+        Command::Status(args) => status(args).await,
+        Command::Key(command) => cli::key(connection, command).await,
+        Command::Team(command) => cli::entity(connection, Kind::Team, command).await,
+        Command::Customer(command) => cli::entity(connection, Kind::Customer, command).await,
+        Command::Budget(command) => cli::entity(connection, Kind::Budget, command).await,
+        Command::Provider(command) => cli::entity(connection, Kind::Provider, command).await,
+        Command::Route(command) => cli::entity(connection, Kind::Route, command).await,
+        Command::Price(command) => cli::entity(connection, Kind::Price, command).await,
+        Command::Usage(args) => cli::usage(connection, args).await,
+        Command::Cluster(command) => cli::cluster(connection, command).await,
+        Command::Config(command) => cli::config(connection, command).await,
+        Command::Serve(_) | Command::Check(_) => Ok(()),
     }
 }
 
