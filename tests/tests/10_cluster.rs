@@ -299,9 +299,9 @@ async fn writes_replicate_keys_work_everywhere_and_the_group_survives_kill_9() {
     .await;
     println!("key accepted by every proxy after {took:?}");
 
-    // Revoked on one node, refused by every node within a second.
+    // Revoked on one node (another follower), refused by every node within a second.
     cluster
-        .admin(leader)
+        .admin(c)
         .await
         .revoke_key(authorized(KeyRequest {
             id: "k1".to_owned(),
@@ -659,6 +659,19 @@ async fn budget_overshoot_across_three_nodes_under_concurrent_load() {
     }
     let elapsed = started.elapsed();
     let accepted: u64 = accepted_per_node.iter().sum();
+    if elapsed > Duration::from_secs(10) {
+        for node in &cluster.nodes {
+            if let Some(process) = &node.process {
+                let log: Vec<String> = process
+                    .output()
+                    .lines()
+                    .filter(|line| line.contains("spend") || line.contains("WARN") || line.contains("ERROR"))
+                    .map(str::to_owned)
+                    .collect();
+                println!("node {} log:\n{}", node.id, log.join("\n"));
+            }
+        }
+    }
 
     // Wait until every accepted request is recorded.
     let total = poll_recorded(&cluster, leader, "shared", |(_, requests)| {

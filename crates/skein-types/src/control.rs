@@ -1308,6 +1308,30 @@ mod tests {
     }
 
     #[test]
+    fn budgets_read_as_the_readme_writes_them() {
+        let budget: Budget = serde_json::from_str(
+            r#"{"id": "ci-daily", "scope": {"kind": "key", "id": "k"}, "limit_nanos": 5000000000, "period": {"calendar": {"unit": "day"}}}"#,
+        )
+        .expect("calendar budget");
+        assert_eq!(
+            budget.period,
+            BudgetPeriod::Calendar {
+                unit: CalendarUnit::Day,
+                utc_offset_minutes: 0
+            }
+        );
+        assert!(budget.hard);
+        let rolling: BudgetPeriod =
+            serde_json::from_str(r#"{"rolling": {"window_ms": 3600000}}"#).expect("rolling");
+        assert_eq!(
+            rolling,
+            BudgetPeriod::Rolling {
+                window_ms: 3_600_000
+            }
+        );
+    }
+
+    #[test]
     fn rolling_budgets_forget_old_spend() {
         let mut ledger = BudgetLedger::default();
         let period = BudgetPeriod::Rolling {
