@@ -665,7 +665,9 @@ async fn budget_overshoot_across_three_nodes_under_concurrent_load() {
                 let log: Vec<String> = process
                     .output()
                     .lines()
-                    .filter(|line| line.contains("spend") || line.contains("WARN") || line.contains("ERROR"))
+                    .filter(|line| {
+                        line.contains("spend") || line.contains("WARN") || line.contains("ERROR")
+                    })
                     .map(str::to_owned)
                     .collect();
                 println!("node {} log:\n{}", node.id, log.join("\n"));
