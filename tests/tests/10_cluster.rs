@@ -713,3 +713,137 @@ async fn budget_overshoot_across_three_nodes_under_concurrent_load() {
         "overshoot {overshoot} beyond the bound {bound}"
     );
 }
+
+/// A CA, a certificate for the nodes (127.0.0.1 and localhost) and one for a client, as PEM
+/// files in `dir`.
+fn write_certificates(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "skein test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
+    for (name, names) in [
+        ("node", vec!["localhost".to_owned(), "127.0.0.1".to_owned()]),
+        ("client", vec!["skein-cli".to_owned()]),
+    ] {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(names)
+            .expect("params")
+            .signed_by(&key, &ca, &ca_key)
+            .expect("sign");
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write");
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write");
+    }
+}
+
+/// Run the CLI; (success, stdout, stderr).
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(binary("skein").expect("binary"))
+        .args(args)
+        .args(["--token", TOKEN])
+        .env_remove("SKEIN_ENDPOINT")
+        .env_remove("SKEIN_ADMIN_TOKEN")
+        .output()
+        .expect("run");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_and_the_admin_api_run_over_mutual_tls() {
+    let mock = start_mock().await.expect("mock");
+    let certs = tempfile::tempdir().expect("dir");
+    write_certificates(certs.path());
+    let path = |name: &str| certs.path().join(name).display().to_string();
+    let (ca, node_cert, node_key) = (path("ca.pem"), path("node.pem"), path("node.key"));
+    let (client_cert, client_key) = (path("client.pem"), path("client.key"));
+    let cluster = Cluster::start(
+        &mock.url(),
+        3,
+        0,
+        &[
+            "--grpc-tls-cert",
+            &node_cert,
+            "--grpc-tls-key",
+            &node_key,
+            "--grpc-tls-ca",
+            &ca,
+            "--grpc-tls-require-client-cert",
+        ],
+    );
+    let endpoint = |index: usize| format!("https://{}", cluster.nodes[index].grpc);
+    let tls = [
+        "--tls-ca",
+        ca.as_str(),
+        "--tls-cert",
+        client_cert.as_str(),
+        "--tls-key",
+        client_key.as_str(),
+    ];
+
+    // The group forms over mTLS: a leader, and every member answers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut args = vec!["cluster", "status", "--output", "json", "--endpoint"];
+        let first = endpoint(0);
+        args.push(&first);
+        args.extend(tls);
+        let (ok, out, err) = cli(&args);
+        if ok {
+            let status: serde_json::Value = serde_json::from_str(&out).expect("json");
+            let members = status["members"].as_array().cloned().unwrap_or_default();
+            if status["leader_id"].as_u64().unwrap_or(0) != 0
+                && members.len() == 3
+                && members.iter().all(|member| member["reachable"] == true)
+            {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no TLS cluster formed: {out}{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A key created through node 2 works on node 3's proxy.
+    let second = endpoint(1);
+    let mut args = vec![
+        "key",
+        "create",
+        "--id",
+        "tls-key",
+        "--output",
+        "json",
+        "--endpoint",
+        &second,
+    ];
+    args.extend(tls);
+    let (ok, out, err) = cli(&args);
+    assert!(ok, "{err}");
+    let secret = serde_json::from_str::<serde_json::Value>(&out).expect("json")["secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    everywhere(&[2], Duration::from_secs(2), |i| {
+        let secret = secret.clone();
+        let cluster = &cluster;
+        async move { cluster.chat(i, &secret).await == 200 }
+    })
+    .await;
+
+    // Without a client certificate, or without TLS, the port refuses.
+    let third = endpoint(2);
+    let (ok, _, err) = cli(&["team", "list", "--endpoint", &third, "--tls-ca", &ca]);
+    assert!(!ok, "a client without a certificate was served: {err}");
+    let plain = format!("http://{}", cluster.nodes[2].grpc);
+    let (ok, _, err) = cli(&["team", "list", "--endpoint", &plain]);
+    assert!(!ok, "a plaintext client was served: {err}");
+}

@@ -55,7 +55,7 @@ openraft::declare_raft_types!(
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 
 /// Settings of the control plane.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ControlOptions {
     pub node_id: NodeId,
     /// The gRPC address other nodes reach this one at (`host:port`).
@@ -69,6 +69,8 @@ pub struct ControlOptions {
     pub snapshot_after_logs: u64,
     /// Log entries kept behind the last snapshot (for followers that lag a little).
     pub keep_logs: u64,
+    /// TLS towards peers (when the gRPC port speaks TLS).
+    pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl ControlOptions {
@@ -84,6 +86,7 @@ impl ControlOptions {
             election_timeout_max_ms: 1000,
             snapshot_after_logs: 5000,
             keep_logs: 1000,
+            peer_tls: None,
         }
     }
 }
@@ -177,7 +180,7 @@ impl ControlPlane {
         }
         .validate()
         .map_err(|error| ControlError::InvalidArgument(error.to_string()))?;
-        let channels = Channels::default();
+        let channels = Channels::new(options.peer_tls.clone());
         let network = Network {
             channels: channels.clone(),
         };

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use skein_proto::raft::v1::RaftMessage;
 use skein_proto::raft::v1::raft_client::RaftClient;
 use skein_proto::raft::v1::raft_server;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::{ControlPlane, Forwarded, Node, NodeId, TypeConfig};
@@ -32,9 +32,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone, Default)]
 pub struct Channels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// TLS towards peers, when the gRPC port speaks it.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Channels {
+    pub fn new(tls: Option<ClientTlsConfig>) -> Channels {
+        Channels {
+            channels: Arc::default(),
+            tls,
+        }
+    }
+
     /// The cached channel to `addr` (`host:port`), created lazily on first use.
     pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut channels = match self.channels.lock() {
@@ -44,10 +53,14 @@ impl Channels {
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        let channel = endpoint.connect_lazy();
         channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)
     }

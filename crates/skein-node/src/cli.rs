@@ -33,6 +33,44 @@ pub struct Connection {
     /// Output format.
     #[arg(long, env = "SKEIN_OUTPUT", value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
+    /// The CA to verify the node's TLS certificate with (PEM); implies TLS.
+    #[arg(long, env = "SKEIN_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM), for nodes that require mutual TLS.
+    #[arg(long, env = "SKEIN_TLS_CERT", global = true, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "SKEIN_TLS_KEY", global = true, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Connection {
+    fn tls(&self) -> bool {
+        self.tls_ca.is_some() || self.endpoint.starts_with("https://")
+    }
+
+    /// A channel to `endpoint` (`http(s)://host:port`), with this connection's TLS settings.
+    async fn channel(&self, endpoint: &str) -> anyhow::Result<Channel> {
+        let mut uri = endpoint.to_owned();
+        if self.tls() && uri.starts_with("http://") {
+            uri = uri.replacen("http://", "https://", 1);
+        }
+        let mut builder = tonic::transport::Endpoint::from_shared(uri.clone())
+            .with_context(|| format!("{uri} is not a valid endpoint"))?;
+        if self.tls() {
+            let identity = match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                _ => None,
+            };
+            builder = builder
+                .tls_config(crate::tls::client_tls(self.tls_ca.as_ref(), identity)?)
+                .context("TLS settings")?;
+        }
+        builder
+            .connect()
+            .await
+            .with_context(|| format!("connecting to the admin API at {uri}"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -177,9 +215,9 @@ pub struct UsageArgs {
 }
 
 async fn connect(connection: &Connection) -> anyhow::Result<AdminClient<Channel>> {
-    AdminClient::connect(connection.endpoint.clone())
-        .await
-        .with_context(|| format!("connecting to the admin API at {}", connection.endpoint))
+    Ok(AdminClient::new(
+        connection.channel(&connection.endpoint).await?,
+    ))
 }
 
 fn request<T>(connection: &Connection, message: T) -> anyhow::Result<tonic::Request<T>> {
@@ -555,8 +593,8 @@ async fn cluster_status(
     // Ask every member for its own view (a member that does not answer is shown as such).
     let mut views = BTreeMap::new();
     for member in &status.members {
-        let view = match AdminClient::connect(format!("http://{}", member.addr)).await {
-            Ok(mut peer) => peer
+        let view = match connection.channel(&format!("http://{}", member.addr)).await {
+            Ok(channel) => AdminClient::new(channel)
                 .cluster_status(request(connection, ClusterStatusRequest {})?)
                 .await
                 .ok()

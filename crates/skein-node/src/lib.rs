@@ -7,6 +7,7 @@ pub mod cli;
 pub mod env;
 pub mod load;
 pub mod node;
+pub mod tls;
 
 pub use env::{Environment, MapEnvironment, ProcessEnvironment};
 pub use load::{ConfigSource, discover_providers, load_config, parse_config_text};

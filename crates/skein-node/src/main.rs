@@ -128,6 +128,19 @@ struct ServeArgs {
         hide = true
     )]
     raft_keep_logs: u64,
+    /// Serve the gRPC port (admin API and Raft) over TLS with this certificate chain (PEM).
+    #[arg(long, env = "SKEIN_GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    grpc_tls_cert: Option<PathBuf>,
+    /// The private key of --grpc-tls-cert (PEM).
+    #[arg(long, env = "SKEIN_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    grpc_tls_key: Option<PathBuf>,
+    /// The CA that signed the nodes' certificates (PEM): peers are verified against it.
+    #[arg(long, env = "SKEIN_GRPC_TLS_CA")]
+    grpc_tls_ca: Option<PathBuf>,
+    /// Mutual TLS: clients (peers and the CLI) must present a certificate signed by
+    /// --grpc-tls-ca.
+    #[arg(long, env = "SKEIN_GRPC_TLS_REQUIRE_CLIENT_CERT")]
+    grpc_tls_require_client_cert: bool,
     /// A file holding the admin API token (instead of --admin-token).
     #[arg(long, env = "SKEIN_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
     admin_token_file: Option<PathBuf>,
@@ -242,6 +255,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cluster,
         admin_token,
         sync_env_providers: source == ConfigSource::Environment,
+        grpc_tls: match (&args.grpc_tls_cert, &args.grpc_tls_key) {
+            (Some(cert), Some(key)) => Some(skein_node::tls::GrpcTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: args.grpc_tls_ca.clone(),
+                require_client_cert: args.grpc_tls_require_client_cert,
+            }),
+            _ => None,
+        },
         ..NodeOptions::new(args.data_dir.clone())
     };
     let grpc_listener = bind_listener(&args.grpc_addr)
@@ -263,7 +285,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     tracing::info!(
         http = %format!("http://{}", node.http_addr),
-        grpc = %format!("http://{}", node.grpc_addr),
+        grpc = %format!("{}://{}", if args.grpc_tls_cert.is_some() { "https" } else { "http" }, node.grpc_addr),
         node_id = node.control.id(),
         data_dir = %args.data_dir.display(),
         config = %source_text,

@@ -18,6 +18,7 @@ use skein_types::{SkeinConfig, ValidatedConfig};
 use crate::admin::AdminService;
 use crate::env::Environment;
 use crate::load::build_runtime;
+use crate::tls::{GrpcTls, serve_tls};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -35,6 +36,8 @@ pub struct NodeOptions {
     /// on every start, providers whose variables changed are updated in the replicated config,
     /// so a changed `OPENAI_BASE_URL` takes effect as it would without a control plane.
     pub sync_env_providers: bool,
+    /// TLS (or mutual TLS) on the gRPC port.
+    pub grpc_tls: Option<GrpcTls>,
 }
 
 /// Where this node's Raft state lives and which group it belongs to.
@@ -85,6 +88,7 @@ impl NodeOptions {
             cluster: ClusterOptions::single(data_dir),
             admin_token: None,
             sync_env_providers: false,
+            grpc_tls: None,
         }
     }
 }
@@ -135,6 +139,10 @@ pub async fn start_node(
         election_timeout_max_ms: cluster.election_timeout_max_ms,
         snapshot_after_logs: cluster.snapshot_after_logs,
         keep_logs: cluster.keep_logs,
+        peer_tls: match &options.grpc_tls {
+            Some(tls) => Some(tls.peer_client()?),
+            None => None,
+        },
     })
     .await
     .map_err(|error| anyhow::anyhow!("opening the control plane: {error}"))?;
@@ -180,13 +188,21 @@ pub async fn start_node(
     )
     .into_router();
     let mut grpc_signal = shutdown_signal;
-    let admin = tokio::spawn(async move {
-        axum::serve(grpc_listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = grpc_signal.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    let admin = match &options.grpc_tls {
+        Some(tls) => tokio::spawn(serve_tls(
+            grpc_listener,
+            router,
+            tls.acceptor()?,
+            grpc_signal,
+        )),
+        None => tokio::spawn(async move {
+            axum::serve(grpc_listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = grpc_signal.wait_for(|stop| *stop).await;
+                })
+                .await
+        }),
+    };
 
     let mut tasks = vec![tokio::spawn(follow_config(
         control.clone(),
