@@ -177,7 +177,16 @@ pub fn metric_value(metrics: &str, name: &str, fragments: &[&str]) -> Option<f64
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (for addresses that must be known before
 /// a process starts, such as Raft voter lists).
+///
+/// It is drawn at random below the kernel's ephemeral range (which starts at 32768 by
+/// default): a port the kernel handed out for `bind(0)` could be handed out again, to any
+/// outgoing connection, before the process that is told to use it binds it.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    for _ in 0..100 {
+        let port = fastrand::u16(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port found below the ephemeral range")
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use skein_proto::admin::v1::admin_client::AdminClient;
 use skein_proto::admin::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, CreateKeyRequest, GetRequest, KeyRequest, Kind,
-    ListRequest, UsageRequest, WriteRequest,
+    ClusterMember, ClusterStatusRequest, ClusterStatusResponse, CreateKeyRequest, GetRequest,
+    KeyRequest, Kind, ListRequest, NodeRequest, TriggerSnapshotRequest, UsageRequest, WriteRequest,
 };
 use skein_tests::process::Spawned;
 use skein_tests::{binary, free_port, start_mock};
@@ -526,6 +526,42 @@ async fn a_lagging_node_and_a_new_learner_catch_up_from_a_snapshot() {
         async move { cluster.chat(i, &secret).await == 200 }
     })
     .await;
+
+    // Membership through the admin API of a follower: promote the learner, then remove it;
+    // and a snapshot on demand.
+    let follower = voters
+        .iter()
+        .copied()
+        .find(|i| *i != leader)
+        .expect("follower");
+    let mut follower_admin = cluster.admin(follower).await;
+    follower_admin
+        .promote_voter(authorized(NodeRequest { id: 4 }))
+        .await
+        .expect("promote");
+    let is_voter = |members: &[ClusterMember]| {
+        members
+            .iter()
+            .find(|member| member.id == 4)
+            .map(|member| member.voter)
+    };
+    let status = cluster.status(leader).await.expect("status");
+    assert_eq!(is_voter(&status.members), Some(true), "{status:?}");
+    follower_admin
+        .remove_node(authorized(NodeRequest { id: 4 }))
+        .await
+        .expect("remove");
+    let status = cluster.status(leader).await.expect("status");
+    assert_eq!(is_voter(&status.members), None, "{status:?}");
+    let snapshot = follower_admin
+        .trigger_snapshot(authorized(TriggerSnapshotRequest {}))
+        .await
+        .expect("snapshot")
+        .into_inner();
+    assert!(
+        snapshot.index >= status.applied_index.min(60),
+        "{snapshot:?}"
+    );
 }
 
 /// Total recorded cost and requests of a key, as node `index` has applied it.

@@ -125,11 +125,12 @@ pub enum CalendarUnit {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum BudgetPeriod {
-    /// Resets at each calendar boundary, in a fixed offset from UTC (minutes east).
+    /// Resets at each calendar boundary (midnight; weeks start on Monday) in an IANA time
+    /// zone, daylight saving included.
     Calendar {
         unit: CalendarUnit,
-        #[serde(default)]
-        utc_offset_minutes: i32,
+        #[serde(default = "default_time_zone")]
+        time_zone: String,
     },
     /// Spend over the last `window_ms` milliseconds.
     Rolling { window_ms: u64 },
@@ -152,6 +153,10 @@ pub struct Budget {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_time_zone() -> String {
+    "UTC".to_owned()
 }
 
 /// A model's price, overriding the built-in table.
@@ -703,19 +708,21 @@ impl ControlState {
                 format!("{:?} does not exist", budget.scope),
             ));
         }
-        match budget.period {
-            BudgetPeriod::Rolling { window_ms } if window_ms < 60_000 => Err(Rejection::new(
+        match &budget.period {
+            BudgetPeriod::Rolling { window_ms } if *window_ms < 60_000 => Err(Rejection::new(
                 RejectCode::InvalidArgument,
-                Some("budget.period.window"),
+                Some("budget.period.window_ms"),
                 "a rolling window must be at least one minute",
             )),
-            BudgetPeriod::Calendar {
-                utc_offset_minutes, ..
-            } if utc_offset_minutes.abs() > 14 * 60 => Err(Rejection::new(
-                RejectCode::InvalidArgument,
-                Some("budget.period.utc_offset_minutes"),
-                "must be within ±14 hours",
-            )),
+            BudgetPeriod::Calendar { time_zone, .. }
+                if jiff::tz::TimeZone::get(time_zone).is_err() =>
+            {
+                Err(Rejection::new(
+                    RejectCode::InvalidArgument,
+                    Some("budget.period.time_zone"),
+                    format!("`{time_zone}` is not an IANA time zone (like `Europe/Paris`)"),
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -829,12 +836,8 @@ impl ControlState {
                     .is_none_or(|existing| existing.period != budget.period);
                 if changed_period {
                     let mut ledger = BudgetLedger::default();
-                    if let BudgetPeriod::Calendar {
-                        unit,
-                        utc_offset_minutes,
-                    } = budget.period
-                    {
-                        ledger.period_start_ms = period_start(at_ms, unit, utc_offset_minutes);
+                    if let BudgetPeriod::Calendar { unit, time_zone } = &budget.period {
+                        ledger.period_start_ms = period_start(at_ms, *unit, time_zone);
                     }
                     self.ledgers.insert(budget.id.clone(), ledger);
                 }
@@ -991,18 +994,16 @@ impl ControlState {
 impl BudgetLedger {
     /// Move the ledger to the period that contains `now_ms`.
     fn roll(&mut self, period: &BudgetPeriod, now_ms: u64) {
-        match *period {
-            BudgetPeriod::Calendar {
-                unit,
-                utc_offset_minutes,
-            } => {
-                let start = period_start(now_ms, unit, utc_offset_minutes);
+        match period {
+            BudgetPeriod::Calendar { unit, time_zone } => {
+                let start = period_start(now_ms, *unit, time_zone);
                 if start > self.period_start_ms {
                     self.period_start_ms = start;
                     self.spent_nanos = 0;
                 }
             }
             BudgetPeriod::Rolling { window_ms } => {
+                let window_ms = *window_ms;
                 let horizon = now_ms.saturating_sub(window_ms);
                 while self
                     .buckets
@@ -1018,20 +1019,17 @@ impl BudgetLedger {
 
     /// Spend in the period that contains `now_ms`.
     pub fn spent_at(&self, period: &BudgetPeriod, now_ms: u64) -> Nanos {
-        match *period {
-            BudgetPeriod::Calendar {
-                unit,
-                utc_offset_minutes,
-            } => {
-                if period_start(now_ms, unit, utc_offset_minutes) > self.period_start_ms {
+        match period {
+            BudgetPeriod::Calendar { unit, time_zone } => {
+                if period_start(now_ms, *unit, time_zone) > self.period_start_ms {
                     0
                 } else {
                     self.spent_nanos
                 }
             }
             BudgetPeriod::Rolling { window_ms } => {
-                let horizon = now_ms.saturating_sub(window_ms);
-                let width = bucket_width(window_ms);
+                let horizon = now_ms.saturating_sub(*window_ms);
+                let width = bucket_width(*window_ms);
                 self.buckets
                     .iter()
                     .filter(|(start, _)| start + width > horizon)
@@ -1048,49 +1046,34 @@ fn bucket_width(window_ms: u64) -> u64 {
     (window_ms / 60).max(60_000)
 }
 
-/// The start (ms since the epoch, UTC) of the calendar period containing `at_ms`, for periods
-/// whose boundaries are midnights at `offset_minutes` east of UTC. Weeks start on Monday.
-pub fn period_start(at_ms: u64, unit: CalendarUnit, offset_minutes: i32) -> u64 {
-    let offset_ms = i64::from(offset_minutes) * 60_000;
-    let local = at_ms as i64 + offset_ms;
-    let day_ms = DAY_MS as i64;
-    let days = local.div_euclid(day_ms);
-    let start_day = match unit {
-        CalendarUnit::Day => days,
-        // 1970-01-01 was a Thursday: Monday is 3 days before it.
-        CalendarUnit::Week => days - (days + 3).rem_euclid(7),
-        CalendarUnit::Month => {
-            let (year, month, _) = civil_from_days(days);
-            days_from_civil(year, month, 1)
-        }
+/// The start (ms since the epoch) of the calendar period containing `at_ms`: midnight in
+/// `time_zone` of that day, of that week's Monday, or of that month's first day. The time-zone
+/// database is built into the binary, so every node of a version computes the same periods.
+/// An unknown zone (refused when the budget is written) counts as UTC.
+pub fn period_start(at_ms: u64, unit: CalendarUnit, time_zone: &str) -> u64 {
+    let zone = jiff::tz::TimeZone::get(time_zone).unwrap_or(jiff::tz::TimeZone::UTC);
+    let millis = i64::try_from(at_ms).unwrap_or(i64::MAX);
+    let Ok(instant) = jiff::Timestamp::from_millisecond(millis) else {
+        return 0;
     };
-    (start_day * day_ms - offset_ms).max(0) as u64
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (Howard Hinnant's method).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// (year, month, day) → days since 1970-01-01.
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let yoe = year.rem_euclid(400);
-    let month = i64::from(month);
-    let mp = if month > 2 { month - 3 } else { month + 9 };
-    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    let local = instant.to_zoned(zone);
+    let start = match unit {
+        CalendarUnit::Day => local.start_of_day(),
+        CalendarUnit::Week => {
+            let back = i64::from(local.weekday().to_monday_zero_offset());
+            local
+                .start_of_day()
+                .and_then(|day| day.checked_sub(jiff::Span::new().days(back)))
+                .and_then(|monday| monday.start_of_day())
+        }
+        CalendarUnit::Month => local
+            .first_of_month()
+            .and_then(|first| first.start_of_day()),
+    };
+    start
+        .ok()
+        .and_then(|start| u64::try_from(start.timestamp().as_millisecond()).ok())
+        .unwrap_or(0)
 }
 
 fn by_name<T>(items: Vec<T>, name: impl Fn(&T) -> String) -> BTreeMap<String, T> {
@@ -1295,16 +1278,40 @@ mod tests {
     fn calendar_periods_start_at_local_midnight() {
         // 2026-11-22T10:00:00Z is a Sunday.
         let at = 1_795_341_600_000;
-        assert_eq!(period_start(at, CalendarUnit::Day, 0), 1_795_305_600_000);
+        assert_eq!(
+            period_start(at, CalendarUnit::Day, "UTC"),
+            1_795_305_600_000
+        );
         // Monday 2026-11-16T00:00Z.
         assert_eq!(
-            period_start(at, CalendarUnit::Week, 0),
+            period_start(at, CalendarUnit::Week, "UTC"),
             1_795_305_600_000 - 6 * DAY_MS
         );
         // 2026-11-01T00:00Z.
-        assert_eq!(period_start(at, CalendarUnit::Month, 0), 1_793_491_200_000);
-        // At UTC-10 that instant is local midnight, 2026-11-22T00:00-10:00.
-        assert_eq!(period_start(at, CalendarUnit::Day, -600), 1_795_341_600_000);
+        assert_eq!(
+            period_start(at, CalendarUnit::Month, "UTC"),
+            1_793_491_200_000
+        );
+        // In Honolulu (UTC-10) that instant is local midnight, 2026-11-22T00:00-10:00.
+        assert_eq!(
+            period_start(at, CalendarUnit::Day, "Pacific/Honolulu"),
+            1_795_341_600_000
+        );
+        // Daylight saving: 2026-03-29 in Paris has 23 hours; the day starts at 00:00+01:00,
+        // 2026-03-28T23:00Z, and the next at 00:00+02:00, 2026-03-29T22:00Z.
+        let noon_paris = 1_774_778_400_000; // 2026-03-29T10:00Z
+        assert_eq!(
+            period_start(noon_paris, CalendarUnit::Day, "Europe/Paris"),
+            1_774_738_800_000
+        );
+        assert_eq!(
+            period_start(
+                noon_paris + 13 * 3_600_000,
+                CalendarUnit::Day,
+                "Europe/Paris"
+            ),
+            1_774_821_600_000
+        );
     }
 
     #[test]
@@ -1317,7 +1324,7 @@ mod tests {
             budget.period,
             BudgetPeriod::Calendar {
                 unit: CalendarUnit::Day,
-                utc_offset_minutes: 0
+                time_zone: "UTC".to_owned()
             }
         );
         assert!(budget.hard);
