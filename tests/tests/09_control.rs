@@ -444,6 +444,34 @@ async fn a_hard_budget_refuses_with_insufficient_quota_once_spent() {
     assert_eq!(recorded.1, accepted, "each request recorded once");
     assert!(recorded.0 <= 200_000, "spent {} of 200000", recorded.0);
     assert!(recorded.0 > 0);
+
+    // By period: today holds it all, tomorrow nothing.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let period = |since_ms, until_ms| UsageRequest {
+        key_id: "budgeted".to_owned(),
+        since_ms,
+        until_ms,
+        ..Default::default()
+    };
+    let today = client
+        .get_usage(authorized(period(now_ms, 0)))
+        .await
+        .expect("usage")
+        .into_inner();
+    assert_eq!(today.cost_in_period_nanos, recorded.0);
+    assert_eq!(
+        today.rows.iter().map(|row| row.requests).sum::<u64>(),
+        accepted
+    );
+    let tomorrow = client
+        .get_usage(authorized(period(now_ms + 86_400_000, 0)))
+        .await
+        .expect("usage")
+        .into_inner();
+    assert!(tomorrow.rows.is_empty() && tomorrow.cost_in_period_nanos == 0);
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ use skein_proto::admin::v1::{
 use skein_proxy::AppState;
 use skein_types::control::{
     Budget, Command, ConfigExport, ControlState, Customer, Limits, Outcome, Price, RejectCode,
-    Team, VirtualKey,
+    Team, UsageTotals, VirtualKey,
 };
 use skein_types::{ProviderSpec, RouteSpec};
 use tonic::{Request, Response, Status};
@@ -544,38 +544,55 @@ impl Admin for AdminService {
                     || state.keys.get(key_id).and_then(|key| key.team.as_deref())
                         == Some(request.team.as_str()))
         };
-        let mut rows = Vec::new();
-        for (key_id, models) in &state.usage {
-            if !key_matches(key_id) {
-                continue;
-            }
-            for (model, totals) in models {
-                if !request.model.is_empty() && &request.model != model {
-                    continue;
+        let model_matches = |model: &str| request.model.is_empty() || request.model == model;
+        // All time, or whole UTC days from the one holding `since_ms` up to `until_ms`.
+        let mut totals: std::collections::BTreeMap<(String, String), UsageTotals> =
+            Default::default();
+        if request.since_ms == 0 && request.until_ms == 0 {
+            for (key_id, models) in state.usage.iter().filter(|(id, _)| key_matches(id)) {
+                for (model, usage) in models.iter().filter(|(m, _)| model_matches(m)) {
+                    totals
+                        .entry((key_id.clone(), model.clone()))
+                        .or_default()
+                        .merge(usage);
                 }
-                rows.push(UsageRow {
-                    key_id: key_id.clone(),
-                    model: model.clone(),
-                    requests: totals.requests,
-                    input_tokens: totals.input_tokens,
-                    output_tokens: totals.output_tokens,
-                    cost_nanos: totals.cost_nanos,
-                });
+            }
+        } else {
+            let first_day = request.since_ms - request.since_ms % 86_400_000;
+            let until = if request.until_ms == 0 {
+                u64::MAX
+            } else {
+                request.until_ms
+            };
+            for (key_id, days) in state.daily_usage.iter().filter(|(id, _)| key_matches(id)) {
+                for (_, models) in days
+                    .iter()
+                    .filter(|(day, _)| *day >= first_day && *day < until)
+                {
+                    for (model, usage) in models.iter().filter(|(m, _)| model_matches(m)) {
+                        totals
+                            .entry((key_id.clone(), model.clone()))
+                            .or_default()
+                            .merge(usage);
+                    }
+                }
             }
         }
-        let until = if request.until_ms == 0 {
-            u64::MAX
-        } else {
-            request.until_ms
-        };
-        let cost_in_period_nanos = state
-            .daily_cost
-            .iter()
-            .filter(|(key_id, _)| key_matches(key_id))
-            .flat_map(|(_, days)| days.iter())
-            .filter(|(day, _)| *day >= request.since_ms && *day < until)
-            .map(|(_, cost)| *cost)
+        let cost_in_period_nanos = totals
+            .values()
+            .map(|usage| usage.cost_nanos)
             .fold(0u64, u64::saturating_add);
+        let rows = totals
+            .into_iter()
+            .map(|((key_id, model), usage)| UsageRow {
+                key_id,
+                model,
+                requests: usage.requests,
+                input_tokens: usage.input_tokens,
+                output_tokens: usage.output_tokens,
+                cost_nanos: usage.cost_nanos,
+            })
+            .collect();
         Ok(Response::new(UsageResponse {
             rows,
             cost_in_period_nanos,

@@ -205,14 +205,31 @@ pub struct BudgetLedger {
     pub buckets: VecDeque<(u64, Nanos)>,
 }
 
-/// Totals for one key and model over all time (usage queries cut them by period from the
-/// daily series).
+/// Usage totals for one key and model (over all time, or one day).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageTotals {
     pub requests: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cost_nanos: Nanos,
+}
+
+impl UsageTotals {
+    /// Add one spend item.
+    pub fn add(&mut self, item: &SpendItem) {
+        self.requests = self.requests.saturating_add(item.requests);
+        self.input_tokens = self.input_tokens.saturating_add(item.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(item.output_tokens);
+        self.cost_nanos = self.cost_nanos.saturating_add(item.cost_nanos);
+    }
+
+    /// Add other totals.
+    pub fn merge(&mut self, other: &UsageTotals) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.cost_nanos = self.cost_nanos.saturating_add(other.cost_nanos);
+    }
 }
 
 /// A change to the control state.
@@ -451,12 +468,16 @@ pub struct ControlState {
     pub spend_seqs: BTreeMap<u64, u64>,
     /// Usage per key id, then model.
     pub usage: BTreeMap<String, BTreeMap<String, UsageTotals>>,
-    /// Daily cost per key id: `(day start ms UTC, cost)`, oldest first, for period queries.
-    pub daily_cost: BTreeMap<String, VecDeque<(u64, Nanos)>>,
+    /// Usage per key id and UTC day, then model: `(day start ms, totals by model)`, oldest
+    /// first, for period queries.
+    pub daily_usage: BTreeMap<String, VecDeque<DailyUsage>>,
     pub audit: VecDeque<AuditEntry>,
 }
 
-/// How many days of per-key daily cost the state keeps.
+/// One UTC day of a key's usage: the day's start (ms) and totals by model.
+pub type DailyUsage = (u64, BTreeMap<String, UsageTotals>);
+
+/// How many days of per-key daily usage the state keeps.
 pub const DAILY_HISTORY: usize = 400;
 
 const DAY_MS: u64 = 86_400_000;
@@ -933,21 +954,18 @@ impl ControlState {
             .or_default()
             .entry(item.model.clone())
             .or_default();
-        totals.requests = totals.requests.saturating_add(item.requests);
-        totals.input_tokens = totals.input_tokens.saturating_add(item.input_tokens);
-        totals.output_tokens = totals.output_tokens.saturating_add(item.output_tokens);
-        totals.cost_nanos = totals.cost_nanos.saturating_add(item.cost_nanos);
+        totals.add(item);
 
         let day = at_ms - at_ms % DAY_MS;
-        let series = self.daily_cost.entry(item.key_id.clone()).or_default();
-        match series.back_mut() {
-            Some((start, cost)) if *start == day => *cost = cost.saturating_add(item.cost_nanos),
-            _ => {
-                series.push_back((day, item.cost_nanos));
-                if series.len() > DAILY_HISTORY {
-                    series.pop_front();
-                }
+        let series = self.daily_usage.entry(item.key_id.clone()).or_default();
+        if series.back().is_none_or(|(start, _)| *start != day) {
+            series.push_back((day, BTreeMap::new()));
+            if series.len() > DAILY_HISTORY {
+                series.pop_front();
             }
+        }
+        if let Some((_, models)) = series.back_mut() {
+            models.entry(item.model.clone()).or_default().add(item);
         }
 
         let scopes = self.scopes_of(&item.key_id);
