@@ -223,6 +223,35 @@ fn deadline_error() -> ApiError {
     .with_detail_code("deadline_exceeded")
 }
 
+/// Events taken ahead of the client's first write, at most.
+const READ_AHEAD_EVENTS: usize = 256;
+
+/// Take the events that have already arrived after the first one, letting the upstream
+/// connection deliver once more, and say whether the stream has ended. A fast upstream's whole
+/// stream, end included, then reaches the client in one write: without this, the end of the
+/// body would follow in a write of its own.
+async fn read_ahead<S>(events: &mut S) -> (Vec<S::Item>, bool)
+where
+    S: Stream + Unpin,
+{
+    use futures_util::FutureExt;
+    let mut ready = Vec::new();
+    for pass in 0..2 {
+        while ready.len() < READ_AHEAD_EVENTS {
+            match events.next().now_or_never() {
+                Some(Some(item)) => ready.push(item),
+                Some(None) => return (ready, true),
+                None => break,
+            }
+        }
+        if pass == 0 && ready.len() < READ_AHEAD_EVENTS {
+            // Polling the body woke its connection task; let it run once.
+            tokio::task::yield_now().await;
+        }
+    }
+    (ready, false)
+}
+
 /// One upstream attempt, up to the full body (unary) or the first event (stream).
 async fn attempt(
     state: &AppState,
@@ -264,14 +293,40 @@ async fn attempt(
             Ok(ServedBody::Unary(body))
         }
         Mode::Stream => {
-            let mut events = BodyDataStream::new(response.into_body()).eventsource();
+            let mut events = BodyDataStream::new(response.into_body())
+                .eventsource()
+                .fuse();
             match events.next().await {
-                Some(Ok(first)) => Ok(ServedBody::Stream {
-                    first,
-                    rest: Box::pin(events),
-                }),
+                Some(Ok(first)) => {
+                    let (ready, ended) = read_ahead(&mut events).await;
+                    let ready = futures_util::stream::iter(ready);
+                    let rest: EventStream = if ended {
+                        Box::pin(ready)
+                    } else {
+                        Box::pin(ready.chain(events))
+                    };
+                    Ok(ServedBody::Stream { first, rest })
+                }
                 Some(Err(_)) | None => Err(classify_empty_stream(provider)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod read_ahead_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn takes_what_has_arrived_and_sees_the_end() {
+        let mut ended = futures_util::stream::iter([1, 2, 3]).fuse();
+        assert_eq!(read_ahead(&mut ended).await, (vec![1, 2, 3], true));
+
+        let mut open = futures_util::stream::iter([1, 2]).chain(futures_util::stream::pending());
+        assert_eq!(read_ahead(&mut open).await, (vec![1, 2], false));
+
+        let mut long = futures_util::stream::iter(0..1000);
+        let (ready, ended) = read_ahead(&mut long).await;
+        assert_eq!((ready.len(), ended), (READ_AHEAD_EVENTS, false));
     }
 }
