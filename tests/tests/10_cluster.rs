@@ -273,6 +273,21 @@ async fn writes_replicate_keys_work_everywhere_and_the_group_survives_kill_9() {
     let leader = cluster.leader(&all, Duration::from_secs(15)).await;
     let followers: Vec<usize> = all.iter().copied().filter(|i| *i != leader).collect();
 
+    // Raft RPCs need the cluster's token too: a stranger cannot vote or append.
+    let mut stranger = skein_proto::raft::v1::raft_client::RaftClient::connect(format!(
+        "http://{}",
+        cluster.nodes[leader].grpc
+    ))
+    .await
+    .expect("connect");
+    let refused = stranger
+        .vote(skein_proto::raft::v1::RaftMessage {
+            payload: b"{}".to_vec(),
+        })
+        .await
+        .expect_err("no token");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+
     // A key created on a follower is visible on every node within a second, and works on
     // another node's proxy.
     let (a, c) = (followers[0], followers[1]);

@@ -71,6 +71,8 @@ pub struct ControlOptions {
     pub keep_logs: u64,
     /// TLS towards peers (when the gRPC port speaks TLS).
     pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The cluster's admin token: sent with every Raft RPC, and required on incoming ones.
+    pub token: Option<String>,
 }
 
 impl ControlOptions {
@@ -87,6 +89,7 @@ impl ControlOptions {
             snapshot_after_logs: 5000,
             keep_logs: 1000,
             peer_tls: None,
+            token: None,
         }
     }
 }
@@ -180,7 +183,7 @@ impl ControlPlane {
         }
         .validate()
         .map_err(|error| ControlError::InvalidArgument(error.to_string()))?;
-        let channels = Channels::new(options.peer_tls.clone());
+        let channels = Channels::new(options.peer_tls.clone(), options.token.clone());
         let network = Network {
             channels: channels.clone(),
         };
@@ -371,7 +374,7 @@ impl ControlPlane {
             .map_err(|error| ControlError::Unavailable(error.to_string()))?;
         let payload = serde_json::to_vec(forwarded).map_err(internal)?;
         let reply = RaftClient::new(channel)
-            .forward(RaftMessage { payload })
+            .forward(self.inner.channels.request(RaftMessage { payload }))
             .await
             .map_err(|status| {
                 ControlError::Unavailable(format!("forwarding to {addr}: {}", status.message()))

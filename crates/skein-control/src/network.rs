@@ -34,14 +34,28 @@ pub struct Channels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// TLS towards peers, when the gRPC port speaks it.
     tls: Option<ClientTlsConfig>,
+    /// The cluster's admin token, sent with every Raft RPC when set.
+    token: Option<Arc<str>>,
 }
 
 impl Channels {
-    pub fn new(tls: Option<ClientTlsConfig>) -> Channels {
+    pub fn new(tls: Option<ClientTlsConfig>, token: Option<String>) -> Channels {
         Channels {
             channels: Arc::default(),
             tls,
+            token: token.map(Arc::from),
         }
+    }
+
+    /// A request carrying the cluster token (when there is one).
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(token) = &self.token
+            && let Ok(value) = format!("Bearer {token}").parse()
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
     }
 
     /// The cached channel to `addr` (`host:port`), created lazily on first use.
@@ -80,6 +94,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             node: node.clone(),
             channel: self.channels.get(&node.addr).map_err(|e| e.to_string()),
+            channels: self.channels.clone(),
         }
     }
 }
@@ -89,6 +104,7 @@ pub struct PeerClient {
     target: NodeId,
     node: Node,
     channel: Result<Channel, String>,
+    channels: Channels,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, Node, RaftError<NodeId, E>>>;
@@ -111,7 +127,7 @@ impl PeerClient {
         let payload =
             serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = RaftClient::new(channel);
-        let message = RaftMessage { payload };
+        let message = self.channels.request(RaftMessage { payload });
         let ttl = option.hard_ttl();
         let call = async {
             match kind {
@@ -215,7 +231,8 @@ impl RaftService {
         }
     }
 
-    /// The tonic server for this service.
+    /// The tonic server for this service (without a token check: see
+    /// [`crate::ControlPlane::service`]).
     pub fn into_server(self) -> raft_server::RaftServer<RaftService> {
         raft_server::RaftServer::new(self)
             .max_decoding_message_size(256 * 1024 * 1024)

@@ -60,7 +60,15 @@ impl AdminService {
     /// serve on the gRPC listener.
     pub fn into_router(self) -> axum::Router {
         let token = self.token.clone();
-        let raft = self.control.service();
+        // Raft RPCs carry the same token: a node without it cannot join or vote.
+        let raft_token = self.token.clone();
+        let raft = tonic::service::interceptor::InterceptedService::new(
+            self.control.service(),
+            move |request: Request<()>| {
+                check_token(raft_token.as_deref(), &request)?;
+                Ok(request)
+            },
+        );
         let admin = AdminServer::with_interceptor(self, move |request: Request<()>| {
             check_token(token.as_deref(), &request)?;
             Ok(request)

@@ -143,6 +143,7 @@ pub async fn start_node(
             Some(tls) => Some(tls.peer_client()?),
             None => None,
         },
+        token: options.admin_token.clone(),
     })
     .await
     .map_err(|error| anyhow::anyhow!("opening the control plane: {error}"))?;
