@@ -3,8 +3,8 @@
 use serde_json::json;
 use skein_mock::Fault;
 use skein_node::MapEnvironment;
-use skein_proto::admin::v1::GetStatusRequest;
 use skein_proto::admin::v1::admin_client::AdminClient;
+use skein_proto::admin::v1::{GetStatusRequest, Kind, WriteRequest};
 use skein_tests::{Gateway, start_mock};
 
 #[tokio::test]
@@ -86,4 +86,29 @@ async fn get_status_reports_routes_and_key_cooldowns() {
         "the rate-limited key cools down: {first:?}"
     );
     assert_eq!((second.cooling_down_ms, second.weight), (0, 3));
+
+    // A config change rebuilds the node's routing; what it learned about keys is kept.
+    client
+        .create(WriteRequest {
+            kind: Kind::Route as i32,
+            json: json!({"name": "gamma", "deployments": [{"provider": "p", "model": "m"}]})
+                .to_string(),
+        })
+        .await
+        .expect("create route");
+    let status = client
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("GetStatus")
+        .into_inner();
+    assert_eq!(status.routes, vec!["alpha", "gamma", "zeta"]);
+    let first = status.providers[0]
+        .keys
+        .iter()
+        .find(|key| key.name == "first")
+        .expect("first key");
+    assert!(
+        first.cooling_down_ms > 20_000,
+        "the cooldown survived the rebuild: {first:?}"
+    );
 }

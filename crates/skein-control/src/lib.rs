@@ -244,11 +244,16 @@ impl ControlPlane {
             .into_iter()
             .map(|(id, addr)| (id, BasicNode { addr }))
             .collect();
+        let alone = members.len() == 1 && members.contains_key(&self.inner.id);
         match self.inner.raft.initialize(members).await {
-            Ok(()) => Ok(()),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
-            Err(error) => Err(ControlError::Internal(error.to_string())),
+            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(error) => return Err(ControlError::Internal(error.to_string())),
         }
+        if alone && self.metrics().current_leader.is_none() {
+            // A group of one need not wait out an election timeout to lead itself.
+            self.inner.raft.trigger().elect().await.map_err(internal)?;
+        }
+        Ok(())
     }
 
     /// Wait until this node has applied `version` (read-your-writes on any node).

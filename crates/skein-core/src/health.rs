@@ -39,6 +39,21 @@ pub struct KeyHealth {
 }
 
 impl KeyHealth {
+    /// Take over another key's state (the same key in a rebuilt config). A probe in flight
+    /// is not carried: the new config's key may be probed afresh.
+    pub fn inherit(&self, previous: &KeyHealth) {
+        self.consecutive_failures.store(
+            previous.consecutive_failures.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        self.trips
+            .store(previous.trips.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.cooldown_until_ms.store(
+            previous.cooldown_until_ms.load(Ordering::Acquire),
+            Ordering::Release,
+        );
+    }
+
     /// May a request use this key now?
     pub fn admit(&self, now_ms: u64) -> Admission {
         let until = self.cooldown_until_ms.load(Ordering::Acquire);

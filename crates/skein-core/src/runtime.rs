@@ -87,6 +87,39 @@ pub enum ResolveError {
 }
 
 impl RuntimeConfig {
+    /// Carry what `previous` learned into this config, for what both have: the health of each
+    /// key (same provider, same key name, same credential) and the latency EWMA of each
+    /// deployment (same route, provider and model). A config change then does not forget
+    /// that a key is cooling down.
+    pub fn inherit_from(&self, previous: &RuntimeConfig) {
+        for (name, provider) in &self.providers {
+            let Some(old) = previous.providers.get(name) else {
+                continue;
+            };
+            for key in &provider.keys {
+                if let Some(old_key) = old.keys.iter().find(|old_key| {
+                    old_key.name == key.name && old_key.auth_header == key.auth_header
+                }) {
+                    key.health.inherit(&old_key.health);
+                }
+            }
+        }
+        for (name, route) in &self.routes {
+            let Some(old) = previous.routes.get(name) else {
+                continue;
+            };
+            for deployment in &route.deployments {
+                if let Some(old_deployment) = old.deployments.iter().find(|d| {
+                    d.provider.name == deployment.provider.name && d.model == deployment.model
+                }) {
+                    deployment
+                        .latency_ewma_us
+                        .store(old_deployment.latency_ewma_us(), Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
     /// Resolve every credential and prebuild headers. `resolve` reads a credential reference.
     pub fn build(
         validated: &ValidatedConfig,

@@ -89,6 +89,9 @@ impl AdminService {
     }
 
     async fn write(&self, command: Command) -> Result<WriteResponse, Status> {
+        if !matches!(command, Command::Import { .. }) {
+            self.await_bootstrap().await?;
+        }
         let response = self
             .control
             .propose("admin", command)
@@ -109,6 +112,24 @@ impl AdminService {
                     RejectCode::FailedPrecondition => Status::failed_precondition(message),
                 })
             }
+        }
+    }
+
+    /// Writes wait (briefly) for the group's bootstrap config, so an early write is checked
+    /// against the config the node serves, not an empty one.
+    async fn await_bootstrap(&self) -> Result<(), Status> {
+        let mut versions = self.control.versions();
+        let control = self.control.clone();
+        let ready = tokio::time::timeout(
+            READ_WAIT,
+            versions.wait_for(move |_| control.state().bootstrapped),
+        )
+        .await;
+        match ready {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Status::unavailable(
+                "the cluster has not applied its bootstrap config yet; retry shortly",
+            )),
         }
     }
 

@@ -274,6 +274,7 @@ async fn follow_config(
                     .and_then(|validated| build_runtime(&validated, env.as_ref()));
                 match built {
                     Ok(runtime) => {
+                        runtime.inherit_from(&app.config.load());
                         app.config.store(Arc::new(runtime));
                         tracing::info!(version = state.version, "serving the replicated config");
                     }
@@ -390,9 +391,9 @@ async fn propose_bootstrap(control: ControlPlane, config: SkeinConfig, sync_prov
                     }
                     break;
                 }
-                Err(error) if attempts < 60 => {
+                Err(error) if attempts < 300 => {
                     tracing::debug!(%error, "bootstrap not proposed yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(error) => {
                     tracing::error!(%error, "gave up proposing the bootstrap config");
