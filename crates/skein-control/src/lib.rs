@@ -286,10 +286,30 @@ impl ControlPlane {
         actor: &str,
         command: Command,
     ) -> Result<ApplyResponse, ControlError> {
+        self.propose_with(actor, command, false).await
+    }
+
+    /// [`ControlPlane::propose`] a put that must not overwrite an existing entity (a create;
+    /// refused at apply with `AlreadyExists`).
+    pub async fn propose_create(
+        &self,
+        actor: &str,
+        command: Command,
+    ) -> Result<ApplyResponse, ControlError> {
+        self.propose_with(actor, command, true).await
+    }
+
+    async fn propose_with(
+        &self,
+        actor: &str,
+        command: Command,
+        create_only: bool,
+    ) -> Result<ApplyResponse, ControlError> {
         let proposal = Proposal {
             actor: actor.to_owned(),
             at_ms: now_ms(),
             command,
+            create_only,
         };
         match self
             .to_leader(LeaderRequest::Write(Box::new(proposal)))

@@ -343,6 +343,7 @@ mod tests {
             actor: "test".into(),
             at_ms: 0,
             command,
+            create_only: false,
         };
         state.apply(
             1,

@@ -89,14 +89,19 @@ impl AdminService {
     }
 
     async fn write(&self, command: Command) -> Result<WriteResponse, Status> {
+        self.write_with(command, false).await
+    }
+
+    async fn write_with(&self, command: Command, create: bool) -> Result<WriteResponse, Status> {
         if !matches!(command, Command::Import { .. }) {
             self.await_bootstrap().await?;
         }
-        let response = self
-            .control
-            .propose("admin", command)
-            .await
-            .map_err(control_status)?;
+        let proposed = if create {
+            self.control.propose_create("admin", command).await
+        } else {
+            self.control.propose("admin", command).await
+        };
+        let response = proposed.map_err(control_status)?;
         match response.outcome {
             Outcome::Applied | Outcome::Duplicate | Outcome::AlreadyBootstrapped => {
                 Ok(WriteResponse {
@@ -367,7 +372,8 @@ impl Admin for AdminService {
                 kind_name(kind)
             )));
         }
-        Ok(Response::new(self.write(command).await?))
+        // Checked again at apply: of two racing creates, one wins.
+        Ok(Response::new(self.write_with(command, true).await?))
     }
 
     async fn update(

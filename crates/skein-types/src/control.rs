@@ -364,6 +364,10 @@ pub struct Proposal {
     pub actor: String,
     pub at_ms: u64,
     pub command: Command,
+    /// Refuse a put whose entity already exists (a create), checked at apply so two racing
+    /// creates cannot both succeed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub create_only: bool,
 }
 
 /// Why a command was refused.
@@ -765,6 +769,15 @@ impl ControlState {
         if let Err(rejection) = self.check(command) {
             return Outcome::Rejected(rejection);
         }
+        if proposal.create_only
+            && let Some((what, id)) = self.existing_target(command)
+        {
+            return Outcome::Rejected(Rejection::new(
+                RejectCode::AlreadyExists,
+                None,
+                format!("{what} `{id}` already exists"),
+            ));
+        }
         let at_ms = proposal.at_ms;
         match command.clone() {
             Command::Bootstrap { config } => {
@@ -915,6 +928,36 @@ impl ControlState {
             });
         }
         Outcome::Applied
+    }
+
+    /// The entity a put command would overwrite, if it exists.
+    fn existing_target(&self, command: &Command) -> Option<(&'static str, String)> {
+        let (what, id, exists) = match command {
+            Command::PutProvider { provider } => (
+                "provider",
+                &provider.name,
+                self.providers.contains_key(&provider.name),
+            ),
+            Command::PutRoute { route } => {
+                ("route", &route.name, self.routes.contains_key(&route.name))
+            }
+            Command::PutTeam { team } => ("team", &team.id, self.teams.contains_key(&team.id)),
+            Command::PutCustomer { customer } => (
+                "customer",
+                &customer.id,
+                self.customers.contains_key(&customer.id),
+            ),
+            Command::PutBudget { budget } => {
+                ("budget", &budget.id, self.budgets.contains_key(&budget.id))
+            }
+            Command::PutPrice { price } => (
+                "price",
+                &price.model,
+                self.prices.contains_key(&price.model),
+            ),
+            _ => return None,
+        };
+        exists.then(|| (what, id.clone()))
     }
 
     fn remove_budgets_of(&mut self, scope: &Scope) {
@@ -1197,7 +1240,38 @@ mod tests {
             actor: "test".to_owned(),
             at_ms: 1_700_000_000_000,
             command,
+            create_only: false,
         }
+    }
+
+    #[test]
+    fn a_create_only_put_refuses_an_existing_entity() {
+        let mut state = ControlState::default();
+        let team = |name: &str| Command::PutTeam {
+            team: Team {
+                id: "t".into(),
+                name: name.into(),
+                customer: None,
+                models: vec![],
+                limits: Limits::default(),
+                metadata: BTreeMap::new(),
+            },
+        };
+        let create = |command| Proposal {
+            create_only: true,
+            ..proposal(command)
+        };
+        assert_eq!(state.apply(1, &create(team("first"))), Outcome::Applied);
+        assert!(matches!(
+            state.apply(2, &create(team("second"))),
+            Outcome::Rejected(Rejection {
+                code: RejectCode::AlreadyExists,
+                ..
+            })
+        ));
+        assert_eq!(state.teams["t"].name, "first");
+        assert_eq!(state.apply(3, &proposal(team("third"))), Outcome::Applied);
+        assert_eq!(state.teams["t"].name, "third");
     }
 
     fn key(id: &str, hash_byte: char) -> VirtualKey {
