@@ -331,11 +331,19 @@ impl ControlPlane {
         let mut last_error = ControlError::Unavailable("no leader is known".to_owned());
         while Instant::now() < deadline {
             let metrics = self.metrics();
+            let left = deadline.saturating_duration_since(Instant::now());
+            let late = || {
+                ControlError::Timeout(
+                    "no answer from the leader in time; the change may or may not be applied"
+                        .to_owned(),
+                )
+            };
             match metrics.current_leader {
                 Some(leader) if leader == self.inner.id => {
-                    match self.handle_as_leader(request.clone()).await {
-                        Err(ControlError::NotLeader) => last_error = ControlError::NotLeader,
-                        other => return other,
+                    match tokio::time::timeout(left, self.handle_as_leader(request.clone())).await {
+                        Err(_) => return Err(late()),
+                        Ok(Err(ControlError::NotLeader)) => last_error = ControlError::NotLeader,
+                        Ok(other) => return other,
                     }
                 }
                 Some(leader) => {
@@ -345,13 +353,21 @@ impl ControlPlane {
                         .get_node(&leader)
                         .map(|node| node.addr.clone());
                     match addr {
-                        Some(addr) => match self.forward_to(&addr, &request, false).await {
-                            Err(
+                        Some(addr) => match tokio::time::timeout(
+                            left,
+                            self.forward_to(&addr, &request, false),
+                        )
+                        .await
+                        {
+                            Err(_) => return Err(late()),
+                            Ok(Err(
                                 error @ (ControlError::NotLeader | ControlError::Unavailable(_)),
-                            ) => {
+                            )) => {
+                                // Retried: a write that did reach a leader before it went away
+                                // may then be refused as a duplicate, which callers check.
                                 last_error = error;
                             }
-                            other => return other,
+                            Ok(other) => return other,
                         },
                         None => {
                             last_error = ControlError::Unavailable(format!(

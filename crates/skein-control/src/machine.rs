@@ -130,8 +130,24 @@ async fn store_snapshot(
     let signature = Some(stored.meta.signature());
     let bytes = serde_json::to_vec(stored)
         .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
-    tree.insert(SNAPSHOT, bytes)
-        .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
+    // Snapshots are built in a task of their own, so an older build may finish after a newer
+    // snapshot was installed: keep whichever covers more of the log.
+    let newer = |old: Option<&[u8]>| -> bool {
+        #[derive(Deserialize)]
+        struct MetaOnly {
+            meta: SnapshotMeta<NodeId, Node>,
+        }
+        old.and_then(|old| serde_json::from_slice::<MetaOnly>(old).ok())
+            .is_none_or(|old| stored.meta.last_log_id >= old.meta.last_log_id)
+    };
+    tree.fetch_and_update(SNAPSHOT, |old| {
+        if newer(old) {
+            Some(bytes.clone())
+        } else {
+            old.map(<[u8]>::to_vec)
+        }
+    })
+    .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
     db.flush_async()
         .await
         .map_err(|e| StorageIOError::write_snapshot(signature, &e))?;

@@ -33,11 +33,17 @@ pub struct LogStore {
 impl LogStore {
     /// Open (or create) the log in `db`.
     pub fn open(db: &sled::Db) -> Result<LogStore, sled::Error> {
+        let meta = db.open_tree("raft_meta")?;
+        let committed = meta
+            .get(COMMITTED)?
+            .and_then(|bytes| serde_json::from_slice::<Option<LogId<NodeId>>>(&bytes).ok())
+            .flatten()
+            .map_or(0, |id| id.index);
         Ok(LogStore {
             db: db.clone(),
             logs: db.open_tree("raft_log")?,
-            meta: db.open_tree("raft_meta")?,
-            committed: Arc::new(AtomicU64::new(0)),
+            meta,
+            committed: Arc::new(AtomicU64::new(committed)),
         })
     }
 
@@ -134,7 +140,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
         let last_purged_log_id: Option<LogId<NodeId>> = self.read_meta(LAST_PURGED, logs_error)?;
-        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        // After a crash in the middle of a purge, entries at or below the purge point may
+        // remain: the last log id is never below it.
+        let last_log_id = self.last_entry_id()?.max(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
             last_log_id,

@@ -57,7 +57,12 @@ struct Inner {
     items: BTreeMap<(String, String), SpendItem>,
     /// The batch proposed and not yet known applied, with its per-budget amounts.
     in_flight: Option<(SpendBatch, HashMap<String, Nanos>)>,
+    /// Batches known applied, counted here until the state a reservation is checked against
+    /// shows them (the proxy's snapshot may trail the apply by a moment).
+    recorded: Vec<(u64, HashMap<String, Nanos>)>,
     last_seq: u64,
+    /// This node's id, as `RecordSpend` names it.
+    node: u64,
     /// A reservation hit the node's share: record spend now rather than at the next tick.
     flush_wanted: bool,
 }
@@ -68,9 +73,40 @@ pub struct Ledger {
     inner: Mutex<Inner>,
 }
 
+impl Inner {
+    /// What this node holds or has not yet seen recorded, against `budget_id`.
+    fn local(&self, budget_id: &str) -> Nanos {
+        let in_flight = self
+            .in_flight
+            .as_ref()
+            .and_then(|(_, amounts)| amounts.get(budget_id).copied())
+            .unwrap_or(0);
+        let recorded: Nanos = self
+            .recorded
+            .iter()
+            .filter_map(|(_, amounts)| amounts.get(budget_id).copied())
+            .sum();
+        self.reserved.get(budget_id).copied().unwrap_or(0)
+            + self.unflushed.get(budget_id).copied().unwrap_or(0)
+            + in_flight
+            + recorded
+    }
+
+    /// Forget recorded batches that `state` shows.
+    fn prune(&mut self, state: &ControlState) {
+        let shown = state.spend_seqs.get(&self.node).copied().unwrap_or(0);
+        self.recorded.retain(|(seq, _)| *seq > shown);
+    }
+}
+
 impl Ledger {
     pub fn new() -> Arc<Ledger> {
         Arc::new(Ledger::default())
+    }
+
+    /// Set this node's id (spend batches are recorded under it).
+    pub fn set_node(&self, node: u64) {
+        self.lock().node = node;
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -97,18 +133,13 @@ impl Ledger {
             .filter(|budget| scopes.contains(&budget.scope))
             .collect();
         let mut inner = self.lock();
+        inner.prune(state);
         let mut held = Vec::new();
         for budget in &budgets {
             if !budget.hard {
                 continue;
             }
-            let local = inner.reserved.get(&budget.id).copied().unwrap_or(0)
-                + inner.unflushed.get(&budget.id).copied().unwrap_or(0)
-                + inner
-                    .in_flight
-                    .as_ref()
-                    .and_then(|(_, amounts)| amounts.get(&budget.id).copied())
-                    .unwrap_or(0);
+            let local = inner.local(&budget.id);
             let replicated_remaining = budget
                 .limit_nanos
                 .saturating_sub(state.budget_spent(&budget.id, now_ms));
@@ -155,7 +186,7 @@ impl Ledger {
 
     /// Take the spend to record: the batch still in flight (a retry, same sequence), or a new
     /// one of everything settled since. `None` when there is nothing to record.
-    pub fn take_batch(&self, now_ms: u64) -> Option<SpendBatch> {
+    pub fn take_batch(&self, now_ms: u64, applied_seq: u64) -> Option<SpendBatch> {
         let mut inner = self.lock();
         if let Some((batch, _)) = &inner.in_flight {
             return Some(batch.clone());
@@ -163,8 +194,13 @@ impl Ledger {
         if inner.items.is_empty() {
             return None;
         }
-        // Sequences grow across restarts too: they start from the clock.
-        let seq = now_ms.saturating_mul(1024).max(inner.last_seq + 1);
+        // Sequences grow across restarts too: they start from the clock, and never at or
+        // below what the state last applied for this node (a clock that went back, or a
+        // reused node id, must not turn new spend into "duplicates").
+        let seq = now_ms
+            .saturating_mul(1024)
+            .max(inner.last_seq + 1)
+            .max(applied_seq + 1);
         inner.last_seq = seq;
         let items: Vec<SpendItem> = std::mem::take(&mut inner.items).into_values().collect();
         let amounts = std::mem::take(&mut inner.unflushed);
@@ -180,21 +216,17 @@ impl Ledger {
             .in_flight
             .as_ref()
             .is_some_and(|(batch, _)| batch.seq == seq)
+            && let Some((batch, amounts)) = inner.in_flight.take()
         {
-            inner.in_flight = None;
+            inner.recorded.push((batch.seq, amounts));
         }
     }
 
-    /// What this node holds or has not yet recorded, per budget (for tests and status).
-    pub fn pending(&self, budget_id: &str) -> Nanos {
-        let inner = self.lock();
-        inner.reserved.get(budget_id).copied().unwrap_or(0)
-            + inner.unflushed.get(budget_id).copied().unwrap_or(0)
-            + inner
-                .in_flight
-                .as_ref()
-                .and_then(|(_, amounts)| amounts.get(budget_id).copied())
-                .unwrap_or(0)
+    /// What this node holds or has not yet seen recorded in `state`, per budget.
+    pub fn pending(&self, state: &ControlState, budget_id: &str) -> Nanos {
+        let mut inner = self.lock();
+        inner.prune(state);
+        inner.local(budget_id)
     }
 }
 
@@ -387,19 +419,47 @@ mod tests {
         let first = ledger.reserve(&state, "k", 600, 0, 1).expect("fits");
         assert!(ledger.reserve(&state, "k", 600, 0, 1).is_err(), "held");
         first.settle("m", 10, 5, 300);
-        assert_eq!(ledger.pending("b"), 300);
+        assert_eq!(ledger.pending(&state, "b"), 300);
         let second = ledger.reserve(&state, "k", 600, 0, 1).expect("fits again");
         drop(second);
-        assert_eq!(ledger.pending("b"), 300, "a dropped hold is released");
+        assert_eq!(
+            ledger.pending(&state, "b"),
+            300,
+            "a dropped hold is released"
+        );
 
-        let batch = ledger.take_batch(5).expect("batch");
+        let batch = ledger.take_batch(5, 0).expect("batch");
         assert_eq!(batch.items.len(), 1);
         assert_eq!(batch.items[0].cost_nanos, 300);
-        assert_eq!(ledger.take_batch(6), Some(batch.clone()), "retried as is");
-        assert_eq!(ledger.pending("b"), 300, "counted until applied");
+        assert_eq!(
+            ledger.take_batch(6, 0),
+            Some(batch.clone()),
+            "retried as is"
+        );
+        assert_eq!(ledger.pending(&state, "b"), 300, "counted until applied");
         ledger.batch_applied(batch.seq);
-        assert_eq!(ledger.pending("b"), 0);
-        assert_eq!(ledger.take_batch(7), None);
+        assert_eq!(
+            ledger.pending(&state, "b"),
+            300,
+            "counted until the state shows it"
+        );
+        let mut applied = state.clone();
+        applied.spend_seqs.insert(0, batch.seq);
+        assert_eq!(ledger.pending(&applied, "b"), 0);
+        assert_eq!(ledger.take_batch(7, 0), None);
+    }
+
+    #[test]
+    fn sequences_stay_above_what_the_state_applied() {
+        let state = state_with_budget(1_000);
+        let ledger = Ledger::new();
+        ledger
+            .reserve(&state, "k", 10, 0, 1)
+            .expect("fits")
+            .settle("m", 1, 1, 10);
+        // The clock says 5 ms, but the state already applied a much later sequence.
+        let batch = ledger.take_batch(5, 1_000_000).expect("batch");
+        assert!(batch.seq > 1_000_000);
     }
 
     #[test]

@@ -96,6 +96,7 @@ impl AdminService {
         if !matches!(command, Command::Import { .. }) {
             self.await_bootstrap().await?;
         }
+        let retried = command.clone();
         let proposed = if create {
             self.control.propose_create("admin", command).await
         } else {
@@ -106,6 +107,15 @@ impl AdminService {
             Outcome::Applied | Outcome::Duplicate | Outcome::AlreadyBootstrapped => {
                 Ok(WriteResponse {
                     version: response.version,
+                })
+            }
+            Outcome::Rejected(rejection)
+                if rejection.code == RejectCode::AlreadyExists
+                    && already_applied(&self.control.state(), &retried) =>
+            {
+                // A retry after a lost answer: the first attempt went through.
+                Ok(WriteResponse {
+                    version: self.control.state().version,
                 })
             }
             Outcome::Rejected(rejection) => {
@@ -150,6 +160,28 @@ impl AdminService {
                 Ok(WriteResponse { version })
             }
         }
+    }
+}
+
+/// Whether the state already holds exactly what `command` writes (so an `AlreadyExists`
+/// answers a retry of a write that went through).
+fn already_applied(state: &ControlState, command: &Command) -> bool {
+    match command {
+        Command::CreateKey { key } => state
+            .keys
+            .get(&key.id)
+            .is_some_and(|stored| stored.hash == key.hash),
+        Command::RotateKey { id, hash, .. } => state
+            .keys
+            .get(id)
+            .is_some_and(|stored| &stored.hash == hash),
+        Command::PutProvider { provider } => state.providers.get(&provider.name) == Some(provider),
+        Command::PutRoute { route } => state.routes.get(&route.name) == Some(route),
+        Command::PutTeam { team } => state.teams.get(&team.id) == Some(team),
+        Command::PutCustomer { customer } => state.customers.get(&customer.id) == Some(customer),
+        Command::PutBudget { budget } => state.budgets.get(&budget.id) == Some(budget),
+        Command::PutPrice { price } => state.prices.get(&price.model) == Some(price),
+        _ => false,
     }
 }
 

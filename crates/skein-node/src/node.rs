@@ -163,6 +163,7 @@ pub async fn start_node(
             .map_err(|error| anyhow::anyhow!("building the upstream HTTP client: {error}"))?,
     );
     state.set_control(replicated, options.admin_token.is_some());
+    state.ledger.set_node(cluster.node_id);
 
     let app = skein_proxy::router(state.clone());
     let (shutdown, shutdown_signal) = watch::channel(false);
@@ -322,7 +323,13 @@ async fn flush_spend_every(control: ControlPlane, ledger: Arc<Ledger>, interval:
 /// Propose this node's settled spend as one `RecordSpend`; the batch stays pending (and is
 /// retried with the same sequence) until it is known applied.
 async fn flush_spend(control: &ControlPlane, ledger: &Ledger) {
-    let Some(batch) = ledger.take_batch(skein_control::now_ms()) else {
+    let applied = control
+        .state()
+        .spend_seqs
+        .get(&control.id())
+        .copied()
+        .unwrap_or(0);
+    let Some(batch) = ledger.take_batch(skein_control::now_ms(), applied) else {
         return;
     };
     let command = Command::RecordSpend {

@@ -653,6 +653,14 @@ fn respond(
                 )
             }
             Err(message) => {
+                // The provider answered (and charges for it): count the estimated prompt.
+                if let Some(hold) = hold {
+                    let estimate = skein_providers::Usage {
+                        input_tokens: hold.estimated_input_tokens,
+                        ..Default::default()
+                    };
+                    hold.settle(&served.candidate, &estimate);
+                }
                 let error = ApiError::new(
                     ErrorCode::UpstreamError,
                     format!("could not read the answer of provider {provider}: {message}"),

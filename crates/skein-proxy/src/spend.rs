@@ -67,7 +67,10 @@ pub fn reserve(
         .find_map(|name| request.get_as::<u64>(name).ok().flatten())
         .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
     let input = estimate_input_tokens(body_len);
-    let state = &caller.state;
+    // The newest snapshot, not the one authentication saw before the body was read: spend
+    // recorded meanwhile must count.
+    let fresh = app.control();
+    let state = &fresh;
     let worst = routes
         .iter()
         .flat_map(|route| route.deployments.iter())
