@@ -1,0 +1,301 @@
+//! Gossip membership on chitchat 0.13: each node publishes what it is (id, addresses, version,
+//! readiness, Raft role, applied config index) in its own key space, and reads everyone's.
+//!
+//! Gossip carries only soft state: it is lost on a full restart by design, and converges within
+//! about one gossip interval. Key names are constants in [`keys`]; values are read and written
+//! through [`NodeInfo`], never by hand.
+//!
+//! This is the first step of the cluster layer: membership. Provider-key health and rate-limit
+//! counters come next, through the same typed accessors.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use chitchat::transport::Transport;
+use chitchat::{
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, ProtocolVersion,
+    spawn_chitchat,
+};
+
+/// Every gossip key Skein uses. A node writes only its own; readers go through [`NodeInfo`].
+pub mod keys {
+    /// The node's Raft id.
+    pub const NODE_ID: &str = "node:id";
+    /// The proxy API address (`host:port`).
+    pub const HTTP_ADDR: &str = "node:http";
+    /// The admin/Raft gRPC address (`host:port`).
+    pub const GRPC_ADDR: &str = "node:grpc";
+    /// The Skein version.
+    pub const VERSION: &str = "node:version";
+    /// `true` while the node serves traffic; `false` from the start of a shutdown.
+    pub const READY: &str = "node:ready";
+    /// `leader`, `follower`, `candidate` or `learner`.
+    pub const RAFT_ROLE: &str = "raft:role";
+    /// The config version (Raft log index) the node has applied.
+    pub const APPLIED_INDEX: &str = "raft:applied";
+}
+
+/// What a node says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub node_id: u64,
+    pub http_addr: String,
+    pub grpc_addr: String,
+    pub version: String,
+    pub ready: bool,
+    pub raft_role: String,
+    pub applied_index: u64,
+}
+
+impl NodeInfo {
+    fn key_values(&self) -> Vec<(String, String)> {
+        vec![
+            (keys::NODE_ID.to_owned(), self.node_id.to_string()),
+            (keys::HTTP_ADDR.to_owned(), self.http_addr.clone()),
+            (keys::GRPC_ADDR.to_owned(), self.grpc_addr.clone()),
+            (keys::VERSION.to_owned(), self.version.clone()),
+            (keys::READY.to_owned(), self.ready.to_string()),
+            (keys::RAFT_ROLE.to_owned(), self.raft_role.clone()),
+            (
+                keys::APPLIED_INDEX.to_owned(),
+                self.applied_index.to_string(),
+            ),
+        ]
+    }
+
+    /// Read a node's published info; `None` until it has published all of it.
+    pub fn from_state(state: &NodeState) -> Option<NodeInfo> {
+        Some(NodeInfo {
+            node_id: state.get(keys::NODE_ID)?.parse().ok()?,
+            http_addr: state.get(keys::HTTP_ADDR)?.to_owned(),
+            grpc_addr: state.get(keys::GRPC_ADDR)?.to_owned(),
+            version: state.get(keys::VERSION)?.to_owned(),
+            ready: state.get(keys::READY)? == "true",
+            raft_role: state.get(keys::RAFT_ROLE)?.to_owned(),
+            applied_index: state.get(keys::APPLIED_INDEX)?.parse().ok()?,
+        })
+    }
+}
+
+/// Gossip settings.
+#[derive(Debug, Clone)]
+pub struct GossipOptions {
+    /// Nodes of different clusters ignore each other.
+    pub cluster_id: String,
+    /// The UDP address to listen on.
+    pub listen_addr: SocketAddr,
+    /// The address peers reach this node at (the listen address unless behind NAT).
+    pub advertise_addr: SocketAddr,
+    /// `host:port` of other nodes; names are re-resolved, so a Kubernetes headless Service
+    /// works as the only seed.
+    pub seeds: Vec<String>,
+    pub interval: Duration,
+    /// How long without news before a node is declared dead (roughly; phi-accrual).
+    pub failure_detector: FailureDetectorConfig,
+}
+
+impl GossipOptions {
+    /// Defaults: a 500 ms interval, and a failure detector that declares a silent node dead
+    /// in a few seconds.
+    pub fn new(listen_addr: SocketAddr, seeds: Vec<String>) -> GossipOptions {
+        GossipOptions {
+            cluster_id: "skein".to_owned(),
+            listen_addr,
+            advertise_addr: listen_addr,
+            seeds,
+            interval: Duration::from_millis(500),
+            failure_detector: FailureDetectorConfig {
+                phi_threshold: 8.0,
+                sampling_window_size: 1000,
+                max_interval: Duration::from_secs(2),
+                initial_interval: Duration::from_millis(500),
+                dead_node_grace_period: Duration::from_secs(3600),
+            },
+        }
+    }
+}
+
+/// One member as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub gossip_addr: SocketAddr,
+    pub live: bool,
+    /// `None` while the node has not published its info yet.
+    pub info: Option<NodeInfo>,
+}
+
+/// This node's gossip agent.
+pub struct Gossip {
+    handle: ChitchatHandle,
+}
+
+impl Gossip {
+    /// Start gossiping as `info` over `transport` (UDP in production, channels in tests).
+    /// A restarted node gets a new generation (its start time), as chitchat requires.
+    pub async fn start(
+        options: GossipOptions,
+        info: &NodeInfo,
+        transport: &dyn Transport,
+    ) -> anyhow::Result<Gossip> {
+        let generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let config = ChitchatConfig {
+            chitchat_id: ChitchatId::new(
+                format!("node-{}", info.node_id),
+                generation,
+                options.advertise_addr,
+            ),
+            cluster_id: options.cluster_id,
+            gossip_interval: options.interval,
+            listen_addr: options.listen_addr,
+            seed_nodes: options.seeds,
+            failure_detector_config: options.failure_detector,
+            marked_for_deletion_grace_period: Duration::from_secs(60),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: ProtocolVersion::V0,
+        };
+        let handle = spawn_chitchat(config, info.key_values(), transport)
+            .await
+            .context("starting gossip")?;
+        Ok(Gossip { handle })
+    }
+
+    /// Publish a new version of this node's info.
+    pub async fn publish(&self, info: &NodeInfo) {
+        let chitchat = self.handle.chitchat();
+        let mut chitchat = chitchat.lock().await;
+        let state = chitchat.self_node_state();
+        for (key, value) in info.key_values() {
+            state.set(key, value);
+        }
+    }
+
+    /// Every node this one knows of, live or dead, itself included.
+    pub async fn members(&self) -> Vec<Member> {
+        let chitchat = self.handle.chitchat();
+        let chitchat = chitchat.lock().await;
+        let live: Vec<ChitchatId> = chitchat.live_nodes().cloned().collect();
+        chitchat
+            .node_states()
+            .iter()
+            .map(|(id, state)| Member {
+                gossip_addr: id.gossip_advertise_addr,
+                live: live.contains(id),
+                info: NodeInfo::from_state(state),
+            })
+            .collect()
+    }
+
+    /// Stop gossiping. Peers see the node go silent; publish `ready: false` first.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.handle.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chitchat::transport::ChannelTransport;
+
+    fn info(node_id: u64) -> NodeInfo {
+        NodeInfo {
+            node_id,
+            http_addr: format!("127.0.0.1:{}", 8000 + node_id),
+            grpc_addr: format!("127.0.0.1:{}", 9000 + node_id),
+            version: "test".to_owned(),
+            ready: true,
+            raft_role: "follower".to_owned(),
+            applied_index: 0,
+        }
+    }
+
+    fn options(port: u16, seeds: &[u16]) -> GossipOptions {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut options = GossipOptions::new(
+            addr,
+            seeds
+                .iter()
+                .map(|seed| format!("127.0.0.1:{seed}"))
+                .collect(),
+        );
+        options.interval = Duration::from_millis(50);
+        options.failure_detector.initial_interval = Duration::from_millis(50);
+        options.failure_detector.max_interval = Duration::from_millis(500);
+        options
+    }
+
+    /// Poll `check` every 20 ms for up to `timeout`.
+    async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if check().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn nodes_find_each_other_share_updates_and_see_a_silent_node_die() {
+        let transport = ChannelTransport::with_mtu(65_507);
+        let ports = [20_001u16, 20_002, 20_003];
+        let mut nodes = Vec::new();
+        for (index, port) in ports.iter().enumerate() {
+            let seeds: Vec<u16> = ports.iter().copied().filter(|p| p != port).collect();
+            let node = Gossip::start(options(*port, &seeds), &info(index as u64 + 1), &transport)
+                .await
+                .expect("start");
+            nodes.push(node);
+        }
+
+        // Everyone sees everyone, live and with their info.
+        for node in &nodes {
+            let all_live = eventually(Duration::from_secs(5), || async {
+                let members = node.members().await;
+                members.len() == 3
+                    && members
+                        .iter()
+                        .all(|member| member.live && member.info.is_some())
+            })
+            .await;
+            assert!(all_live, "{:?}", node.members().await);
+        }
+
+        // An update on node 1 reaches node 3.
+        let mut updated = info(1);
+        updated.raft_role = "leader".to_owned();
+        updated.applied_index = 42;
+        nodes[0].publish(&updated).await;
+        let seen = eventually(Duration::from_secs(5), || async {
+            nodes[2]
+                .members()
+                .await
+                .iter()
+                .any(|member| member.info.as_ref() == Some(&updated))
+        })
+        .await;
+        assert!(seen, "{:?}", nodes[2].members().await);
+
+        // Node 2 goes silent: the others mark it dead.
+        let silent = nodes.remove(1);
+        silent.shutdown().await.expect("shutdown");
+        for node in &nodes {
+            let dead = eventually(Duration::from_secs(10), || async {
+                node.members().await.iter().any(|member| {
+                    !member.live && member.info.as_ref().is_some_and(|info| info.node_id == 2)
+                })
+            })
+            .await;
+            assert!(dead, "{:?}", node.members().await);
+        }
+    }
+}
