@@ -67,7 +67,7 @@ routes:
     deployments: [{provider: mock, model: bench}]
 YAML
 SKEIN_LOG='warn,skein=info,skein::access=warn' taskset -c 0 "$bin/skein" serve --config "$work/skein.yaml" --data-dir "$work/data" \
-  --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --worker-threads 1 --log-format json > /dev/null 2> "$work/skein.log" &
+  --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --gossip-addr off --worker-threads 1 --log-format json > /dev/null 2> "$work/skein.log" &
 skein_pid=$!
 pids+=($skein_pid)
 skein_url=$(wait_for_line "$work/skein.log" 'http://127\.0\.0\.1:[0-9]+')

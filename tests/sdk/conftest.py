@@ -119,7 +119,7 @@ routes:
     node = Process(
         [
             binary("skein"), "serve", "--config", str(path), "--data-dir", str(directory / "data"),
-            "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0",
+            "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--gossip-addr", "off",
         ],
         env=env,
     )

@@ -58,6 +58,8 @@ async fn serve_proxies_keeps_secrets_out_of_logs_and_drains_on_sigterm() {
                 "127.0.0.1:0",
                 "--grpc-addr",
                 "127.0.0.1:0",
+                "--gossip-addr",
+                "off",
                 "--log-format",
                 "json",
             ])
@@ -167,6 +169,8 @@ async fn the_cli_manages_keys_entities_cluster_and_config() {
                 "127.0.0.1:0",
                 "--grpc-addr",
                 "127.0.0.1:0",
+                "--gossip-addr",
+                "off",
                 "--log-format",
                 "json",
                 "--admin-token",

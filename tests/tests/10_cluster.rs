@@ -22,6 +22,7 @@ const TOKEN: &str = "cluster-admin-token";
 struct Node {
     id: u64,
     grpc: String,
+    gossip: String,
     data: PathBuf,
     process: Option<Spawned>,
     http: String,
@@ -52,6 +53,7 @@ impl Cluster {
             .map(|id| Node {
                 id,
                 grpc: format!("127.0.0.1:{}", free_port().expect("port")),
+                gossip: format!("127.0.0.1:{}", free_port().expect("port")),
                 data: dir.path().join(format!("node-{id}")),
                 process: None,
                 http: String::new(),
@@ -85,6 +87,14 @@ impl Cluster {
 
     fn spawn(&mut self, index: usize) {
         let peers = self.nodes[0].grpc.clone();
+        let seeds = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(other, _)| *other != index)
+            .map(|(_, node)| node.gossip.clone())
+            .collect::<Vec<_>>()
+            .join(",");
         let node = &mut self.nodes[index];
         let mut command = Command::new(binary("skein").expect("binary"));
         command
@@ -96,6 +106,7 @@ impl Cluster {
             .args(["--voters", &self.voters])
             .args(["--peers", &peers])
             .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", &node.grpc])
+            .args(["--gossip-addr", &node.gossip, "--gossip-seeds", &seeds])
             .args(["--log-format", "json", "--admin-token", TOKEN])
             .args(&self.extra)
             .env("UPSTREAM_KEY", "upstream-secret")
@@ -273,6 +284,21 @@ async fn writes_replicate_keys_work_everywhere_and_the_group_survives_kill_9() {
     let leader = cluster.leader(&all, Duration::from_secs(15)).await;
     let followers: Vec<usize> = all.iter().copied().filter(|i| *i != leader).collect();
 
+    // Gossip: every node sees the three, live, with what they published.
+    everywhere(&all, Duration::from_secs(10), |i| {
+        let cluster = &cluster;
+        async move {
+            cluster.status(i).await.is_some_and(|status| {
+                status.gossip.len() == 3
+                    && status
+                        .gossip
+                        .iter()
+                        .all(|member| member.live && member.ready && member.node_id > 0)
+            })
+        }
+    })
+    .await;
+
     // Raft RPCs need the cluster's token too: a stranger cannot vote or append.
     let mut stranger = skein_proto::raft::v1::raft_client::RaftClient::connect(format!(
         "http://{}",
@@ -422,6 +448,24 @@ async fn writes_replicate_keys_work_everywhere_and_the_group_survives_kill_9() {
     assert!(
         proxy_failures.is_empty(),
         "proxy calls failed during the failover: {proxy_failures:?}"
+    );
+    // Gossip marks the killed node dead.
+    let dead_id = cluster.nodes[leader].id;
+    let took = everywhere(&survivors, Duration::from_secs(15), |i| {
+        let cluster = &cluster;
+        async move {
+            cluster.status(i).await.is_some_and(|status| {
+                status
+                    .gossip
+                    .iter()
+                    .any(|member| member.node_id == dead_id && !member.live)
+            })
+        }
+    })
+    .await;
+    println!(
+        "gossip marked the killed leader dead {:?} after the kill",
+        killed_at.elapsed().max(took)
     );
 
     // kill -9 every node, restart them all: nothing committed is lost.

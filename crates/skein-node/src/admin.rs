@@ -17,10 +17,10 @@ use skein_proto::admin::v1::admin_server::{Admin, AdminServer};
 use skein_proto::admin::v1::{
     AddLearnerRequest, ClusterMember, ClusterStatusRequest, ClusterStatusResponse, ConfigChange,
     CreateKeyRequest, CreateKeyResponse, DeleteRequest, ExportConfigRequest, ExportConfigResponse,
-    GetRequest, GetResponse, GetStatusRequest, GetStatusResponse, ImportConfigRequest, KeyRequest,
-    KeyStatus, Kind, ListRequest, ListResponse, NodeRequest, ProviderStatus, Resource,
-    TriggerSnapshotRequest, TriggerSnapshotResponse, UsageRequest, UsageResponse, UsageRow,
-    WatchRequest, WriteRequest, WriteResponse,
+    GetRequest, GetResponse, GetStatusRequest, GetStatusResponse, GossipMember,
+    ImportConfigRequest, KeyRequest, KeyStatus, Kind, ListRequest, ListResponse, NodeRequest,
+    ProviderStatus, Resource, TriggerSnapshotRequest, TriggerSnapshotResponse, UsageRequest,
+    UsageResponse, UsageRow, WatchRequest, WriteRequest, WriteResponse,
 };
 use skein_proxy::AppState;
 use skein_types::control::{
@@ -39,6 +39,7 @@ pub struct AdminService {
     control: ControlPlane,
     http_addr: SocketAddr,
     token: Option<String>,
+    gossip: Option<Arc<skein_cluster::Gossip>>,
 }
 
 impl AdminService {
@@ -47,12 +48,14 @@ impl AdminService {
         control: ControlPlane,
         http_addr: SocketAddr,
         token: Option<String>,
+        gossip: Option<Arc<skein_cluster::Gossip>>,
     ) -> AdminService {
         AdminService {
             state,
             control,
             http_addr,
             token,
+            gossip,
         }
     }
 
@@ -704,6 +707,36 @@ impl Admin for AdminService {
             applied_index: metrics.last_applied.map(|id| id.index).unwrap_or(0),
             snapshot_index: metrics.snapshot.map(|id| id.index).unwrap_or(0),
             members,
+            gossip: match &self.gossip {
+                Some(gossip) => gossip
+                    .members()
+                    .await
+                    .into_iter()
+                    .map(|member| {
+                        let info = member.info.unwrap_or_else(|| skein_cluster::NodeInfo {
+                            node_id: 0,
+                            http_addr: String::new(),
+                            grpc_addr: String::new(),
+                            version: String::new(),
+                            ready: false,
+                            raft_role: String::new(),
+                            applied_index: 0,
+                        });
+                        GossipMember {
+                            gossip_addr: member.gossip_addr.to_string(),
+                            live: member.live,
+                            node_id: info.node_id,
+                            http_addr: info.http_addr,
+                            grpc_addr: info.grpc_addr,
+                            version: info.version,
+                            ready: info.ready,
+                            raft_role: info.raft_role,
+                            applied_index: info.applied_index,
+                        }
+                    })
+                    .collect(),
+                None => Vec::new(),
+            },
         }))
     }
 

@@ -621,9 +621,22 @@ async fn cluster_status(
                     })
                 })
                 .collect();
+            let gossip: Vec<Value> = status
+                .gossip
+                .iter()
+                .map(|member| {
+                    json!({
+                        "gossip_addr": member.gossip_addr, "live": member.live,
+                        "node_id": member.node_id, "ready": member.ready,
+                        "version": member.version, "raft_role": member.raft_role,
+                        "applied_index": member.applied_index,
+                        "http_addr": member.http_addr, "grpc_addr": member.grpc_addr,
+                    })
+                })
+                .collect();
             println!(
                 "{}",
-                json!({"node_id": status.node_id, "leader_id": status.leader_id, "term": status.term, "members": members})
+                json!({"node_id": status.node_id, "leader_id": status.leader_id, "term": status.term, "members": members, "gossip": gossip})
             );
         }
         Output::Table => {
@@ -653,6 +666,25 @@ async fn cluster_status(
                         "{:>4}  {:22} {:7} unreachable",
                         member.id, member.addr, kind
                     ),
+                }
+            }
+            if !status.gossip.is_empty() {
+                println!("gossip, as node {} sees it:", status.node_id);
+                println!(
+                    "{:>4}  {:22} {:5} {:5} {:9} {:>8} {:8}",
+                    "ID", "GOSSIP ADDRESS", "LIVE", "READY", "ROLE", "APPLIED", "VERSION"
+                );
+                for member in &status.gossip {
+                    println!(
+                        "{:>4}  {:22} {:5} {:5} {:9} {:>8} {:8}",
+                        member.node_id,
+                        member.gossip_addr,
+                        if member.live { "yes" } else { "DEAD" },
+                        member.ready,
+                        member.raft_role,
+                        member.applied_index,
+                        member.version
+                    );
                 }
             }
         }

@@ -112,6 +112,16 @@ struct ServeArgs {
     /// The admin API token. With one set, proxy calls also need a virtual key.
     #[arg(long, env = "SKEIN_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// The gossip (UDP) address; `off` to run without gossip.
+    #[arg(long, env = "SKEIN_GOSSIP_ADDR", default_value = "0.0.0.0:8082")]
+    gossip_addr: String,
+    /// The gossip address other nodes reach this one at (default: --gossip-addr).
+    #[arg(long, env = "SKEIN_GOSSIP_ADVERTISE_ADDR")]
+    gossip_advertise_addr: Option<std::net::SocketAddr>,
+    /// Gossip seeds, `host:port` separated by commas (a Kubernetes headless Service name
+    /// works: it is re-resolved).
+    #[arg(long, env = "SKEIN_GOSSIP_SEEDS", default_value = "")]
+    gossip_seeds: String,
     /// Build a Raft snapshot (and compact the log) after this many new entries.
     #[arg(
         long,
@@ -255,6 +265,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cluster,
         admin_token,
         sync_env_providers: source == ConfigSource::Environment,
+        gossip: if args.gossip_addr == "off" {
+            None
+        } else {
+            Some(skein_node::node::GossipSettings {
+                listen_addr: args.gossip_addr.parse().with_context(|| {
+                    format!("--gossip-addr {} is not ip:port", args.gossip_addr)
+                })?,
+                advertise_addr: args.gossip_advertise_addr,
+                seeds: split_list(&args.gossip_seeds),
+            })
+        },
         grpc_tls: match (&args.grpc_tls_cert, &args.grpc_tls_key) {
             (Some(cert), Some(key)) => Some(skein_node::tls::GrpcTls {
                 cert: cert.clone(),

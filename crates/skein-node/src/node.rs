@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
+use skein_cluster::{Gossip, GossipOptions, NodeInfo};
 use skein_control::{ControlOptions, ControlPlane, NodeId};
 use skein_core::accounting::Ledger;
 use skein_proxy::{AppState, ProxyOptions};
@@ -38,6 +39,18 @@ pub struct NodeOptions {
     pub sync_env_providers: bool,
     /// TLS (or mutual TLS) on the gRPC port.
     pub grpc_tls: Option<GrpcTls>,
+    /// Gossip membership (UDP); `None` for a node that does not gossip.
+    pub gossip: Option<GossipSettings>,
+}
+
+/// Where this node gossips, and with whom.
+#[derive(Debug, Clone)]
+pub struct GossipSettings {
+    pub listen_addr: SocketAddr,
+    /// The address peers reach this node at; the listen address by default.
+    pub advertise_addr: Option<SocketAddr>,
+    /// `host:port` of other nodes (names are re-resolved).
+    pub seeds: Vec<String>,
 }
 
 /// Where this node's Raft state lives and which group it belongs to.
@@ -89,6 +102,7 @@ impl NodeOptions {
             admin_token: None,
             sync_env_providers: false,
             grpc_tls: None,
+            gossip: None,
         }
     }
 }
@@ -99,6 +113,7 @@ pub struct RunningNode {
     pub grpc_addr: SocketAddr,
     pub state: Arc<AppState>,
     pub control: ControlPlane,
+    pub gossip: Option<Arc<Gossip>>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     admin: JoinHandle<std::io::Result<()>>,
@@ -182,11 +197,26 @@ pub async fn start_node(
             })
             .await
     });
+    let gossip = match &options.gossip {
+        Some(settings) => {
+            let mut gossip_options =
+                GossipOptions::new(settings.listen_addr, settings.seeds.clone());
+            if let Some(advertise) = settings.advertise_addr {
+                gossip_options.advertise_addr = advertise;
+            }
+            let info = node_info(&control, &state, http_addr, &advertise);
+            Some(Arc::new(
+                Gossip::start(gossip_options, &info, &chitchat::transport::UdpTransport).await?,
+            ))
+        }
+        None => None,
+    };
     let router = AdminService::new(
         state.clone(),
         control.clone(),
         http_addr,
         options.admin_token.clone(),
+        gossip.clone(),
     )
     .into_router();
     let mut grpc_signal = shutdown_signal;
@@ -226,8 +256,17 @@ pub async fn start_node(
     } else {
         tasks.push(tokio::spawn(join_as_learner(
             control.clone(),
-            advertise,
+            advertise.clone(),
             cluster.peers.clone(),
+        )));
+    }
+    if let Some(gossip) = &gossip {
+        tasks.push(tokio::spawn(publish_node_info(
+            gossip.clone(),
+            control.clone(),
+            state.clone(),
+            http_addr,
+            advertise.clone(),
         )));
     }
     tasks.push(tokio::spawn(flush_spend_every(
@@ -246,6 +285,7 @@ pub async fn start_node(
         grpc_addr,
         state,
         control,
+        gossip,
         shutdown,
         server,
         admin,
@@ -299,6 +339,50 @@ async fn follow_config(
         if versions.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// What this node publishes about itself over gossip.
+fn node_info(
+    control: &ControlPlane,
+    app: &AppState,
+    http_addr: SocketAddr,
+    grpc_addr: &str,
+) -> NodeInfo {
+    let metrics = control.metrics();
+    let role = match metrics.state {
+        openraft::ServerState::Leader => "leader",
+        openraft::ServerState::Follower => "follower",
+        openraft::ServerState::Candidate => "candidate",
+        openraft::ServerState::Learner => "learner",
+        openraft::ServerState::Shutdown => "shutdown",
+    };
+    NodeInfo {
+        node_id: control.id(),
+        http_addr: http_addr.to_string(),
+        grpc_addr: grpc_addr.to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        ready: app.is_ready(),
+        raft_role: role.to_owned(),
+        applied_index: control.state().version,
+    }
+}
+
+/// Keep this node's gossiped info current (chitchat only sends what changed).
+async fn publish_node_info(
+    gossip: Arc<Gossip>,
+    control: ControlPlane,
+    app: Arc<AppState>,
+    http_addr: SocketAddr,
+    grpc_addr: String,
+) {
+    let mut ticks = tokio::time::interval(Duration::from_millis(500));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        gossip
+            .publish(&node_info(&control, &app, http_addr, &grpc_addr))
+            .await;
     }
 }
 
@@ -445,6 +529,17 @@ impl RunningNode {
     /// stop the Raft node.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.state.set_ready(false);
+        if let Some(gossip) = &self.gossip {
+            // Tell the others first, so they stop counting on this node.
+            let mut info = node_info(
+                &self.control,
+                &self.state,
+                self.http_addr,
+                &self.grpc_addr.to_string(),
+            );
+            info.ready = false;
+            gossip.publish(&info).await;
+        }
         let _ = self.shutdown.send(true);
         match tokio::time::timeout(self.drain_timeout, self.server).await {
             Ok(joined) => joined.context("server task")?.context("HTTP server")?,
@@ -467,6 +562,12 @@ impl RunningNode {
         )
         .await;
         self.control.shutdown().await;
+        if let Some(gossip) = self.gossip
+            && let Ok(gossip) = Arc::try_unwrap(gossip)
+            && let Err(error) = gossip.shutdown().await
+        {
+            tracing::debug!(%error, "gossip did not stop cleanly");
+        }
         Ok(())
     }
 }
