@@ -299,6 +299,26 @@ async fn writes_replicate_keys_work_everywhere_and_the_group_survives_kill_9() {
     })
     .await;
 
+    // Gossip has metrics.
+    everywhere(&[0], Duration::from_secs(5), |i| {
+        let cluster = &cluster;
+        async move {
+            let text = cluster
+                .client
+                .get(format!("{}/metrics", cluster.nodes[i].http))
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("text");
+            text.contains("skein_gossip_live_nodes 3")
+                && text.contains("skein_gossip_messages_total{direction=\"sent\"}")
+                && text.contains("skein_gossip_bytes_total{direction=\"received\"}")
+        }
+    })
+    .await;
+
     // Raft RPCs need the cluster's token too: a stranger cannot vote or append.
     let mut stranger = skein_proto::raft::v1::raft_client::RaftClient::connect(format!(
         "http://{}",

@@ -9,10 +9,12 @@
 //! counters come next, through the same typed accessors.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use chitchat::transport::Transport;
+use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport};
 use chitchat::{
     ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, ProtocolVersion,
     spawn_chitchat,
@@ -123,6 +125,78 @@ pub struct Member {
     pub live: bool,
     /// `None` while the node has not published its info yet.
     pub info: Option<NodeInfo>,
+}
+
+/// Gossip traffic of this node, counted at the transport.
+#[derive(Debug, Default)]
+pub struct GossipStats {
+    pub messages_sent: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+}
+
+/// A transport that counts what passes through another one.
+pub struct CountingTransport<T> {
+    inner: T,
+    stats: Arc<GossipStats>,
+}
+
+impl<T: Transport> CountingTransport<T> {
+    pub fn new(inner: T) -> CountingTransport<T> {
+        CountingTransport {
+            inner,
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<GossipStats> {
+        self.stats.clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl<T: Transport> Transport for CountingTransport<T> {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        Ok(Box::new(CountingSocket {
+            inner: self.inner.open(listen_addr).await?,
+            stats: self.stats.clone(),
+        }))
+    }
+}
+
+struct CountingSocket {
+    inner: Box<dyn Socket>,
+    stats: Arc<GossipStats>,
+}
+
+#[async_trait::async_trait]
+impl Socket for CountingSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: chitchat::ChitchatEnvelope,
+    ) -> anyhow::Result<SendOutcome> {
+        let outcome = self.inner.send(to, envelope).await?;
+        self.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_sent
+            .fetch_add(outcome.num_bytes_sent as u64, Ordering::Relaxed);
+        Ok(outcome)
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        let outcome = self.inner.recv().await?;
+        self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_received
+            .fetch_add(outcome.num_bytes_received as u64, Ordering::Relaxed);
+        Ok(outcome)
+    }
 }
 
 /// This node's gossip agent.
@@ -246,7 +320,8 @@ mod tests {
 
     #[tokio::test]
     async fn nodes_find_each_other_share_updates_and_see_a_silent_node_die() {
-        let transport = ChannelTransport::with_mtu(65_507);
+        let transport = CountingTransport::new(ChannelTransport::with_mtu(65_507));
+        let stats = transport.stats();
         let ports = [20_001u16, 20_002, 20_003];
         let mut nodes = Vec::new();
         for (index, port) in ports.iter().enumerate() {
@@ -284,6 +359,10 @@ mod tests {
         })
         .await;
         assert!(seen, "{:?}", nodes[2].members().await);
+
+        // Traffic was counted.
+        assert!(stats.messages_sent.load(Ordering::Relaxed) > 0);
+        assert!(stats.bytes_received.load(Ordering::Relaxed) > 0);
 
         // Node 2 goes silent: the others mark it dead.
         let silent = nodes.remove(1);

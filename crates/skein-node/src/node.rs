@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
-use skein_cluster::{Gossip, GossipOptions, NodeInfo};
+use skein_cluster::{CountingTransport, Gossip, GossipOptions, GossipStats, NodeInfo};
 use skein_control::{ControlOptions, ControlPlane, NodeId};
 use skein_core::accounting::Ledger;
 use skein_proxy::{AppState, ProxyOptions};
@@ -197,6 +197,7 @@ pub async fn start_node(
             })
             .await
     });
+    let mut gossip_stats = None;
     let gossip = match &options.gossip {
         Some(settings) => {
             let mut gossip_options =
@@ -205,8 +206,10 @@ pub async fn start_node(
                 gossip_options.advertise_addr = advertise;
             }
             let info = node_info(&control, &state, http_addr, &advertise);
+            let transport = CountingTransport::new(chitchat::transport::UdpTransport);
+            gossip_stats = Some(transport.stats());
             Some(Arc::new(
-                Gossip::start(gossip_options, &info, &chitchat::transport::UdpTransport).await?,
+                Gossip::start(gossip_options, &info, &transport).await?,
             ))
         }
         None => None,
@@ -260,13 +263,14 @@ pub async fn start_node(
             cluster.peers.clone(),
         )));
     }
-    if let Some(gossip) = &gossip {
+    if let (Some(gossip), Some(stats)) = (&gossip, gossip_stats) {
         tasks.push(tokio::spawn(publish_node_info(
             gossip.clone(),
             control.clone(),
             state.clone(),
             http_addr,
             advertise.clone(),
+            stats,
         )));
     }
     tasks.push(tokio::spawn(flush_spend_every(
@@ -368,21 +372,49 @@ fn node_info(
     }
 }
 
-/// Keep this node's gossiped info current (chitchat only sends what changed).
+/// Keep this node's gossiped info current (chitchat only sends what changed), and the
+/// gossip metrics.
 async fn publish_node_info(
     gossip: Arc<Gossip>,
     control: ControlPlane,
     app: Arc<AppState>,
     http_addr: SocketAddr,
     grpc_addr: String,
+    stats: Arc<GossipStats>,
 ) {
+    use skein_proxy::metrics::DirectionLabels;
+    use std::sync::atomic::Ordering;
     let mut ticks = tokio::time::interval(Duration::from_millis(500));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut counted = [0u64; 4];
     loop {
         ticks.tick().await;
         gossip
             .publish(&node_info(&control, &app, http_addr, &grpc_addr))
             .await;
+        let metrics = &app.metrics;
+        let now = [
+            stats.messages_sent.load(Ordering::Relaxed),
+            stats.messages_received.load(Ordering::Relaxed),
+            stats.bytes_sent.load(Ordering::Relaxed),
+            stats.bytes_received.load(Ordering::Relaxed),
+        ];
+        for (index, (family, direction)) in [
+            (&metrics.gossip_messages, "sent"),
+            (&metrics.gossip_messages, "received"),
+            (&metrics.gossip_bytes, "sent"),
+            (&metrics.gossip_bytes, "received"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            family
+                .get_or_create(&DirectionLabels { direction })
+                .inc_by(now[index].saturating_sub(counted[index]));
+        }
+        counted = now;
+        let live = gossip.members().await.iter().filter(|m| m.live).count();
+        metrics.gossip_live_nodes.set(live as i64);
     }
 }
 

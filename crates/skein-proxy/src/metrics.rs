@@ -22,6 +22,11 @@ pub struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderLabels {
     pub provider: String,
 }
@@ -57,6 +62,9 @@ pub struct Metrics {
     pub tokens: Family<TokenLabels, Counter>,
     pub in_flight: Gauge,
     pub stream_interruptions: Family<ProviderLabels, Counter>,
+    pub gossip_messages: Family<DirectionLabels, Counter>,
+    pub gossip_bytes: Family<DirectionLabels, Counter>,
+    pub gossip_live_nodes: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -140,6 +148,24 @@ impl Metrics {
             "Streams that broke after their first byte reached the client",
             stream_interruptions.clone(),
         );
+        let gossip_messages = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "gossip_messages",
+            "Gossip messages sent and received",
+            gossip_messages.clone(),
+        );
+        let gossip_bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "gossip_bytes",
+            "Gossip bytes sent and received",
+            gossip_bytes.clone(),
+        );
+        let gossip_live_nodes = Gauge::default();
+        registry.register(
+            "gossip_live_nodes",
+            "Nodes this node's gossip sees live, itself included",
+            gossip_live_nodes.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -152,6 +178,9 @@ impl Metrics {
             tokens,
             in_flight,
             stream_interruptions,
+            gossip_messages,
+            gossip_bytes,
+            gossip_live_nodes,
         }
     }
 
