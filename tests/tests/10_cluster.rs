@@ -40,15 +40,18 @@ struct Cluster {
 impl Cluster {
     /// `voters` nodes forming the group, plus `learners` that join through the first node.
     fn start(mock_url: &str, voters: u64, learners: u64, extra: &[&str]) -> Cluster {
+        let config = format!(
+            "version: 1\nproviders:\n  - name: p\n    kind: openai_compatible\n    base_url: {mock_url}/v1\n    keys: [{{key: env:UPSTREAM_KEY}}]\nroutes:\n  - name: alpha\n    deployments: [{{provider: p, model: m}}]\n"
+        );
+        Cluster::start_config(&config, voters, learners, extra)
+    }
+
+    /// Like [`Cluster::start`] with a config of one's own (keys may use `env:UPSTREAM_KEY`,
+    /// `env:KEY_A` = `key-a` and `env:KEY_B` = `key-b`).
+    fn start_config(config_text: &str, voters: u64, learners: u64, extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("dir");
         let config = dir.path().join("skein.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 1\nproviders:\n  - name: p\n    kind: openai_compatible\n    base_url: {mock_url}/v1\n    keys: [{{key: env:UPSTREAM_KEY}}]\nroutes:\n  - name: alpha\n    deployments: [{{provider: p, model: m}}]\n"
-            ),
-        )
-        .expect("config");
+        std::fs::write(&config, config_text).expect("config");
         let nodes: Vec<Node> = (1..=voters + learners)
             .map(|id| Node {
                 id,
@@ -110,6 +113,8 @@ impl Cluster {
             .args(["--log-format", "json", "--admin-token", TOKEN])
             .args(&self.extra)
             .env("UPSTREAM_KEY", "upstream-secret")
+            .env("KEY_A", "key-a")
+            .env("KEY_B", "key-b")
             .env("SKEIN_LOG", "info,openraft=error")
             .env_remove("SKEIN_CONFIG");
         node.process = Some(Spawned::start(&mut command));
@@ -961,4 +966,78 @@ async fn raft_and_the_admin_api_run_over_mutual_tls() {
     let plain = format!("http://{}", cluster.nodes[2].grpc);
     let (ok, _, err) = cli(&["team", "list", "--endpoint", &plain]);
     assert!(!ok, "a plaintext client was served: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rate_limited_on_one_node_cools_down_on_every_node() {
+    let mock = start_mock().await.expect("mock");
+    let config = format!(
+        "version: 1\nproviders:\n  - name: p\n    kind: openai_compatible\n    base_url: {}/v1\n    keys: [{{key: env:KEY_A, name: a}}, {{key: env:KEY_B, name: b}}]\nroutes:\n  - name: alpha\n    deployments: [{{provider: p, model: m}}]\n",
+        mock.url()
+    );
+    let cluster = Cluster::start_config(&config, 3, 0, &[]);
+    let all = [0, 1, 2];
+    cluster.leader(&all, Duration::from_secs(15)).await;
+    let (secret, _) = create_key(&mut cluster.admin(0).await, "health").await;
+    everywhere(&all, Duration::from_secs(5), |i| {
+        let secret = secret.clone();
+        let cluster = &cluster;
+        async move { cluster.chat(i, &secret).await == 200 }
+    })
+    .await;
+
+    // Key a answers 429 for 30 s. Node 1 finds out; nodes 2 and 3 learn it over gossip.
+    mock.set_key_fault(
+        "key-a",
+        Some(skein_mock::Fault::Status {
+            status: 429,
+            retry_after: Some(30),
+        }),
+    );
+    let key_a_calls = || {
+        mock.requests()
+            .iter()
+            .filter(|request| request.api_key.as_deref() == Some("key-a"))
+            .count()
+    };
+    let before = key_a_calls();
+    for _ in 0..200 {
+        if key_a_calls() > before {
+            break;
+        }
+        assert_eq!(cluster.chat(0, &secret).await, 200, "served by key b");
+    }
+    let learned_at = Instant::now();
+    assert!(key_a_calls() > before, "node 1 tried key a");
+    let cooling = |index: usize| {
+        let cluster = &cluster;
+        async move {
+            let status = cluster
+                .admin(index)
+                .await
+                .get_status(authorized(skein_proto::admin::v1::GetStatusRequest {}))
+                .await
+                .expect("status")
+                .into_inner();
+            status.providers[0]
+                .keys
+                .iter()
+                .any(|key| key.name == "a" && key.cooling_down_ms > 20_000)
+        }
+    };
+    let took = everywhere(&[1, 2], Duration::from_secs(3), cooling).await;
+    println!(
+        "key a cooled down on the other nodes {:?} after node 1 saw its 429 (gossip interval 200 ms)",
+        learned_at.elapsed().min(took + Duration::from_millis(1))
+    );
+    // Nodes 2 and 3 never send to key a.
+    let after = key_a_calls();
+    for round in 0..40 {
+        assert_eq!(cluster.chat(1 + round % 2, &secret).await, 200);
+    }
+    assert_eq!(
+        key_a_calls(),
+        after,
+        "another node still sent to the cooled key"
+    );
 }

@@ -36,6 +36,9 @@ pub mod keys {
     pub const RAFT_ROLE: &str = "raft:role";
     /// The config version (Raft log index) the node has applied.
     pub const APPLIED_INDEX: &str = "raft:applied";
+    /// `health:<provider>/<key name>` → the wall-clock ms until which the publishing node
+    /// keeps that provider key cooled down (after a 429 or repeated failures).
+    pub const HEALTH_PREFIX: &str = "health:";
 }
 
 /// What a node says about itself.
@@ -246,6 +249,42 @@ impl Gossip {
         for (key, value) in info.key_values() {
             state.set(key, value);
         }
+    }
+
+    /// Publish this node's key cooldowns: `(provider/key, wall-clock ms until)`. Entries are
+    /// set with a TTL, so keys that recovered disappear on their own.
+    pub async fn publish_cooldowns(&self, cooldowns: &[(String, u64)]) {
+        let chitchat = self.handle.chitchat();
+        let mut chitchat = chitchat.lock().await;
+        let state = chitchat.self_node_state();
+        for (key, until) in cooldowns {
+            let name = format!("{}{key}", keys::HEALTH_PREFIX);
+            if state.get(&name) != Some(until.to_string().as_str()) {
+                state.set_with_ttl(name, until.to_string());
+            }
+        }
+    }
+
+    /// The key cooldowns the other live nodes publish: `(provider/key, wall-clock ms until)`.
+    pub async fn remote_cooldowns(&self) -> Vec<(String, u64)> {
+        let chitchat = self.handle.chitchat();
+        let chitchat = chitchat.lock().await;
+        let me = chitchat.self_chitchat_id().clone();
+        let live: Vec<ChitchatId> = chitchat.live_nodes().cloned().collect();
+        let mut cooldowns = Vec::new();
+        for id in live.iter().filter(|id| **id != me) {
+            let Some(state) = chitchat.node_state(id) else {
+                continue;
+            };
+            for (key, value) in state.key_values() {
+                if let Some(name) = key.strip_prefix(keys::HEALTH_PREFIX)
+                    && let Ok(until) = value.parse::<u64>()
+                {
+                    cooldowns.push((name.to_owned(), until));
+                }
+            }
+        }
+        cooldowns
     }
 
     /// Every node this one knows of, live or dead, itself included.

@@ -126,6 +126,12 @@ impl KeyHealth {
         self.probe_in_flight.store(false, Ordering::Release);
     }
 
+    /// Cool the key down until `until_ms` (this node's clock) because another node saw it
+    /// fail; never shortens a cooldown in force, and leaves the failure counts alone.
+    pub fn impose_cooldown(&self, until_ms: u64) {
+        self.cooldown_until_ms.fetch_max(until_ms, Ordering::AcqRel);
+    }
+
     /// When the key's cooldown ends (0 when healthy), for metrics and status.
     pub fn cooldown_until_ms(&self) -> u64 {
         self.cooldown_until_ms.load(Ordering::Acquire)

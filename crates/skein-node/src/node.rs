@@ -263,6 +263,12 @@ pub async fn start_node(
             cluster.peers.clone(),
         )));
     }
+    if let Some(gossip) = &gossip {
+        tasks.push(tokio::spawn(share_key_health(
+            gossip.clone(),
+            state.clone(),
+        )));
+    }
     if let (Some(gossip), Some(stats)) = (&gossip, gossip_stats) {
         tasks.push(tokio::spawn(publish_node_info(
             gossip.clone(),
@@ -415,6 +421,46 @@ async fn publish_node_info(
         counted = now;
         let live = gossip.members().await.iter().filter(|m| m.live).count();
         metrics.gossip_live_nodes.set(live as i64);
+    }
+}
+
+/// Share provider-key cooldowns with the other nodes and take theirs, ten times a second: one
+/// 429 on one node cools the key down everywhere within about a gossip interval.
+async fn share_key_health(gossip: Arc<Gossip>, app: Arc<AppState>) {
+    let mut ticks = tokio::time::interval(Duration::from_millis(100));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let config = app.config.load();
+        let (local_now, wall_now) = (app.clock_ms(), skein_control::now_ms());
+        let mut cooling = Vec::new();
+        for provider in config.providers() {
+            for key in &provider.keys {
+                let until = key.health.cooldown_until_ms();
+                if until > local_now {
+                    cooling.push((
+                        format!("{}/{}", provider.name, key.name),
+                        wall_now + (until - local_now),
+                    ));
+                }
+            }
+        }
+        gossip.publish_cooldowns(&cooling).await;
+        for (name, wall_until) in gossip.remote_cooldowns().await {
+            if wall_until <= wall_now {
+                continue;
+            }
+            let Some((provider_name, key_name)) = name.split_once('/') else {
+                continue;
+            };
+            if let Some(key) = config
+                .provider(provider_name)
+                .and_then(|provider| provider.keys.iter().find(|key| key.name == key_name))
+            {
+                key.health
+                    .impose_cooldown(local_now + (wall_until - wall_now));
+            }
+        }
     }
 }
 
