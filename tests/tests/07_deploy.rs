@@ -39,3 +39,16 @@ fn the_helm_chart_default_config_is_valid() {
         .expect("values.config is a string");
     parse_config_text(config, "helm values.config").expect("valid");
 }
+
+/// The node writes its Raft data under --data-dir: the chart and the image must point it at a
+/// writable place (the chart's root filesystem is read-only).
+#[test]
+fn the_chart_and_the_image_give_the_node_a_writable_data_dir() {
+    let statefulset = repository_file("helm/skein/templates/statefulset.yaml");
+    assert!(statefulset.contains("--data-dir=/var/lib/skein"));
+    assert!(statefulset.contains("mountPath: /var/lib/skein"));
+    assert!(statefulset.contains("readOnlyRootFilesystem: true"));
+    let dockerfile = repository_file("deploy/Dockerfile");
+    assert!(dockerfile.contains("\"--data-dir\", \"/var/lib/skein\""));
+    assert!(dockerfile.contains("chown 65532:65532 /var/lib/skein"));
+}
