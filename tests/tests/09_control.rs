@@ -5,8 +5,8 @@ use serde_json::json;
 use skein_node::MapEnvironment;
 use skein_proto::admin::v1::admin_client::AdminClient;
 use skein_proto::admin::v1::{
-    CreateKeyRequest, DeleteRequest, ExportConfigRequest, GetRequest, ImportConfigRequest,
-    KeyRequest, Kind, ListRequest, UsageRequest, WatchRequest, WriteRequest,
+    CreateKeyRequest, CreateKeyResponse, DeleteRequest, ExportConfigRequest, GetRequest,
+    ImportConfigRequest, KeyRequest, Kind, ListRequest, UsageRequest, WatchRequest, WriteRequest,
 };
 use skein_tests::{Gateway, start_mock};
 use tonic::Code;
@@ -372,26 +372,30 @@ async fn recorded_cost(client: &mut AdminClient<Channel>, key_id: &str) -> (u64,
     (cost, requests)
 }
 
+/// Price `alpha` at 1 µ$ per token in and out, and create a key `id`.
+async fn priced_key(client: &mut AdminClient<Channel>, id: &str) -> CreateKeyResponse {
+    put(
+        client,
+        Kind::Price,
+        json!({"model": "alpha", "input_nanos_per_token": 1000, "output_nanos_per_token": 1000}),
+    )
+    .await;
+    client
+        .create_key(authorized(CreateKeyRequest {
+            id: id.to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .expect("key")
+        .into_inner()
+}
+
 #[tokio::test]
 async fn a_hard_budget_refuses_with_insufficient_quota_once_spent() {
     let mock = start_mock().await.expect("mock");
     let gateway = gateway_with_token(&mock.url()).await;
     let mut client = admin(&gateway).await;
-    // 1 µ$ per token in and out.
-    put(
-        &mut client,
-        Kind::Price,
-        json!({"model": "alpha", "input_nanos_per_token": 1000, "output_nanos_per_token": 1000}),
-    )
-    .await;
-    let key = client
-        .create_key(authorized(CreateKeyRequest {
-            id: "budgeted".to_owned(),
-            ..Default::default()
-        }))
-        .await
-        .expect("key")
-        .into_inner();
+    let key = priced_key(&mut client, "budgeted").await;
     // 0.2 m$: a few dozen small requests.
     put(
         &mut client,
@@ -485,20 +489,7 @@ async fn a_stream_the_client_leaves_is_still_charged() {
     .expect("mock");
     let gateway = gateway_with_token(&mock.url()).await;
     let mut client = admin(&gateway).await;
-    put(
-        &mut client,
-        Kind::Price,
-        json!({"model": "alpha", "input_nanos_per_token": 1000, "output_nanos_per_token": 1000}),
-    )
-    .await;
-    let key = client
-        .create_key(authorized(CreateKeyRequest {
-            id: "streamer".to_owned(),
-            ..Default::default()
-        }))
-        .await
-        .expect("key")
-        .into_inner();
+    let key = priced_key(&mut client, "streamer").await;
     let mut response = gateway
         .client
         .post(format!("{}/v1/chat/completions", gateway.url))

@@ -186,15 +186,7 @@ impl Cluster {
     }
 
     async fn chat(&self, index: usize, secret: &str) -> u16 {
-        self.client
-            .post(format!("{}/v1/chat/completions", self.nodes[index].http))
-            .bearer_auth(secret)
-            .timeout(Duration::from_secs(5))
-            .json(&json!({"model": "alpha", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}))
-            .send()
-            .await
-            .map(|response| response.status().as_u16())
-            .unwrap_or(0)
+        self.chat_code(index, secret).await.0
     }
 
     /// A chat call's status and error code (empty on success).

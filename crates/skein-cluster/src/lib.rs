@@ -215,10 +215,7 @@ impl Gossip {
         info: &NodeInfo,
         transport: &dyn Transport,
     ) -> anyhow::Result<Gossip> {
-        let generation = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
+        let generation = skein_types::now_ms();
         let config = ChitchatConfig {
             chitchat_id: ChitchatId::new(
                 format!("node-{}", info.node_id),

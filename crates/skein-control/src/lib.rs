@@ -307,7 +307,7 @@ impl ControlPlane {
     ) -> Result<ApplyResponse, ControlError> {
         let proposal = Proposal {
             actor: actor.to_owned(),
-            at_ms: now_ms(),
+            at_ms: skein_types::now_ms(),
             command,
             create_only,
         };
@@ -481,6 +481,17 @@ impl ControlPlane {
             .map_err(write_error)
     }
 
+    /// This node's Raft role, as status reports spell it.
+    pub fn role(&self) -> &'static str {
+        match self.metrics().state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        }
+    }
+
     /// Whether this node is the leader right now.
     pub fn is_leader(&self) -> bool {
         self.metrics().state == ServerState::Leader
@@ -528,12 +539,4 @@ fn write_error(error: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Cont
 
 fn internal(error: impl std::fmt::Display) -> ControlError {
     ControlError::Internal(error.to_string())
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }

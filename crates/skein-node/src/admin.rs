@@ -690,13 +690,7 @@ impl Admin for AdminService {
                     .unwrap_or(0),
             })
             .collect();
-        let role = match metrics.state {
-            openraft::ServerState::Leader => "leader",
-            openraft::ServerState::Follower => "follower",
-            openraft::ServerState::Candidate => "candidate",
-            openraft::ServerState::Learner => "learner",
-            openraft::ServerState::Shutdown => "shutdown",
-        };
+        let role = self.control.role();
         Ok(Response::new(ClusterStatusResponse {
             node_id: metrics.id,
             role: role.to_owned(),

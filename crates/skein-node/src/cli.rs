@@ -418,7 +418,7 @@ pub async fn key(connection: &Connection, command: KeyCommand) -> anyhow::Result
                 Some(text) => {
                     let millis = skein_types::duration::parse_millis(&text)
                         .map_err(|error| anyhow::anyhow!("--expires-in: {error}"))?;
-                    skein_control::now_ms().saturating_add(millis)
+                    skein_types::now_ms().saturating_add(millis)
                 }
                 None => 0,
             };
@@ -480,7 +480,7 @@ pub async fn usage(connection: &Connection, args: UsageArgs) -> anyhow::Result<(
         Some(text) => {
             let millis = skein_types::duration::parse_millis(text)
                 .map_err(|error| anyhow::anyhow!("--since: {error}"))?;
-            skein_control::now_ms().saturating_sub(millis)
+            skein_types::now_ms().saturating_sub(millis)
         }
         None => 0,
     };

@@ -315,9 +315,11 @@ async fn follow_config(
 ) {
     let mut versions = control.versions();
     let mut routing = serving;
+    let mut routing_version = None;
     loop {
         let state = control.state();
-        if state.bootstrapped {
+        if state.bootstrapped && routing_version != Some(state.routing_version) {
+            routing_version = Some(state.routing_version);
             let current = normalized(state.routing_config());
             if routing != current {
                 let built = ValidatedConfig::validate(current.clone())
@@ -359,14 +361,7 @@ fn node_info(
     http_addr: SocketAddr,
     grpc_addr: &str,
 ) -> NodeInfo {
-    let metrics = control.metrics();
-    let role = match metrics.state {
-        openraft::ServerState::Leader => "leader",
-        openraft::ServerState::Follower => "follower",
-        openraft::ServerState::Candidate => "candidate",
-        openraft::ServerState::Learner => "learner",
-        openraft::ServerState::Shutdown => "shutdown",
-    };
+    let role = control.role();
     NodeInfo {
         node_id: control.id(),
         http_addr: http_addr.to_string(),
@@ -432,7 +427,7 @@ async fn share_key_health(gossip: Arc<Gossip>, app: Arc<AppState>) {
     loop {
         ticks.tick().await;
         let config = app.config.load();
-        let (local_now, wall_now) = (app.clock_ms(), skein_control::now_ms());
+        let (local_now, wall_now) = (app.clock_ms(), skein_types::now_ms());
         let mut cooling = Vec::new();
         for provider in config.providers() {
             for key in &provider.keys {
@@ -491,7 +486,7 @@ async fn flush_spend(control: &ControlPlane, ledger: &Ledger) {
         .get(&control.id())
         .copied()
         .unwrap_or(0);
-    let Some(batch) = ledger.take_batch(skein_control::now_ms(), applied) else {
+    let Some(batch) = ledger.take_batch(skein_types::now_ms(), applied) else {
         return;
     };
     let command = Command::RecordSpend {

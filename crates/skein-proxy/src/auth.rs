@@ -83,7 +83,7 @@ pub fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Option<Call
                 .with_detail_code("invalid_api_key"),
         );
     }
-    if !key.is_active(now_ms()) {
+    if !key.is_active(skein_types::now_ms()) {
         return Err(
             ApiError::new(ErrorCode::Unauthenticated, "this API key has expired")
                 .with_detail_code("expired_api_key"),
@@ -94,12 +94,4 @@ pub fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Option<Call
         state: control,
         key_id,
     }))
-}
-
-/// Wall-clock milliseconds (key expiry and budget periods are wall-clock time).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }

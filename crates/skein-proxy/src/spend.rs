@@ -62,33 +62,38 @@ pub fn reserve(
     let Some(caller) = caller else {
         return Ok(None);
     };
-    let max_output = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
-        .iter()
-        .find_map(|name| request.get_as::<u64>(name).ok().flatten())
-        .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
     let input = estimate_input_tokens(body_len);
     // The newest snapshot, not the one authentication saw before the body was read: spend
     // recorded meanwhile must count.
     let fresh = app.control();
     let state = &fresh;
-    let worst = routes
-        .iter()
-        .flat_map(|route| route.deployments.iter())
-        .filter_map(|deployment| {
-            price_of(
-                state,
-                requested,
-                &deployment.provider.name,
-                &deployment.model,
-            )
-        })
-        .map(|price| cost(&price, input, 0, max_output))
-        .max()
-        .unwrap_or(0);
+    // The worst case only matters to a hard budget; most keys have none.
+    let worst = if state.has_hard_budget(&caller.key_id) {
+        let max_output = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|name| request.get_as::<u64>(name).ok().flatten())
+            .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
+        routes
+            .iter()
+            .flat_map(|route| route.deployments.iter())
+            .filter_map(|deployment| {
+                price_of(
+                    state,
+                    requested,
+                    &deployment.provider.name,
+                    &deployment.model,
+                )
+            })
+            .map(|price| cost(&price, input, 0, max_output))
+            .max()
+            .unwrap_or(0)
+    } else {
+        0
+    };
     let nodes = app.cluster_size();
     match app
         .ledger
-        .reserve(state, &caller.key_id, worst, crate::auth::now_ms(), nodes)
+        .reserve(state, &caller.key_id, worst, skein_types::now_ms(), nodes)
     {
         Ok(reservation) => Ok(Some(Hold {
             reservation,

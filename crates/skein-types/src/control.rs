@@ -457,6 +457,10 @@ pub struct ControlState {
     /// Whether a bootstrap or an import has been applied: from then on the replicated routing
     /// config is the one every node serves.
     pub bootstrapped: bool,
+    /// The config version of the last change to providers, routes or server settings: nodes
+    /// rebuild their routing only when it moves, not on every applied spend batch.
+    #[serde(default)]
+    pub routing_version: u64,
     pub server: ServerSpec,
     pub providers: BTreeMap<String, ProviderSpec>,
     pub routes: BTreeMap<String, RouteSpec>,
@@ -915,6 +919,17 @@ impl ControlState {
                 self.budgets = budgets;
             }
         }
+        if matches!(
+            command,
+            Command::Bootstrap { .. }
+                | Command::Import { .. }
+                | Command::PutProvider { .. }
+                | Command::DeleteProvider { .. }
+                | Command::PutRoute { .. }
+                | Command::DeleteRoute { .. }
+        ) {
+            self.routing_version = version;
+        }
         if !matches!(command, Command::RecordSpend { .. }) {
             if self.audit.len() >= AUDIT_CAPACITY {
                 self.audit.pop_front();
@@ -971,6 +986,17 @@ impl ControlState {
             self.budgets.remove(&id);
             self.ledgers.remove(&id);
         }
+    }
+
+    /// Whether a hard budget applies to the key (directly, or through its team or customer).
+    pub fn has_hard_budget(&self, key_id: &str) -> bool {
+        if self.budgets.is_empty() {
+            return false;
+        }
+        let scopes = self.scopes_of(key_id);
+        self.budgets
+            .values()
+            .any(|budget| budget.hard && scopes.contains(&budget.scope))
     }
 
     /// The scopes a key's spend counts against: the key, its team, the team's customer.
@@ -1359,7 +1385,12 @@ mod tests {
                 cost_nanos: 100,
             }],
         };
+        let routing_version = state.routing_version;
         assert_eq!(state.apply(3, &proposal(spend(1))), Outcome::Applied);
+        assert_eq!(
+            state.routing_version, routing_version,
+            "spend does not touch routing"
+        );
         assert_eq!(state.apply(4, &proposal(spend(1))), Outcome::Duplicate);
         assert_eq!(state.apply(5, &proposal(spend(2))), Outcome::Applied);
         assert_eq!(state.budget_spent("b1", 0), 200);

@@ -18,3 +18,12 @@ pub use config::{
 pub use error_code::ErrorCode;
 pub use provider_kind::{ProviderKind, WireProtocol};
 pub use validate::{ConfigError, ValidatedConfig};
+
+/// Wall-clock milliseconds since the Unix epoch (key expiry, budget periods, spend sequences,
+/// gossip generations are all wall-clock time).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
