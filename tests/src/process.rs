@@ -84,3 +84,19 @@ impl Drop for Spawned {
         self.kill9();
     }
 }
+
+/// Run the `skein` CLI with `args` (no endpoint or token from the environment):
+/// (success, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(crate::binary("skein").expect("binary"))
+        .args(args)
+        .env_remove("SKEIN_ADMIN_TOKEN")
+        .env_remove("SKEIN_ENDPOINT")
+        .output()
+        .expect("run");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

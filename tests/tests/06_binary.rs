@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use skein_tests::process::Spawned;
+use skein_tests::process::{Spawned, run_cli};
 use skein_tests::{binary, start_mock};
 
 /// Write `content` to a config file, run `skein check` on it, expect a failure; its stderr.
@@ -130,18 +130,9 @@ async fn serve_proxies_keeps_secrets_out_of_logs_and_drains_on_sigterm() {
 
 /// Run the `skein` CLI against `endpoint`; (success, stdout, stderr).
 fn cli(endpoint: &str, token: &str, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(binary("skein").expect("binary"))
-        .args(args)
-        .args(["--endpoint", endpoint, "--token", token])
-        .env_remove("SKEIN_ADMIN_TOKEN")
-        .env_remove("SKEIN_ENDPOINT")
-        .output()
-        .expect("run");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let mut all = args.to_vec();
+    all.extend(["--endpoint", endpoint, "--token", token]);
+    run_cli(&all)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use skein_proto::admin::v1::{
     ClusterMember, ClusterStatusRequest, ClusterStatusResponse, CreateKeyRequest, GetRequest,
     KeyRequest, Kind, ListRequest, NodeRequest, TriggerSnapshotRequest, UsageRequest, WriteRequest,
 };
-use skein_tests::process::Spawned;
+use skein_tests::process::{Spawned, run_cli};
 use skein_tests::{binary, free_port, start_mock};
 use tonic::transport::Channel;
 
@@ -854,18 +854,9 @@ fn write_certificates(dir: &std::path::Path) {
 
 /// Run the CLI; (success, stdout, stderr).
 fn cli(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(binary("skein").expect("binary"))
-        .args(args)
-        .args(["--token", TOKEN])
-        .env_remove("SKEIN_ENDPOINT")
-        .env_remove("SKEIN_ADMIN_TOKEN")
-        .output()
-        .expect("run");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let mut all = args.to_vec();
+    all.extend(["--token", TOKEN]);
+    run_cli(&all)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
