@@ -180,11 +180,18 @@ pub fn metric_value(metrics: &str, name: &str, fragments: &[&str]) -> Option<f64
 ///
 /// It is drawn at random below the kernel's ephemeral range (which starts at 32768 by
 /// default): a port the kernel handed out for `bind(0)` could be handed out again, to any
-/// outgoing connection, before the process that is told to use it binds it.
+/// outgoing connection, before the process that is told to use it binds it. Tests that use
+/// these ports run one at a time (`.config/nextest.toml`), and a port is never given twice.
 pub fn free_port() -> anyhow::Result<u16> {
+    // Ports handed out here but not yet bound by their process must not be handed out again.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     for _ in 0..100 {
         let port = fastrand::u16(20_000..32_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return Ok(port);
         }
     }
