@@ -519,3 +519,139 @@ async fn a_stream_the_client_leaves_is_still_charged() {
     let (cost, _) = recorded_cost(&mut client, "streamer").await;
     assert!(cost > 0, "it cost something");
 }
+
+#[tokio::test]
+async fn rpm_tpm_and_max_parallel_limits_refuse_with_rate_limit_headers() {
+    let mock = start_mock().await.expect("mock");
+    let gateway = gateway_with_token(&mock.url()).await;
+    let mut client = admin(&gateway).await;
+
+    // A key with 3 requests per minute: admitted answers count down, the fourth is refused.
+    let rpm = client
+        .create_key(authorized(CreateKeyRequest {
+            id: "rpm".to_owned(),
+            rpm: 3,
+            ..Default::default()
+        }))
+        .await
+        .expect("key")
+        .into_inner()
+        .secret;
+    let call = |secret: String, model: &'static str| {
+        let client = gateway.client.clone();
+        let url = format!("{}/v1/chat/completions", gateway.url);
+        async move {
+            let response = client
+                .post(url)
+                .bearer_auth(secret)
+                .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .expect("call");
+            let headers = response.headers().clone();
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.expect("json");
+            (status, headers, body)
+        }
+    };
+    for remaining in [2, 1, 0] {
+        let (status, headers, _) = call(rpm.clone(), "alpha").await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["x-ratelimit-limit-requests"], "3");
+        assert_eq!(
+            headers["x-ratelimit-remaining-requests"],
+            remaining.to_string().as_str()
+        );
+        let reset = headers["x-ratelimit-reset-requests"]
+            .to_str()
+            .expect("ascii");
+        assert!(reset.ends_with('s'), "{reset}");
+    }
+    let (status, headers, body) = call(rpm.clone(), "alpha").await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
+    let retry_after: u64 = headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+
+    // A team with 100 tokens per minute: its key is refused once the tokens are spent.
+    put(
+        &mut client,
+        Kind::Team,
+        json!({"id": "small", "name": "small", "limits": {"tpm": 100}}),
+    )
+    .await;
+    let tpm = client
+        .create_key(authorized(CreateKeyRequest {
+            id: "tpm".to_owned(),
+            team: "small".to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .expect("key")
+        .into_inner()
+        .secret;
+    let mut admitted = 0;
+    let mut refused = None;
+    for _ in 0..100 {
+        let (status, headers, body) = call(tpm.clone(), "alpha").await;
+        match status {
+            200 => admitted += 1,
+            429 => {
+                refused = Some((headers, body));
+                break;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    let (headers, body) = refused.expect("the token limit refuses at last");
+    assert!(admitted > 0);
+    assert_eq!(headers["x-ratelimit-limit-tokens"], "100");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("team `small`"),
+        "{body}"
+    );
+
+    // One call in flight at a time: a second concurrent call is refused, and the slot comes
+    // back when the first ends.
+    let parallel = client
+        .create_key(authorized(CreateKeyRequest {
+            id: "parallel".to_owned(),
+            max_parallel: 1,
+            ..Default::default()
+        }))
+        .await
+        .expect("key")
+        .into_inner()
+        .secret;
+    let slow = tokio::spawn(call(parallel.clone(), "p/mock-slow-500"));
+    // Wait until the slow call has reached the provider.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !mock
+        .requests()
+        .iter()
+        .any(|r| r.body["model"] == "mock-slow-500")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow call never arrived"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let (status, headers, body) = call(parallel.clone(), "alpha").await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(headers["x-skein-ratelimit-limit-parallel"], "1");
+    assert_eq!(headers["retry-after"], "1");
+    let (status, _, _) = slow.await.expect("slow call");
+    assert_eq!(status, 200);
+    let (status, _, body) = call(parallel, "alpha").await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -1024,3 +1024,169 @@ async fn a_key_rate_limited_on_one_node_cools_down_on_every_node() {
         "another node still sent to the cooled key"
     );
 }
+
+/// If less than `needed` is left of the current one-minute rate-limit window, wait for the
+/// next one, so that a measurement falls in one window. (A wait for the wall clock, not for
+/// another process.)
+async fn within_one_window(needed: Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let left = 60_000 - now % 60_000;
+    if left < needed.as_millis() as u64 {
+        tokio::time::sleep(Duration::from_millis(left + 50)).await;
+    }
+}
+
+/// One paced chat call every `gap` to the node `target(i)` picks, `count` calls in all: how
+/// many were admitted, and the headers of the first admitted and the first refused answer.
+async fn offer(
+    cluster: &Cluster,
+    secret: &str,
+    count: usize,
+    gap: Duration,
+    target: impl Fn(usize) -> usize,
+) -> (
+    u64,
+    Option<reqwest::header::HeaderMap>,
+    Option<reqwest::header::HeaderMap>,
+) {
+    let started = Instant::now();
+    let mut admitted = 0;
+    let (mut ok_headers, mut refused_headers) = (None, None);
+    for i in 0..count {
+        let due = started + gap * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let response = cluster
+            .client
+            .post(format!(
+                "{}/v1/chat/completions",
+                cluster.nodes[target(i)].http
+            ))
+            .bearer_auth(secret)
+            .timeout(Duration::from_secs(5))
+            .json(&json!({"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .expect("answer");
+        match response.status().as_u16() {
+            200 => {
+                admitted += 1;
+                ok_headers.get_or_insert_with(|| response.headers().clone());
+            }
+            429 => {
+                refused_headers.get_or_insert_with(|| response.headers().clone());
+            }
+            other => panic!("unexpected status {other}: {:?}", response.text().await),
+        }
+    }
+    (admitted, ok_headers, refused_headers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requests_per_minute_limit_holds_for_the_whole_cluster() {
+    let mock = start_mock().await.expect("mock");
+    let cluster = Cluster::start(&mock.url(), 3, 0, &[]);
+    let all = [0, 1, 2];
+    cluster.leader(&all, Duration::from_secs(15)).await;
+    // Every node sees all three in gossip before the measurement.
+    everywhere(&all, Duration::from_secs(10), |i| {
+        let cluster = &cluster;
+        async move {
+            cluster.status(i).await.is_some_and(|status| {
+                status
+                    .gossip
+                    .iter()
+                    .filter(|m| m.live && m.node_id != 0)
+                    .count()
+                    == 3
+            })
+        }
+    })
+    .await;
+    const LIMIT: u64 = 150;
+    let limited_key = |id: &'static str| {
+        let cluster = &cluster;
+        async move {
+            let created = cluster
+                .admin(0)
+                .await
+                .create_key(authorized(CreateKeyRequest {
+                    id: id.to_owned(),
+                    name: id.to_owned(),
+                    rpm: LIMIT,
+                    ..Default::default()
+                }))
+                .await
+                .expect("create key")
+                .into_inner();
+            everywhere(&all, Duration::from_secs(5), |i| {
+                let cluster = &cluster;
+                async move { cluster.has_key(i, id).await }
+            })
+            .await;
+            created.secret
+        }
+    };
+    let within =
+        |admitted: u64| admitted <= LIMIT + LIMIT * 2 / 100 && admitted * 100 >= LIMIT * 95;
+
+    // (a) 3L offered evenly over the three nodes, in about 6 s.
+    let secret = limited_key("even").await;
+    within_one_window(Duration::from_secs(15)).await;
+    let (admitted, ok, refused) = offer(
+        &cluster,
+        &secret,
+        3 * LIMIT as usize,
+        Duration::from_millis(13),
+        |i| i % 3,
+    )
+    .await;
+    println!(
+        "evenly over 3 nodes: {admitted} admitted of {} offered, limit {LIMIT}",
+        3 * LIMIT
+    );
+    assert!(within(admitted), "admitted {admitted}, limit {LIMIT}");
+    let ok = ok.expect("some admitted");
+    assert_eq!(ok["x-ratelimit-limit-requests"], LIMIT.to_string().as_str());
+    let remaining: u64 = ok["x-ratelimit-remaining-requests"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("number");
+    assert!(remaining < LIMIT, "{remaining}");
+    assert!(ok.contains_key("x-ratelimit-reset-requests"));
+    let refused = refused.expect("some refused");
+    let retry_after: u64 = refused["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        refused["x-ratelimit-limit-requests"],
+        LIMIT.to_string().as_str()
+    );
+
+    // (b) 3L offered, all to node 1 for the first half, then all to node 2.
+    let secret = limited_key("moving").await;
+    within_one_window(Duration::from_secs(15)).await;
+    let half = 3 * LIMIT as usize / 2;
+    let (admitted, _, refused) = offer(
+        &cluster,
+        &secret,
+        3 * LIMIT as usize,
+        Duration::from_millis(13),
+        |i| usize::from(i >= half),
+    )
+    .await;
+    println!(
+        "all to node 1, then node 2: {admitted} admitted of {} offered, limit {LIMIT}",
+        3 * LIMIT
+    );
+    assert!(within(admitted), "admitted {admitted}, limit {LIMIT}");
+    // Once the cluster has used it all, the refusal says so and waits for the window.
+    let refused = refused.expect("some refused");
+    assert!(refused.contains_key("x-ratelimit-reset-requests"));
+}

@@ -39,6 +39,9 @@ pub mod keys {
     /// `health:<provider>/<key name>` → the wall-clock ms until which the publishing node
     /// keeps that provider key cooled down (after a 429 or repeated failures).
     pub const HEALTH_PREFIX: &str = "health:";
+    /// `limit:<pool>` → the publishing node's report on one cluster-wide rate limit (its
+    /// use, demand and gifts in the current window; see `skein_core::limits`).
+    pub const LIMIT_PREFIX: &str = "limit:";
 }
 
 /// What a node says about itself.
@@ -125,6 +128,8 @@ impl GossipOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub gossip_addr: SocketAddr,
+    /// When this incarnation of the node started (wall-clock ms; its gossip generation).
+    pub started_ms: u64,
     pub live: bool,
     /// `None` while the node has not published its info yet.
     pub info: Option<NodeInfo>,
@@ -284,6 +289,49 @@ impl Gossip {
         cooldowns
     }
 
+    /// Publish this node's rate-limit reports: `(pool name, report)`. Entries are set with a
+    /// TTL, so pools the node stopped using disappear on their own.
+    pub async fn publish_limits(&self, reports: &[(String, String)]) {
+        let chitchat = self.handle.chitchat();
+        let mut chitchat = chitchat.lock().await;
+        let state = chitchat.self_node_state();
+        for (pool, report) in reports {
+            state.set_with_ttl(format!("{}{pool}", keys::LIMIT_PREFIX), report);
+        }
+    }
+
+    /// The live members that have published their id, `(node id, started ms)`, and the
+    /// rate-limit reports of the other live ones, `(node id, pool name, report)`.
+    pub async fn limit_view(&self) -> (Vec<(u64, u64)>, Vec<(u64, String, String)>) {
+        let chitchat = self.handle.chitchat();
+        let chitchat = chitchat.lock().await;
+        let me = chitchat.self_chitchat_id().clone();
+        let mut members = Vec::new();
+        let mut reports = Vec::new();
+        let live: Vec<ChitchatId> = chitchat.live_nodes().cloned().collect();
+        for id in &live {
+            let Some(state) = chitchat.node_state(id) else {
+                continue;
+            };
+            let Some(node_id) = state
+                .get(keys::NODE_ID)
+                .and_then(|value| value.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            members.push((node_id, id.generation_id));
+            if *id == me {
+                continue;
+            }
+            for (key, value) in state.key_values() {
+                if let Some(pool) = key.strip_prefix(keys::LIMIT_PREFIX) {
+                    reports.push((node_id, pool.to_owned(), value.to_owned()));
+                }
+            }
+        }
+        (members, reports)
+    }
+
     /// Every node this one knows of, live or dead, itself included.
     pub async fn members(&self) -> Vec<Member> {
         let chitchat = self.handle.chitchat();
@@ -294,6 +342,7 @@ impl Gossip {
             .iter()
             .map(|(id, state)| Member {
                 gossip_addr: id.gossip_advertise_addr,
+                started_ms: id.generation_id,
                 live: live.contains(id),
                 info: NodeInfo::from_state(state),
             })

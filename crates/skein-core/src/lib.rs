@@ -9,6 +9,7 @@ pub mod accounting;
 pub mod auth;
 pub mod balance;
 pub mod health;
+pub mod limits;
 pub mod plan;
 pub mod runtime;
 pub mod secret;

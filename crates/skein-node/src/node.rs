@@ -179,6 +179,7 @@ pub async fn start_node(
     );
     state.set_control(replicated, options.admin_token.is_some());
     state.ledger.set_node(cluster.node_id);
+    state.limiter.set_node_id(cluster.node_id);
 
     let app = skein_proxy::router(state.clone());
     let (shutdown, shutdown_signal) = watch::channel(false);
@@ -268,6 +269,9 @@ pub async fn start_node(
             gossip.clone(),
             state.clone(),
         )));
+        tasks.push(tokio::spawn(share_limits(gossip.clone(), state.clone())));
+    } else {
+        tasks.push(tokio::spawn(prune_limits(state.clone())));
     }
     if let (Some(gossip), Some(stats)) = (&gossip, gossip_stats) {
         tasks.push(tokio::spawn(publish_node_info(
@@ -456,6 +460,39 @@ async fn share_key_health(gossip: Arc<Gossip>, app: Arc<AppState>) {
                     .impose_cooldown(local_now + (wall_until - wall_now));
             }
         }
+    }
+}
+
+/// Exchange rate-limit reports with the cluster every 100 ms: read the live members and
+/// their reports, let the limiter hand spare allowance to the nodes that want it, publish.
+async fn share_limits(gossip: Arc<Gossip>, app: Arc<AppState>) {
+    let mut ticks = tokio::time::interval(Duration::from_millis(100));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let (members, reports) = gossip.limit_view().await;
+        let members = members
+            .into_iter()
+            .map(|(node_id, started_ms)| skein_core::limits::Member {
+                node_id,
+                started_ms,
+            })
+            .collect();
+        let now = app.limiter.now_ms();
+        let mine = app.limiter.exchange(members, reports, now);
+        if !mine.is_empty() {
+            gossip.publish_limits(&mine).await;
+        }
+    }
+}
+
+/// Without gossip the node is alone: forget idle rate-limit pools now and then.
+async fn prune_limits(app: Arc<AppState>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        ticks.tick().await;
+        let now = app.limiter.now_ms();
+        app.limiter.exchange(Vec::new(), Vec::new(), now);
     }
 }
 

@@ -15,6 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use skein_core::RuntimeConfig;
 use skein_core::accounting::Ledger;
+use skein_core::limits::Limiter;
 use skein_types::control::ControlState;
 
 use crate::handlers;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// This node's spend not yet recorded in the replicated state, and open reservations.
     pub ledger: Arc<Ledger>,
+    /// This node's side of the cluster-wide RPM/TPM/max-parallel limits.
+    pub limiter: Arc<Limiter>,
     started: Instant,
     ready: AtomicBool,
 }
@@ -65,6 +68,7 @@ impl AppState {
             client: upstream_client(options)?,
             metrics: Metrics::new(),
             ledger: Ledger::new(),
+            limiter: Arc::new(Limiter::new()),
             started: Instant::now(),
             ready: AtomicBool::new(true),
         })

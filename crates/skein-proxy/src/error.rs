@@ -27,6 +27,8 @@ pub struct ApiError {
     pub status_override: Option<u16>,
     pub retry_after_secs: Option<u64>,
     pub shape: ErrorShape,
+    /// Rate-limit headers to send with the error.
+    pub rate_headers: Option<Box<crate::limits::RateHeaders>>,
 }
 
 impl ApiError {
@@ -39,6 +41,7 @@ impl ApiError {
             status_override: None,
             retry_after_secs: None,
             shape: ErrorShape::OpenAi,
+            rate_headers: None,
         }
     }
 
@@ -63,6 +66,11 @@ impl ApiError {
 
     pub fn with_retry_after(mut self, seconds: u64) -> ApiError {
         self.retry_after_secs = Some(seconds);
+        self
+    }
+
+    pub fn with_headers(mut self, headers: crate::limits::RateHeaders) -> ApiError {
+        self.rate_headers = (!headers.is_empty()).then(|| Box::new(headers));
         self
     }
 
@@ -106,6 +114,9 @@ impl IntoResponse for ApiError {
             && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
         {
             response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        if let Some(headers) = &self.rate_headers {
+            headers.apply(response.headers_mut());
         }
         response.extensions_mut().insert(self.code);
         response

@@ -598,8 +598,34 @@ fn anthropic_request_bytes(
     }
 }
 
-/// Turn the attempt loop's outcome into the client's response.
+/// Turn the attempt loop's outcome into the client's response, with the caller's rate-limit
+/// headers.
 fn respond(
+    state: &Arc<AppState>,
+    context: RequestContext,
+    model: &str,
+    requested_route: &RouteRuntime,
+    served: Result<crate::dispatch::Served, Box<Failed>>,
+    hold: Option<Hold>,
+    translation_for: impl Fn(&Candidate) -> Translation,
+) -> Response {
+    let rate_headers = hold.as_ref().map(|hold| hold.rate_headers.clone());
+    let mut response = respond_with(
+        state,
+        context,
+        model,
+        requested_route,
+        served,
+        hold,
+        translation_for,
+    );
+    if let Some(rate_headers) = rate_headers {
+        rate_headers.apply(response.headers_mut());
+    }
+    response
+}
+
+fn respond_with(
     state: &Arc<AppState>,
     context: RequestContext,
     model: &str,

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod dispatch;
 pub mod error;
 pub mod handlers;
+pub mod limits;
 pub mod metrics;
 pub mod spend;
 pub mod translate;

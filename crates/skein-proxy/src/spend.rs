@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use skein_core::accounting::{
-    DEFAULT_MAX_OUTPUT_TOKENS, Reservation, cost, estimate_input_tokens, price_of,
+    BudgetExceeded, DEFAULT_MAX_OUTPUT_TOKENS, Reservation, cost, estimate_input_tokens, price_of,
 };
+use skein_core::limits::Ticket;
 use skein_core::{Candidate, RouteRuntime};
 use skein_providers::Usage;
 use skein_providers::raw::RawObject;
@@ -16,6 +17,7 @@ use skein_types::control::ControlState;
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::limits::RateHeaders;
 
 /// A call's hold on its key's budgets.
 pub struct Hold {
@@ -24,11 +26,18 @@ pub struct Hold {
     requested: String,
     /// The input tokens estimated from the request size.
     pub estimated_input_tokens: u64,
+    /// What the call holds of its rate limits (given back or settled with the hold).
+    ticket: Option<Ticket>,
+    /// The caller's rate-limit headers, as of admission.
+    pub rate_headers: RateHeaders,
 }
 
 impl Hold {
     /// Settle with the usage of the deployment that served the call.
-    pub fn settle(self, candidate: &Candidate, usage: &Usage) {
+    pub fn settle(mut self, candidate: &Candidate, usage: &Usage) {
+        if let Some(ticket) = self.ticket.take() {
+            ticket.settle(usage.input_tokens.saturating_add(usage.output_tokens));
+        }
         let provider = &candidate.deployment.provider.name;
         let model = &candidate.deployment.model;
         let cost_nanos = price_of(&self.state, &self.requested, provider, model)
@@ -67,6 +76,7 @@ pub fn reserve(
     // recorded meanwhile must count.
     let fresh = app.control();
     let state = &fresh;
+    let (ticket, rate_headers) = crate::limits::admit(app, state, &caller.key_id, input)?;
     // The worst case only matters to a hard budget; most keys have none.
     let worst = if state.has_hard_budget(&caller.key_id) {
         let max_output = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
@@ -100,8 +110,21 @@ pub fn reserve(
             state: state.clone(),
             requested: requested.to_owned(),
             estimated_input_tokens: input,
+            ticket,
+            rate_headers,
         })),
-        Err(exceeded) if exceeded.share_only => Err(ApiError::new(
+        Err(exceeded) => {
+            if let Some(ticket) = ticket {
+                ticket.cancel();
+            }
+            Err(budget_error(&exceeded).with_headers(rate_headers))
+        }
+    }
+}
+
+fn budget_error(exceeded: &BudgetExceeded) -> ApiError {
+    if exceeded.share_only {
+        ApiError::new(
             ErrorCode::RateLimited,
             format!(
                 "budget `{}` is nearly spent: this node's share of what remains is in use until \
@@ -110,8 +133,9 @@ pub fn reserve(
             ),
         )
         .with_detail_code("budget_share_exhausted")
-        .with_retry_after(1)),
-        Err(exceeded) => Err(ApiError::new(
+        .with_retry_after(1)
+    } else {
+        ApiError::new(
             ErrorCode::RateLimited,
             format!(
                 "budget `{}` is exhausted: {} of {} USD left, this request may cost up to {} USD",
@@ -121,7 +145,7 @@ pub fn reserve(
                 usd(exceeded.needed_nanos)
             ),
         )
-        .with_detail_code("insufficient_quota")),
+        .with_detail_code("insufficient_quota")
     }
 }
 
