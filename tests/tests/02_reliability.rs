@@ -495,3 +495,73 @@ routes:
     // The slow one is measured once, then avoided.
     assert!(slow <= 1 && fast >= 19, "slow={slow} fast={fast}");
 }
+
+#[tokio::test]
+async fn adaptive_balancing_moves_off_a_slow_deployment_and_back_when_it_recovers() {
+    let mock = start_mock().await.expect("mock");
+    // The default strategy (adaptive), two deployments on two keys.
+    let gateway = gateway(
+        &mock,
+        r#"
+providers:
+  - name: one
+    kind: openai_compatible
+    base_url: MOCK
+    keys: [{key: env:GOOD}]
+  - name: two
+    kind: openai_compatible
+    base_url: MOCK
+    keys: [{key: env:GOOD2}]
+routes:
+  - name: adaptive
+    deployments: [{provider: one, model: m}, {provider: two, model: m}]
+"#,
+    )
+    .await;
+    // The share of `n` calls that key two served.
+    let share_of_two = |n: usize| {
+        let gateway = &gateway;
+        let mock = &mock;
+        async move {
+            mock.clear_requests();
+            for _ in 0..n {
+                let (status, _, body) = gateway
+                    .post_json("/v1/chat/completions", &chat("adaptive"))
+                    .await
+                    .expect("call");
+                assert_eq!(status, 200, "{body}");
+            }
+            let requests = mock.requests();
+            let two = requests
+                .iter()
+                .filter(|r| r.api_key.as_deref() == Some("good-key-2"))
+                .count();
+            two as f64 / requests.len() as f64
+        }
+    };
+    let healthy = share_of_two(100).await;
+    assert!((0.25..=0.75).contains(&healthy), "{healthy}");
+
+    // Deployment two becomes 40 ms slower: within a couple of hundred calls it gets little.
+    mock.set_key_fault("good-key-2", Some(Fault::Slow { ms: 40 }));
+    share_of_two(100).await;
+    let slow = share_of_two(100).await;
+    assert!(
+        slow <= 0.15,
+        "still {slow} of the traffic on the slow deployment"
+    );
+
+    // It recovers: traffic comes back within seconds.
+    mock.set_key_fault("good-key-2", None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let share = share_of_two(100).await;
+        if share >= 0.25 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "traffic did not come back: {share}"
+        );
+    }
+}

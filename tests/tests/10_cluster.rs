@@ -1190,3 +1190,41 @@ async fn a_requests_per_minute_limit_holds_for_the_whole_cluster() {
     let refused = refused.expect("some refused");
     assert!(refused.contains_key("x-ratelimit-reset-requests"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_key_near_the_end_of_its_quota_is_spared_by_every_node() {
+    let mock = start_mock().await.expect("mock");
+    // Key a: 100 requests at the provider, told in its x-ratelimit headers. Key b: no quota.
+    mock.set_key_quota("key-a", Some(100));
+    let config = format!(
+        "version: 1\nproviders:\n  - name: p\n    kind: openai_compatible\n    base_url: {}/v1\n    keys: [{{key: env:KEY_A, name: a}}, {{key: env:KEY_B, name: b}}]\nroutes:\n  - name: alpha\n    deployments: [{{provider: p, model: m}}]\n",
+        mock.url()
+    );
+    let cluster = Cluster::start_config(&config, 3, 0, &[]);
+    let all = [0, 1, 2];
+    cluster.leader(&all, Duration::from_secs(15)).await;
+    let (secret, _) = create_key(&mut cluster.admin(0).await, "quota").await;
+    everywhere(&all, Duration::from_secs(5), |i| {
+        let secret = secret.clone();
+        let cluster = &cluster;
+        async move { cluster.chat(i, &secret).await == 200 }
+    })
+    .await;
+    // 300 calls at 40/s over the three nodes: half would go to key a if no node knew.
+    let started = Instant::now();
+    for i in 0..300u32 {
+        tokio::time::sleep_until((started + Duration::from_millis(25) * i).into()).await;
+        assert_eq!(cluster.chat(i as usize % 3, &secret).await, 200);
+    }
+    let calls = |key: &str| {
+        mock.requests()
+            .iter()
+            .filter(|request| request.api_key.as_deref() == Some(key))
+            .count()
+    };
+    let (a, b) = (calls("key-a"), calls("key-b"));
+    println!("key a (quota 100) got {a} calls, key b {b}");
+    // Key a was used until near its end, and never past it (no 429 from the provider).
+    assert!(a >= 80, "key a was avoided too early: {a}");
+    assert!(a <= 100, "key a was sent past its quota: {a}");
+}

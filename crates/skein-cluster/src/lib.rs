@@ -36,9 +36,14 @@ pub mod keys {
     pub const RAFT_ROLE: &str = "raft:role";
     /// The config version (Raft log index) the node has applied.
     pub const APPLIED_INDEX: &str = "raft:applied";
-    /// `health:<provider>/<key name>` → the wall-clock ms until which the publishing node
-    /// keeps that provider key cooled down (after a 429 or repeated failures).
+    /// `health:<provider>/<key name>` → the publishing node's report on a provider key: the
+    /// wall-clock ms until which it keeps the key cooled down (after a 429 or repeated
+    /// failures), its use of the key this minute, and the upstream's last `x-ratelimit-*`
+    /// figures (`skein_core::shared::KeyReport`).
     pub const HEALTH_PREFIX: &str = "health:";
+    /// `deployment:<provider>/<model>` → the publishing node's error rate and latency EWMA
+    /// for that deployment (`skein_core::shared::DeploymentReport`), while it uses it.
+    pub const DEPLOYMENT_PREFIX: &str = "deployment:";
     /// `limit:<pool>` → the publishing node's report on one cluster-wide rate limit (its
     /// use, demand and gifts in the current window; see `skein_core::limits`).
     pub const LIMIT_PREFIX: &str = "limit:";
@@ -253,40 +258,36 @@ impl Gossip {
         }
     }
 
-    /// Publish this node's key cooldowns: `(provider/key, wall-clock ms until)`. Entries are
-    /// set with a TTL, so keys that recovered disappear on their own.
-    pub async fn publish_cooldowns(&self, cooldowns: &[(String, u64)]) {
+    /// Publish soft-state entries (full gossip key, value), each with a TTL so that entries
+    /// this node stops refreshing disappear on their own. Unchanged values are left alone.
+    pub async fn publish_entries(&self, entries: &[(String, String)]) {
         let chitchat = self.handle.chitchat();
         let mut chitchat = chitchat.lock().await;
         let state = chitchat.self_node_state();
-        for (key, until) in cooldowns {
-            let name = format!("{}{key}", keys::HEALTH_PREFIX);
-            if state.get(&name) != Some(until.to_string().as_str()) {
-                state.set_with_ttl(name, until.to_string());
-            }
+        for (key, value) in entries {
+            state.set_with_ttl(key, value);
         }
     }
 
-    /// The key cooldowns the other live nodes publish: `(provider/key, wall-clock ms until)`.
-    pub async fn remote_cooldowns(&self) -> Vec<(String, u64)> {
+    /// The entries under `prefix` that the other live nodes publish: `(name after the
+    /// prefix, value)`.
+    pub async fn remote_entries(&self, prefix: &str) -> Vec<(String, String)> {
         let chitchat = self.handle.chitchat();
         let chitchat = chitchat.lock().await;
         let me = chitchat.self_chitchat_id().clone();
         let live: Vec<ChitchatId> = chitchat.live_nodes().cloned().collect();
-        let mut cooldowns = Vec::new();
+        let mut entries = Vec::new();
         for id in live.iter().filter(|id| **id != me) {
             let Some(state) = chitchat.node_state(id) else {
                 continue;
             };
             for (key, value) in state.key_values() {
-                if let Some(name) = key.strip_prefix(keys::HEALTH_PREFIX)
-                    && let Ok(until) = value.parse::<u64>()
-                {
-                    cooldowns.push((name.to_owned(), until));
+                if let Some(name) = key.strip_prefix(prefix) {
+                    entries.push((name.to_owned(), value.to_owned()));
                 }
             }
         }
-        cooldowns
+        entries
     }
 
     /// Publish this node's rate-limit reports: `(pool name, report)`. Entries are set with a

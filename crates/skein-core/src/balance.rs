@@ -38,6 +38,22 @@ pub fn order_deployments(route: &RouteRuntime) -> Vec<Arc<DeploymentRuntime>> {
         return deployments.clone();
     }
     match route.strategy {
+        Strategy::Adaptive => {
+            let best_latency = deployments
+                .iter()
+                .map(|deployment| deployment.cluster_latency_us())
+                .filter(|latency| *latency > 0)
+                .min();
+            let now = skein_types::now_ms();
+            let scores: Vec<u32> = deployments
+                .iter()
+                .map(|deployment| adaptive_score(deployment, best_latency, now))
+                .collect();
+            weighted_order(&scores)
+                .into_iter()
+                .map(|index| deployments[index].clone())
+                .collect()
+        }
         Strategy::Ordered => deployments.clone(),
         Strategy::Weighted => {
             let weights: Vec<u32> = deployments
@@ -68,6 +84,37 @@ pub fn order_deployments(route: &RouteRuntime) -> Vec<Arc<DeploymentRuntime>> {
             shuffled
         }
     }
+}
+
+/// A deployment's share under the adaptive strategy: its weight, times the square of the
+/// cluster's success rate on it, times how close its latency is to the route's fastest, times
+/// 1/20 when every key of its provider is nearly out of upstream quota. Never zero, so a
+/// deployment that recovers gets traffic again (and its error rate fades meanwhile).
+pub fn adaptive_score(
+    deployment: &DeploymentRuntime,
+    best_latency_us: Option<u64>,
+    now_wall_ms: u64,
+) -> u32 {
+    let health = (1.0 - deployment.cluster_error_rate())
+        .clamp(0.0, 1.0)
+        .powi(2);
+    let speed = match (best_latency_us, deployment.cluster_latency_us()) {
+        (Some(best), latency) if latency > 0 => best as f64 / latency as f64,
+        _ => 1.0,
+    };
+    let quota = if deployment
+        .provider
+        .keys
+        .iter()
+        .all(|key| key.quota_tight(now_wall_ms))
+    {
+        0.05
+    } else {
+        1.0
+    };
+    let score =
+        f64::from(deployment.weight.max(1)) * 1000.0 * health.max(0.02) * speed.max(0.02) * quota;
+    score.round().clamp(1.0, f64::from(u32::MAX)) as u32
 }
 
 fn shuffled(deployments: &[Arc<DeploymentRuntime>]) -> Vec<Arc<DeploymentRuntime>> {

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod plan;
 pub mod runtime;
 pub mod secret;
+pub mod shared;
 
 pub use health::{Admission, FailureKind, KeyHealth};
 pub use plan::{AttemptPlan, Candidate, NextAttempt};

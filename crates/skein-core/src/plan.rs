@@ -157,14 +157,20 @@ impl AttemptPlan {
 
     fn start_route(&mut self, route: &RouteRuntime) {
         self.order.clear();
+        let now_wall_ms = skein_types::now_ms();
         for deployment in order_deployments(route) {
-            let weights: Vec<u32> = deployment
-                .provider
-                .keys
-                .iter()
-                .map(|key| key.weight)
-                .collect();
-            for key_index in weighted_order(&weights) {
+            let keys = &deployment.provider.keys;
+            let weights: Vec<u32> = keys.iter().map(|key| key.weight).collect();
+            let order = weighted_order(&weights);
+            // Keys nearly out of upstream quota (cluster-wide) go after the others.
+            let (tight, roomy): (Vec<usize>, Vec<usize>) = if keys.len() > 1 {
+                order
+                    .into_iter()
+                    .partition(|index| keys[*index].quota_tight(now_wall_ms))
+            } else {
+                (Vec::new(), order)
+            };
+            for key_index in roomy.into_iter().chain(tight) {
                 self.order.push((deployment.clone(), key_index));
             }
         }

@@ -14,6 +14,7 @@ use skein_types::{
 
 use crate::health::KeyHealth;
 use crate::secret::Secret;
+use crate::shared::{DecayingRate, KeyQuota, RemoteDeploymentView};
 
 /// Everything the proxy needs to route a request.
 #[derive(Debug)]
@@ -54,6 +55,18 @@ pub struct KeyRuntime {
     /// The header that carries the key, marked sensitive; `None` for keyless local servers.
     pub auth_header: Option<(HeaderName, HeaderValue)>,
     pub health: KeyHealth,
+    /// The upstream's quota for the key, when configured.
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    /// Use of the key this minute (this node's and the cluster's) and the upstream's figures.
+    pub quota: KeyQuota,
+}
+
+impl KeyRuntime {
+    /// Whether the key is nearly out of upstream quota, cluster-wide.
+    pub fn quota_tight(&self, now_wall_ms: u64) -> bool {
+        self.quota.tight(self.rpm, self.tpm, now_wall_ms)
+    }
 }
 
 /// A route with its deployments and policies.
@@ -77,6 +90,10 @@ pub struct DeploymentRuntime {
     in_flight: AtomicU32,
     /// Latency EWMA in microseconds; 0 until the first success.
     latency_ewma_us: AtomicU64,
+    /// This node's error rate of attempts on the deployment.
+    pub errors: DecayingRate,
+    /// The other nodes' error rate and latency for the same provider and model.
+    pub remote: RemoteDeploymentView,
 }
 
 /// Why a model name did not resolve.
@@ -101,6 +118,7 @@ impl RuntimeConfig {
                     old_key.name == key.name && old_key.auth_header == key.auth_header
                 }) {
                     key.health.inherit(&old_key.health);
+                    key.quota.inherit(&old_key.quota);
                 }
             }
         }
@@ -115,6 +133,7 @@ impl RuntimeConfig {
                     deployment
                         .latency_ewma_us
                         .store(old_deployment.latency_ewma_us(), Ordering::Relaxed);
+                    deployment.errors.inherit(&old_deployment.errors);
                 }
             }
         }
@@ -185,6 +204,9 @@ impl RuntimeConfig {
                     weight: key_spec.weight,
                     auth_header: Some(auth_header),
                     health: KeyHealth::default(),
+                    rpm: key_spec.rpm,
+                    tpm: key_spec.tpm,
+                    quota: KeyQuota::default(),
                 });
             }
             if keys.is_empty() {
@@ -194,6 +216,9 @@ impl RuntimeConfig {
                     weight: 1,
                     auth_header: None,
                     health: KeyHealth::default(),
+                    rpm: None,
+                    tpm: None,
+                    quota: KeyQuota::default(),
                 });
             }
             let provider = ProviderRuntime {
@@ -443,6 +468,8 @@ impl DeploymentRuntime {
             weight,
             in_flight: AtomicU32::new(0),
             latency_ewma_us: AtomicU64::new(0),
+            errors: DecayingRate::default(),
+            remote: RemoteDeploymentView::default(),
         }
     }
 
@@ -462,6 +489,31 @@ impl DeploymentRuntime {
     /// Latency EWMA in microseconds, 0 when unknown.
     pub fn latency_ewma_us(&self) -> u64 {
         self.latency_ewma_us.load(Ordering::Relaxed)
+    }
+
+    /// The cluster's error rate: this node's (when it used the deployment lately) and the
+    /// other nodes', averaged per node.
+    pub fn cluster_error_rate(&self) -> f64 {
+        let (remote, _, nodes) = self.remote.get();
+        let local_active = self.errors.active_within(60_000);
+        match (local_active, nodes) {
+            (_, 0) => self.errors.value(),
+            (false, _) => remote,
+            (true, nodes) => {
+                (self.errors.value() + remote * f64::from(nodes)) / (f64::from(nodes) + 1.0)
+            }
+        }
+    }
+
+    /// The cluster's latency EWMA (µs, 0 unknown), averaged over the nodes that measured it.
+    pub fn cluster_latency_us(&self) -> u64 {
+        let local = self.latency_ewma_us();
+        let (_, remote, nodes) = self.remote.get();
+        match (local, remote) {
+            (0, remote) => remote,
+            (local, 0) => local,
+            (local, remote) => (local + remote * u64::from(nodes)) / (u64::from(nodes) + 1),
+        }
     }
 
     /// Fold one observed latency into the EWMA (weight 1/5 for the new sample).

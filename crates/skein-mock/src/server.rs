@@ -38,6 +38,8 @@ pub enum Fault {
     },
     /// Never answer.
     Hang,
+    /// Answer normally, this many milliseconds late.
+    Slow { ms: u64 },
 }
 
 /// One request the mock received.
@@ -57,6 +59,9 @@ pub(crate) struct MockState {
     pub(crate) options: MockOptions,
     requests: Mutex<Vec<RecordedRequest>>,
     key_faults: Mutex<HashMap<String, Fault>>,
+    /// Per-key request quotas: `(limit, used)`. A key with a quota gets `x-ratelimit-*`
+    /// headers on every answer and a 429 once it is used up.
+    key_quotas: Mutex<HashMap<String, (u64, u64)>>,
 }
 
 /// A running mock server. Dropping it stops the server.
@@ -80,6 +85,7 @@ impl MockServer {
             options,
             requests: Mutex::new(Vec::new()),
             key_faults: Mutex::new(HashMap::new()),
+            key_quotas: Mutex::new(HashMap::new()),
         });
         let app = router(state.clone());
         let (shutdown, shutdown_signal) = oneshot::channel::<()>();
@@ -137,6 +143,20 @@ impl MockServer {
     }
 }
 
+impl MockServer {
+    /// Give `key` a quota of `limit` requests (from now; `None` removes it). Answers to the
+    /// key carry `x-ratelimit-limit-requests` and `x-ratelimit-remaining-requests`, and once
+    /// the quota is used up the key gets 429 with `retry-after: 60`.
+    pub fn set_key_quota(&self, key: &str, limit: Option<u64>) {
+        if let Ok(mut quotas) = self.state.key_quotas.lock() {
+            match limit {
+                Some(limit) => quotas.insert(key.to_owned(), (limit, 0)),
+                None => quotas.remove(key),
+            };
+        }
+    }
+}
+
 impl Drop for MockServer {
     fn drop(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
@@ -156,7 +176,37 @@ fn router(state: Arc<MockState>) -> Router {
         .route("/v1/messages/count_tokens", post(anthropic_count_tokens))
         .route("/v1beta/models/{*call}", post(gemini_call))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            quota_headers,
+        ))
         .with_state(state)
+}
+
+/// Adds the quota headers of the request's key, if it has a quota.
+async fn quota_headers(
+    State(state): State<Arc<MockState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let key = api_key(request.headers());
+    let mut response = next.run(request).await;
+    let quota = key.and_then(|key| {
+        state
+            .key_quotas
+            .lock()
+            .ok()
+            .and_then(|quotas| quotas.get(&key).copied())
+    });
+    if let Some((limit, used)) = quota {
+        let headers = response.headers_mut();
+        headers.insert("x-ratelimit-limit-requests", limit.into());
+        headers.insert(
+            "x-ratelimit-remaining-requests",
+            limit.saturating_sub(used).into(),
+        );
+    }
+    response
 }
 
 /// What every handler does first: record, check faults, wait the latency.
@@ -233,11 +283,30 @@ async fn intake_with_model(
             .to_owned(),
     };
 
-    let key_fault = match &api_key {
+    let mut key_fault = match &api_key {
         Some(key) => key_fault(state, key),
         None => None,
     };
+    if key_fault.is_none()
+        && let Some(key) = &api_key
+        && let Ok(mut quotas) = state.key_quotas.lock()
+        && let Some((limit, used)) = quotas.get_mut(key)
+    {
+        if *used >= *limit {
+            key_fault = Some(Fault::Status {
+                status: 429,
+                retry_after: Some(60),
+            });
+        } else {
+            *used += 1;
+        }
+    }
     let model_fault = model_fault(&model);
+    let mut extra_latency = Duration::ZERO;
+    if let Some(Fault::Slow { ms }) = key_fault {
+        extra_latency = Duration::from_millis(ms);
+        key_fault = None;
+    }
     match key_fault.or(model_fault) {
         Some(Fault::Hang) => {
             tokio::time::sleep(Duration::from_secs(3_600)).await;
@@ -256,9 +325,9 @@ async fn intake_with_model(
             let message = format!("mock fault {status} for model {model}");
             return Err(error_response(&flavor, status, kind, &message, retry_after));
         }
-        None => {}
+        Some(Fault::Slow { .. }) | None => {}
     }
-    let mut latency = state.options.latency;
+    let mut latency = state.options.latency + extra_latency;
     if let Some(extra) = model
         .strip_prefix("mock-slow-")
         .and_then(|ms| ms.parse::<u64>().ok())

@@ -95,9 +95,10 @@ struct ServeArgs {
     /// Where the node keeps its Raft log and snapshots (sled).
     #[arg(long, env = "SKEIN_DATA_DIR", default_value = "./skein-data")]
     data_dir: PathBuf,
-    /// This node's id in the cluster (above zero).
-    #[arg(long, env = "SKEIN_NODE_ID", default_value_t = 1)]
-    node_id: u64,
+    /// This node's id in the cluster (above zero), or `ordinal`: one more than the number
+    /// that ends the host name (`skein-0` is 1, `skein-2` is 3), as in a StatefulSet.
+    #[arg(long, env = "SKEIN_NODE_ID", default_value = "1")]
+    node_id: String,
     /// The Raft voters, as `id=host:port` gRPC addresses separated by commas. Every voter may
     /// start with the same list at the same time. Empty: this node alone.
     #[arg(long, env = "SKEIN_VOTERS", default_value = "")]
@@ -251,7 +252,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     .filter(|token| !token.is_empty());
     let mut cluster = ClusterOptions::single(args.data_dir.clone());
-    cluster.node_id = args.node_id;
+    cluster.node_id = node_id(&args.node_id)?;
     cluster.voters = parse_voters(&args.voters)?;
     cluster.peers = split_list(&args.peers);
     cluster.advertise_addr = args.advertise_addr.clone();
@@ -407,6 +408,36 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--node-id`: a number, or `ordinal` (from the host name's trailing number, plus one).
+fn node_id(value: &str) -> anyhow::Result<u64> {
+    if value != "ordinal" {
+        return value
+            .parse()
+            .with_context(|| format!("--node-id: `{value}` is neither a number nor `ordinal`"));
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|host| !host.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|host| host.trim().to_owned())
+        })
+        .context("--node-id ordinal: the host name is unknown")?;
+    ordinal_id(&host)
+}
+
+fn ordinal_id(host: &str) -> anyhow::Result<u64> {
+    let short = host.split('.').next().unwrap_or(host);
+    let ordinal: u64 = short
+        .rsplit_once('-')
+        .and_then(|(_, number)| number.parse().ok())
+        .with_context(|| {
+            format!("--node-id ordinal: the host name `{host}` does not end in `-<number>`")
+        })?;
+    Ok(ordinal + 1)
+}
+
 /// Parse `1=host:port,2=host:port`.
 fn parse_voters(text: &str) -> anyhow::Result<std::collections::BTreeMap<u64, String>> {
     let mut voters = std::collections::BTreeMap::new();
@@ -464,4 +495,19 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     build_runtime(&validated, &env)?;
     println!("credentials: all resolved");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_come_from_numbers_or_statefulset_ordinals() {
+        assert_eq!(node_id("7").expect("id"), 7);
+        assert!(node_id("seven").is_err());
+        assert_eq!(ordinal_id("skein-0").expect("id"), 1);
+        assert_eq!(ordinal_id("my-release-skein-2.skein-headless").expect("id"), 3);
+        assert!(ordinal_id("skein").is_err());
+        assert!(ordinal_id("skein-x").is_err());
+    }
 }

@@ -1,7 +1,7 @@
 //! Starting and stopping a node: its control plane (Raft over sled), its listeners, and the
 //! tasks that keep the proxy's config snapshot in step with the replicated state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -426,38 +426,109 @@ async fn publish_node_info(
 /// Share provider-key cooldowns with the other nodes and take theirs, ten times a second: one
 /// 429 on one node cools the key down everywhere within about a gossip interval.
 async fn share_key_health(gossip: Arc<Gossip>, app: Arc<AppState>) {
+    use skein_cluster::keys::{DEPLOYMENT_PREFIX, HEALTH_PREFIX};
+    use skein_core::shared::{DeploymentReport, KeyReport};
     let mut ticks = tokio::time::interval(Duration::from_millis(100));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         let config = app.config.load();
         let (local_now, wall_now) = (app.clock_ms(), skein_types::now_ms());
-        let mut cooling = Vec::new();
+        let window = wall_now / 60_000;
+        let mut mine = Vec::new();
         for provider in config.providers() {
             for key in &provider.keys {
                 let until = key.health.cooldown_until_ms();
-                if until > local_now {
-                    cooling.push((
-                        format!("{}/{}", provider.name, key.name),
-                        wall_now + (until - local_now),
+                let until_wall = if until > local_now {
+                    wall_now + (until - local_now)
+                } else {
+                    0
+                };
+                let report = key.quota.report(until_wall, wall_now);
+                if until_wall > 0
+                    || report.requests > 0
+                    || report.observed.is_some_and(|seen| {
+                        wall_now.saturating_sub(seen.at_ms) < skein_core::shared::QUOTA_FRESH_MS
+                    })
+                {
+                    mine.push((
+                        format!("{HEALTH_PREFIX}{}/{}", provider.name, key.name),
+                        report.encode(),
                     ));
                 }
             }
         }
-        gossip.publish_cooldowns(&cooling).await;
-        for (name, wall_until) in gossip.remote_cooldowns().await {
-            if wall_until <= wall_now {
-                continue;
+        let mut seen_deployments = std::collections::HashSet::new();
+        for route in config.routes() {
+            for deployment in &route.deployments {
+                let name = format!("{}/{}", deployment.provider.name, deployment.model);
+                if deployment.errors.active_within(60_000) && seen_deployments.insert(name.clone())
+                {
+                    let report = DeploymentReport {
+                        error_ppm: (deployment.errors.value() * 1e6) as u32,
+                        latency_us: deployment.latency_ewma_us(),
+                    };
+                    mine.push((
+                        format!("{DEPLOYMENT_PREFIX}{name}"),
+                        format!("{} {}", report.encode(), wall_now / 10_000),
+                    ));
+                }
             }
+        }
+        gossip.publish_entries(&mine).await;
+
+        // Keys: the longest cooldown any node imposes, the cluster's use this minute, the
+        // freshest upstream figures.
+        let mut use_by_key: HashMap<String, (u64, u64)> = HashMap::new();
+        for (name, value) in gossip.remote_entries(HEALTH_PREFIX).await {
+            let Some(report) = KeyReport::decode(&value) else {
+                continue;
+            };
             let Some((provider_name, key_name)) = name.split_once('/') else {
                 continue;
             };
-            if let Some(key) = config
+            let Some(key) = config
                 .provider(provider_name)
                 .and_then(|provider| provider.keys.iter().find(|key| key.name == key_name))
-            {
+            else {
+                continue;
+            };
+            if report.cooldown_until_ms > wall_now {
                 key.health
-                    .impose_cooldown(local_now + (wall_until - wall_now));
+                    .impose_cooldown(local_now + (report.cooldown_until_ms - wall_now));
+            }
+            if let Some(seen) = report.observed {
+                key.quota.observe(seen);
+            }
+            if report.window == window {
+                let entry = use_by_key.entry(name).or_default();
+                entry.0 += report.requests;
+                entry.1 += report.tokens;
+            }
+        }
+        for provider in config.providers() {
+            for key in &provider.keys {
+                let (requests, tokens) = use_by_key
+                    .get(&format!("{}/{}", provider.name, key.name))
+                    .copied()
+                    .unwrap_or_default();
+                key.quota.set_remote(window, requests, tokens, wall_now);
+            }
+        }
+
+        // Deployments: the other nodes' error rates and latencies.
+        let mut by_deployment: HashMap<String, Vec<DeploymentReport>> = HashMap::new();
+        for (name, value) in gossip.remote_entries(DEPLOYMENT_PREFIX).await {
+            if let Some(report) = DeploymentReport::decode(&value) {
+                by_deployment.entry(name).or_default().push(report);
+            }
+        }
+        for route in config.routes() {
+            for deployment in &route.deployments {
+                let name = format!("{}/{}", deployment.provider.name, deployment.model);
+                deployment
+                    .remote
+                    .set(by_deployment.get(&name).map_or(&[][..], Vec::as_slice));
             }
         }
     }

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures_util::{Stream, StreamExt};
 use http_body_util::{BodyDataStream, BodyExt};
+use skein_core::shared::QuotaObservation;
 use skein_core::{AttemptPlan, Candidate, NextAttempt, RouteRuntime};
 use skein_types::ErrorCode;
 
@@ -142,6 +143,7 @@ pub async fn dispatch(
         match outcome {
             Ok(body) => {
                 candidate.key().health.record_success();
+                candidate.deployment.errors.record(false);
                 candidate
                     .deployment
                     .observe_latency(u64::try_from(upstream_time.as_micros()).unwrap_or(u64::MAX));
@@ -176,6 +178,10 @@ pub async fn dispatch(
                     })
                     .inc();
                 let key = candidate.key();
+                candidate
+                    .deployment
+                    .errors
+                    .record(failure.breaker.is_some());
                 let cooldown_until = match failure.breaker {
                     Some(kind) => key.health.record_failure(
                         kind,
@@ -266,11 +272,16 @@ async fn attempt(
         error,
         outcome: "invalid_url",
     })?;
+    let key = candidate.key();
+    key.quota.count(1, 0, skein_types::now_ms());
     let response = state
         .client
         .request(request)
         .await
         .map_err(|error| classify_transport(provider, error.is_connect()))?;
+    if let Some(seen) = QuotaObservation::from_headers(response.headers(), skein_types::now_ms()) {
+        key.quota.observe(seen);
+    }
     let status = response.status();
     if !status.is_success() {
         let headers = response.headers().clone();

@@ -665,6 +665,7 @@ fn respond_with(
         ServedBody::Unary(body) => match translation.unary(body) {
             Ok((body, usage)) => {
                 state.metrics.record_usage(&provider, &usage);
+                count_key_tokens(&served.candidate, &usage);
                 if let Some(hold) = hold {
                     hold.settle(&served.candidate, &usage);
                 }
@@ -1056,6 +1057,17 @@ impl StreamRelay {
     }
 }
 
+/// Count a call's tokens against its provider key's use this minute (quota awareness).
+fn count_key_tokens(candidate: &Candidate, usage: &skein_providers::Usage) {
+    let tokens = usage.input_tokens.saturating_add(usage.output_tokens);
+    if tokens > 0 {
+        candidate
+            .key()
+            .quota
+            .count(0, tokens, skein_types::now_ms());
+    }
+}
+
 fn encode_events(events: &[skein_providers::OutEvent]) -> Option<Bytes> {
     if events.is_empty() {
         return Some(Bytes::new());
@@ -1071,6 +1083,7 @@ impl Drop for StreamRelay {
     fn drop(&mut self) {
         let usage = self.translator.usage();
         self.state.metrics.record_usage(&self.provider, &usage);
+        count_key_tokens(&self.candidate, &usage);
         if let Some(hold) = self.hold.take() {
             let mut charged = usage;
             if charged.input_tokens == 0 && charged.output_tokens == 0 {

@@ -35,8 +35,9 @@ pub struct Hold {
 impl Hold {
     /// Settle with the usage of the deployment that served the call.
     pub fn settle(mut self, candidate: &Candidate, usage: &Usage) {
+        let tokens = usage.input_tokens.saturating_add(usage.output_tokens);
         if let Some(ticket) = self.ticket.take() {
-            ticket.settle(usage.input_tokens.saturating_add(usage.output_tokens));
+            ticket.settle(tokens);
         }
         let provider = &candidate.deployment.provider.name;
         let model = &candidate.deployment.model;

@@ -262,8 +262,11 @@ pub struct DeploymentSpec {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
-    /// Random, proportional to weight.
+    /// Random, proportional to weight times cluster-wide health: the error rate and latency
+    /// every node observes, and the upstream quota left. The default.
     #[default]
+    Adaptive,
+    /// Random, proportional to weight.
     Weighted,
     /// In turn.
     RoundRobin,
@@ -278,6 +281,7 @@ pub enum Strategy {
 impl Strategy {
     pub fn label(self) -> &'static str {
         match self {
+            Strategy::Adaptive => "adaptive",
             Strategy::Weighted => "weighted",
             Strategy::RoundRobin => "round_robin",
             Strategy::LeastInflight => "least_inflight",
