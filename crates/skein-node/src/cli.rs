@@ -590,17 +590,25 @@ async fn cluster_status(
         .await
         .map_err(failed)?
         .into_inner();
-    // Ask every member for its own view (a member that does not answer is shown as such).
+    // Ask every member for its own view. A member that does not answer within two seconds
+    // (down, or cut off by a partition) is shown as unreachable.
     let mut views = BTreeMap::new();
     for member in &status.members {
-        let view = match connection.channel(&format!("http://{}", member.addr)).await {
-            Ok(channel) => AdminClient::new(channel)
-                .cluster_status(request(connection, ClusterStatusRequest {})?)
+        let ask = async {
+            let channel = connection
+                .channel(&format!("http://{}", member.addr))
+                .await
+                .ok()?;
+            AdminClient::new(channel)
+                .cluster_status(request(connection, ClusterStatusRequest {}).ok()?)
                 .await
                 .ok()
-                .map(tonic::Response::into_inner),
-            Err(_) => None,
+                .map(tonic::Response::into_inner)
         };
+        let view = tokio::time::timeout(std::time::Duration::from_secs(2), ask)
+            .await
+            .ok()
+            .flatten();
         views.insert(member.id, view);
     }
     match connection.output {

@@ -506,7 +506,10 @@ mod tests {
         assert_eq!(node_id("7").expect("id"), 7);
         assert!(node_id("seven").is_err());
         assert_eq!(ordinal_id("skein-0").expect("id"), 1);
-        assert_eq!(ordinal_id("my-release-skein-2.skein-headless").expect("id"), 3);
+        assert_eq!(
+            ordinal_id("my-release-skein-2.skein-headless").expect("id"),
+            3
+        );
         assert!(ordinal_id("skein").is_err());
         assert!(ordinal_id("skein-x").is_err());
     }

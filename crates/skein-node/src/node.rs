@@ -539,9 +539,23 @@ async fn share_key_health(gossip: Arc<Gossip>, app: Arc<AppState>) {
 async fn share_limits(gossip: Arc<Gossip>, app: Arc<AppState>) {
     let mut ticks = tokio::time::interval(Duration::from_millis(100));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut live = std::collections::BTreeSet::new();
     loop {
         ticks.tick().await;
         let (members, reports) = gossip.limit_view().await;
+        // Say when a node comes or goes (what `skein cluster status` shows).
+        let now_live: std::collections::BTreeSet<u64> =
+            members.iter().map(|(node_id, _)| *node_id).collect();
+        for gone in live.difference(&now_live) {
+            tracing::warn!(
+                node_id = gone,
+                "gossip: node is no longer live (down or cut off)"
+            );
+        }
+        for joined in now_live.difference(&live) {
+            tracing::info!(node_id = joined, "gossip: node is live");
+        }
+        live = now_live;
         let members = members
             .into_iter()
             .map(|(node_id, started_ms)| skein_core::limits::Member {

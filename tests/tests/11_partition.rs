@@ -1,0 +1,351 @@
+//! A network partition, for real: three `skein` processes, each in a network namespace this
+//! test creates, joined by veth pairs to a bridge in a fourth namespace (addresses 10.77.0.x,
+//! which exist only inside these namespaces). Cutting node 3's link isolates it from gossip
+//! and Raft alike; the others mark it dead and stop counting its rate-limit use; restoring the
+//! link lets it rejoin and catch up.
+//!
+//! Needs root (to create namespaces) and `ip` and `curl`; without root the test says so and
+//! passes without running. Ports are fixed because every namespace is private to this test.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use skein_tests::binary;
+use skein_tests::process::Spawned;
+
+const TOKEN: &str = "partition-admin-token";
+const HTTP: u16 = 8080;
+const GRPC: u16 = 8081;
+const GOSSIP: u16 = 8082;
+const MOCK: &str = "10.77.0.1:9000";
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("running {program} {args:?}: {error}"))
+}
+
+fn ip(args: &[&str]) {
+    let output = run("ip", args);
+    assert!(
+        output.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The namespaces and links of one test run, removed on drop.
+struct Net {
+    bridge: String,
+    nodes: Vec<String>,
+}
+
+impl Net {
+    fn create(count: usize) -> Net {
+        let tag = std::process::id() % 100_000;
+        let net = Net {
+            bridge: format!("skb{tag}"),
+            nodes: (1..=count).map(|i| format!("skn{i}x{tag}")).collect(),
+        };
+        ip(&["netns", "add", &net.bridge]);
+        ip(&["-n", &net.bridge, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &net.bridge, "link", "set", "br0", "up"]);
+        for (index, ns) in net.nodes.iter().enumerate() {
+            let i = index + 1;
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            let (inside, outside) = (format!("skv{i}x{tag}"), format!("skp{i}x{tag}"));
+            ip(&[
+                "link",
+                "add",
+                &inside,
+                "netns",
+                ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &outside,
+                "netns",
+                &net.bridge,
+            ]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("10.77.0.{i}/24"),
+                "dev",
+                &inside,
+            ]);
+            ip(&["-n", ns, "link", "set", &inside, "up"]);
+            ip(&["-n", &net.bridge, "link", "set", &outside, "master", "br0"]);
+            ip(&["-n", &net.bridge, "link", "set", &outside, "up"]);
+        }
+        net
+    }
+
+    /// Cut (`up == false`) or restore node `i`'s link to the bridge.
+    fn link(&self, i: usize, up: bool) {
+        let tag = std::process::id() % 100_000;
+        ip(&[
+            "-n",
+            &self.bridge,
+            "link",
+            "set",
+            &format!("skp{i}x{tag}"),
+            if up { "up" } else { "down" },
+        ]);
+    }
+
+    /// A command that runs inside node `i`'s namespace.
+    fn command(&self, i: usize, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.nodes[i - 1], program]);
+        command
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in self.nodes.iter().chain(std::iter::once(&self.bridge)) {
+            let _ = run("ip", &["netns", "del", ns]);
+        }
+    }
+}
+
+fn addr(i: usize, port: u16) -> String {
+    format!("10.77.0.{i}:{port}")
+}
+
+/// `skein cluster status` as node `i` sees it.
+fn status(net: &Net, i: usize) -> Option<Value> {
+    let skein = binary("skein").expect("binary");
+    let output = net
+        .command(i, skein.to_str().expect("path"))
+        .args(["cluster", "status", "--output", "json", "--token", TOKEN])
+        .args(["--endpoint", &format!("http://{}", addr(i, GRPC))])
+        .output()
+        .expect("cli");
+    serde_json::from_slice(&output.stdout).ok()
+}
+
+/// Whether node `i` sees node `other` live in gossip.
+fn sees_live(net: &Net, i: usize, other: u64) -> Option<bool> {
+    let status = status(net, i)?;
+    status["gossip"]
+        .as_array()?
+        .iter()
+        .find(|member| member["node_id"] == other)
+        .map(|member| member["live"] == true)
+}
+
+/// One chat call through node `i`: status and `x-ratelimit-remaining-requests`.
+fn chat(net: &Net, i: usize, secret: &str) -> (u16, Option<u64>) {
+    let output = net
+        .command(i, "curl")
+        .args(["-s", "-o", "/dev/null", "-D", "-", "--max-time", "5"])
+        .args(["-H", &format!("authorization: Bearer {secret}")])
+        .args(["-H", "content-type: application/json"])
+        .args([
+            "-d",
+            r#"{"model":"alpha","messages":[{"role":"user","content":"hi"}]}"#,
+        ])
+        .arg(format!("http://{}/v1/chat/completions", addr(i, HTTP)))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let status = text
+        .lines()
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let remaining = text.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("x-ratelimit-remaining-requests")
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    });
+    (status, remaining)
+}
+
+fn poll<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> (T, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return (value, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{what}: not within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_partitioned_node_is_marked_dead_its_counters_expire_and_it_rejoins_after_healing() {
+    // SAFETY-free check for root: creating namespaces needs it.
+    if !run("id", &["-u"]).stdout.starts_with(b"0") {
+        println!("skipped: creating network namespaces needs root");
+        return;
+    }
+    let net = Net::create(3);
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("skein.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 1\nproviders:\n  - name: p\n    kind: openai_compatible\n    base_url: http://{MOCK}/v1\n    keys: [{{key: env:UPSTREAM_KEY}}]\nroutes:\n  - name: alpha\n    deployments: [{{provider: p, model: m}}]\n"
+        ),
+    )
+    .expect("config");
+    let mock_binary = binary("skein-mock").expect("mock binary");
+    let mut mock_command = net.command(1, mock_binary.to_str().expect("path"));
+    mock_command.args(["--addr", MOCK, "--threads", "1", "--no-record"]);
+    let _mock = Spawned::start(&mut mock_command);
+
+    let voters = (1..=3)
+        .map(|i| format!("{i}={}", addr(i, GRPC)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let skein = binary("skein").expect("binary");
+    let mut nodes: Vec<Spawned> = Vec::new();
+    for i in 1..=3 {
+        let seeds = (1..=3)
+            .filter(|other| *other != i)
+            .map(|other| addr(other, GOSSIP))
+            .collect::<Vec<_>>()
+            .join(",");
+        let data = dir.path().join(format!("node-{i}"));
+        let mut command = net.command(i, skein.to_str().expect("path"));
+        command
+            .args(["serve", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--node-id", &i.to_string(), "--voters", &voters])
+            .args(["--http-addr", &addr(i, HTTP), "--grpc-addr", &addr(i, GRPC)])
+            .args(["--gossip-addr", &addr(i, GOSSIP), "--gossip-seeds", &seeds])
+            .args(["--log-format", "json", "--admin-token", TOKEN])
+            .env("UPSTREAM_KEY", "upstream-secret")
+            .env("SKEIN_LOG", "info,openraft=error")
+            .env_remove("SKEIN_CONFIG");
+        nodes.push(Spawned::start(&mut command));
+    }
+    for (index, node) in nodes.iter().enumerate() {
+        node.wait_for("skein is serving", Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("node {} did not start:\n{}", index + 1, node.output()));
+    }
+    // Everyone sees everyone.
+    for i in 1..=3 {
+        poll(Duration::from_secs(15), "gossip membership", || {
+            (1..=3u64)
+                .all(|other| sees_live(&net, i, other) == Some(true))
+                .then_some(())
+        });
+    }
+
+    // A key with 1000 requests per minute, used 30 times through node 3.
+    let (secret, _) = poll(Duration::from_secs(15), "a key created", || {
+        let output = net
+            .command(1, skein.to_str().expect("path"))
+            .args(["key", "create", "--id", "shared", "--rpm", "1000"])
+            .args(["--output", "json", "--token", TOKEN])
+            .args(["--endpoint", &format!("http://{}", addr(1, GRPC))])
+            .output()
+            .expect("cli");
+        let created: Value = serde_json::from_slice(&output.stdout).ok()?;
+        created["secret"].as_str().map(str::to_owned)
+    });
+    poll(Duration::from_secs(10), "the key on node 3", || {
+        (chat(&net, 3, &secret).0 == 200).then_some(())
+    });
+    for _ in 0..29 {
+        assert_eq!(chat(&net, 3, &secret).0, 200);
+    }
+    // Node 1 counts node 3's use: at most 1000 - 30 - its own calls remain.
+    let (seen_with_3, _) = poll(
+        Duration::from_secs(5),
+        "node 3's use seen on node 1",
+        || {
+            let (status, remaining) = chat(&net, 1, &secret);
+            assert_eq!(status, 200);
+            remaining.filter(|remaining| *remaining <= 1000 - 30 - 1)
+        },
+    );
+
+    // Cut node 3 off. Nodes 1 and 2 log when they mark it dead.
+    let cut = Instant::now();
+    net.link(3, false);
+    for node in &nodes[..2] {
+        poll(
+            Duration::from_secs(15),
+            "node 3 marked dead in the log",
+            || {
+                node.output()
+                    .lines()
+                    .any(|line| {
+                        line.contains("gossip: node is no longer live")
+                            && line.contains("\"node_id\":3")
+                    })
+                    .then_some(())
+            },
+        );
+    }
+    println!(
+        "nodes 1 and 2 marked the partitioned node 3 dead {:?} after its link was cut",
+        cut.elapsed()
+    );
+    poll(
+        Duration::from_secs(10),
+        "node 3 dead in cluster status",
+        || {
+            (sees_live(&net, 1, 3) == Some(false) && sees_live(&net, 2, 3) == Some(false))
+                .then_some(())
+        },
+    );
+    // Its counters no longer count: node 1's remaining goes back up by node 3's 30 calls.
+    let (_, remaining) = chat(&net, 1, &secret);
+    let remaining = remaining.expect("remaining header");
+    assert!(
+        remaining >= seen_with_3 + 30 - 5,
+        "node 3's use still counted: {remaining} remaining, {seen_with_3} before"
+    );
+    // The majority keeps accepting writes.
+    let output = net
+        .command(2, skein.to_str().expect("path"))
+        .args(["key", "create", "--id", "during-partition"])
+        .args(["--output", "json", "--token", TOKEN])
+        .args(["--endpoint", &format!("http://{}", addr(2, GRPC))])
+        .output()
+        .expect("cli");
+    let created: Value = serde_json::from_slice(&output.stdout).expect("created during partition");
+    let new_secret = created["secret"].as_str().expect("secret").to_owned();
+
+    // Heal: node 3 is live again everywhere, and catches up with what it missed.
+    net.link(3, true);
+    let (_, took) = poll(Duration::from_secs(20), "node 3 live again", || {
+        (sees_live(&net, 1, 3) == Some(true) && sees_live(&net, 2, 3) == Some(true)).then_some(())
+    });
+    println!("node 3 was live again on nodes 1 and 2 {took:?} after the link came back");
+    let (_, took) = poll(Duration::from_secs(20), "node 3 catching up", || {
+        (chat(&net, 3, &new_secret).0 == 200).then_some(())
+    });
+    println!("node 3 served the key created during the partition {took:?} later");
+    let applied = |i: usize| status(&net, i).and_then(|s| s["members"].as_array().cloned());
+    poll(Duration::from_secs(10), "applied indexes equal", || {
+        let members = applied(3)?;
+        let indexes: Vec<u64> = members
+            .iter()
+            .filter_map(|member| member["applied_index"].as_u64())
+            .collect();
+        (indexes.len() == 3 && indexes.iter().all(|index| *index == indexes[0])).then_some(())
+    });
+    for mut node in nodes {
+        node.terminate(Duration::from_secs(10));
+    }
+}
