@@ -49,6 +49,9 @@ struct Args {
     /// Requests allowed in flight before new ones count as dropped (open loop).
     #[arg(long, default_value_t = 20_000)]
     max_in_flight: u64,
+    /// A bearer token to send (a Skein virtual key).
+    #[arg(long)]
+    bearer: Option<String>,
     /// A name for this run in the output.
     #[arg(long, default_value = "run")]
     label: String,
@@ -78,6 +81,9 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `authorization` header every request carries, if any.
+static AUTHORIZATION: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
 async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -87,6 +93,7 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         .build(connector);
     let uri: hyper::Uri = args.url.parse().context("parsing --url")?;
     let body = Bytes::from(args.body.clone());
+    let _ = AUTHORIZATION.set(args.bearer.as_ref().map(|token| format!("Bearer {token}")));
     let (sender, mut receiver) = mpsc::unbounded_channel::<Sample>();
     let in_flight = Arc::new(AtomicU64::new(0));
     let dropped = Arc::new(AtomicU64::new(0));
@@ -211,10 +218,11 @@ async fn send(
         ttfb_us: 0,
         service_us: 0,
     };
-    let request = match hyper::Request::post(uri.clone())
-        .header("content-type", "application/json")
-        .body(Full::new(body.clone()))
-    {
+    let mut builder = hyper::Request::post(uri.clone()).header("content-type", "application/json");
+    if let Some(Some(authorization)) = AUTHORIZATION.get() {
+        builder = builder.header("authorization", authorization.as_str());
+    }
+    let request = match builder.body(Full::new(body.clone())) {
         Ok(request) => request,
         Err(_) => return failed,
     };

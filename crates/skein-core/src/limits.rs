@@ -280,6 +280,31 @@ struct Pool {
     /// Refused units over the last two seconds (for concurrency pools' demand).
     refused: DemandMeter,
     touched_ms: u64,
+    /// Cached from the cluster view (refreshed when the view or the window changes): this
+    /// node's base share, gifts received and the other nodes' use.
+    base: u64,
+    received: u64,
+    others_used: u64,
+    /// The view version and window the cache is for.
+    cached: Option<(u64, u64)>,
+}
+
+impl Pool {
+    fn new(limit: u64, window: u64, now_ms: u64) -> Pool {
+        Pool {
+            limit,
+            window,
+            used: 0,
+            given: BTreeMap::new(),
+            demand: DemandMeter::default(),
+            refused: DemandMeter::default(),
+            touched_ms: now_ms,
+            base: 0,
+            received: 0,
+            others_used: 0,
+            cached: None,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -290,6 +315,8 @@ struct Inner {
     /// Live peers' reports, by pool.
     peers: HashMap<PoolId, Vec<(u64, PoolReport)>>,
     pools: HashMap<PoolId, Pool>,
+    /// Bumped whenever members or reports change.
+    view_version: u64,
 }
 
 /// This node's side of every cluster-wide limit.
@@ -373,33 +400,50 @@ impl Inner {
         received
     }
 
-    fn allowance(&self, id: &PoolId, pool: &Pool) -> u64 {
-        let received: u64 = self.received(id, pool.window).values().sum();
-        let given: u64 = pool.given.values().sum();
-        (self.base(pool.limit, pool.window) + received).saturating_sub(given)
-    }
-
-    /// Use in the whole cluster as this node has heard of it.
-    fn cluster_used(&self, id: &PoolId, pool: &Pool) -> u64 {
-        let others: u64 = self
+    /// Bring a pool's cached view up to date (after a view change or a new window).
+    fn refresh(&mut self, id: &PoolId) {
+        let Some(pool) = self.pools.get(id) else {
+            return;
+        };
+        let key = (self.view_version, pool.window);
+        if pool.cached == Some(key) {
+            return;
+        }
+        let (limit, window) = (pool.limit, pool.window);
+        let base = self.base(limit, window);
+        let received: u64 = self.received(id, window).values().sum();
+        let others_used: u64 = self
             .peers
             .get(id)
             .map(|reports| {
                 reports
                     .iter()
-                    .filter(|(_, report)| id.kind == Kind::Parallel || report.window == pool.window)
+                    .filter(|(_, report)| id.kind == Kind::Parallel || report.window == window)
                     .map(|(_, report)| report.used)
                     .sum()
             })
             .unwrap_or(0);
-        pool.used.saturating_add(others)
+        if let Some(pool) = self.pools.get_mut(id) {
+            pool.base = base;
+            pool.received = received;
+            pool.others_used = others_used;
+            pool.cached = Some(key);
+        }
     }
 
-    fn status(&self, id: &PoolId, pool: &Pool, now_ms: u64) -> PoolStatus {
+    /// What this node may admit in the pool's window (the cache must be fresh).
+    fn allowance(pool: &Pool) -> u64 {
+        let given: u64 = pool.given.values().sum();
+        (pool.base + pool.received).saturating_sub(given)
+    }
+
+    fn status(id: &PoolId, pool: &Pool, now_ms: u64) -> PoolStatus {
         PoolStatus {
             kind: id.kind,
             limit: pool.limit,
-            remaining: pool.limit.saturating_sub(self.cluster_used(id, pool)),
+            remaining: pool
+                .limit
+                .saturating_sub(pool.used.saturating_add(pool.others_used)),
             reset_ms: if id.kind == Kind::Parallel {
                 0
             } else {
@@ -462,25 +506,27 @@ impl Limiter {
         let window = window_of(now_ms);
         let mut refused: Option<(PoolId, u64)> = None;
         for ask in asks {
-            let pool = inner.pools.entry(ask.pool.clone()).or_insert_with(|| Pool {
-                limit: ask.limit,
-                window,
-                used: 0,
-                given: BTreeMap::new(),
-                demand: DemandMeter::default(),
-                refused: DemandMeter::default(),
-                touched_ms: now_ms,
-            });
-            pool.limit = ask.limit;
-            pool.touched_ms = now_ms;
-            Inner::roll(pool, ask.pool.kind, now_ms);
-            pool.demand.record(now_ms, ask.cost);
+            if !inner.pools.contains_key(&ask.pool) {
+                inner
+                    .pools
+                    .insert(ask.pool.clone(), Pool::new(ask.limit, window, now_ms));
+            }
+            if let Some(pool) = inner.pools.get_mut(&ask.pool) {
+                if pool.limit != ask.limit {
+                    pool.limit = ask.limit;
+                    pool.cached = None;
+                }
+                pool.touched_ms = now_ms;
+                Inner::roll(pool, ask.pool.kind, now_ms);
+                pool.demand.record(now_ms, ask.cost);
+            }
+            inner.refresh(&ask.pool);
         }
         for ask in asks {
             let Some(pool) = inner.pools.get(&ask.pool) else {
                 continue;
             };
-            let allowance = inner.allowance(&ask.pool, pool);
+            let allowance = Inner::allowance(pool);
             if pool.used.saturating_add(ask.cost) > allowance && refused.is_none() {
                 refused = Some((ask.pool.clone(), allowance));
             }
@@ -489,7 +535,7 @@ impl Limiter {
             asks.iter()
                 .filter_map(|ask| {
                     let pool = inner.pools.get(&ask.pool)?;
-                    Some(inner.status(&ask.pool, pool, now_ms))
+                    Some(Inner::status(&ask.pool, pool, now_ms))
                 })
                 .collect()
         };
@@ -515,7 +561,7 @@ impl Limiter {
                     statuses,
                 }));
             };
-            let status = inner.status(&id, pool, now_ms);
+            let status = Inner::status(&id, pool, now_ms);
             let retry_after_ms = if status.remaining > 0 || id.kind == Kind::Parallel {
                 1000
             } else {
@@ -602,30 +648,29 @@ impl Limiter {
                 .iter()
                 .find(|(_, report)| report.window == window && report.want > 0)
             {
-                inner.pools.entry(id.clone()).or_insert_with(|| Pool {
-                    limit: report.limit,
-                    window,
-                    used: 0,
-                    given: BTreeMap::new(),
-                    demand: DemandMeter::default(),
-                    refused: DemandMeter::default(),
-                    touched_ms: now_ms,
-                });
+                inner
+                    .pools
+                    .entry(id.clone())
+                    .or_insert_with(|| Pool::new(report.limit, window, now_ms));
             }
         }
         inner.peers = peers;
+        inner.view_version += 1;
         let ids: Vec<PoolId> = inner.pools.keys().cloned().collect();
         let mut out = Vec::new();
         for id in ids {
+            if let Some(pool) = inner.pools.get_mut(&id) {
+                Inner::roll(pool, id.kind, now_ms);
+            }
+            inner.refresh(&id);
             let Some(mut pool) = inner.pools.remove(&id) else {
                 continue;
             };
-            Inner::roll(&mut pool, id.kind, now_ms);
             let idle = now_ms.saturating_sub(pool.touched_ms) > 2 * WINDOW_MS;
             if idle && pool.used == 0 {
                 continue;
             }
-            let allowance = inner.allowance(&id, &pool);
+            let allowance = Inner::allowance(&pool);
             let need = Inner::need(&id, &mut pool, now_ms);
             let mut free = allowance.saturating_sub(need.max(pool.used));
             let want = need.saturating_sub(allowance);
@@ -696,7 +741,7 @@ impl Limiter {
     pub fn status(&self, id: &PoolId, now_ms: u64) -> Option<PoolStatus> {
         let inner = self.lock();
         let pool = inner.pools.get(id)?;
-        Some(inner.status(id, pool, now_ms))
+        Some(Inner::status(id, pool, now_ms))
     }
 }
 

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The proxy's overhead with cluster-wide limiting on, against the single-node numbers:
+#   single/plain    one node (no gossip), a virtual key without limits;
+#   single/limited  the same node, a key with RPM, TPM and max-parallel limits (never reached);
+#   cluster/limited node 1 of a 3-node cluster (Raft and gossip on, limit reports exchanged
+#                   every 100 ms), a key with the same limits.
+# The node under load runs one worker thread pinned to core 0; the mock provider, the load
+# generator and the two other cluster nodes share core 1. Each figure is the median of the
+# repeats, which are interleaved. For each: max requests/s (closed loop, 64 connections), and
+# the service-time p50/p99 at 2000 req/s (open loop).
+# Usage: benches/cluster.sh [--repeat N] [--duration S]
+# Results: benches/results/cluster-<timestamp>.jsonl
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repeat=3; duration=5
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --repeat) repeat=$2; shift ;;
+    --duration) duration=$2; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+command -v taskset >/dev/null || { echo "taskset is required (util-linux)"; exit 1; }
+cargo build --release -p skein-node -p skein-mock -p skein-benches --bins
+bin="${CARGO_TARGET_DIR:-target}/release"
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_for_line() { # file, regex
+  for _ in $(seq 1 1500); do
+    if grep -qE "$2" "$1" 2>/dev/null; then grep -oE "$2" "$1" | head -1; return 0; fi
+    sleep 0.02
+  done
+  echo "timed out waiting for $2 in $1" >&2; cat "$1" >&2; return 1
+}
+token=bench-admin-token
+
+taskset -c 1 "$bin/skein-mock" --addr 127.0.0.1:0 --threads 1 --no-record > "$work/mock.out" 2>&1 &
+pids+=($!)
+mock_url=$(wait_for_line "$work/mock.out" 'http://127\.0\.0\.1:[0-9]+')
+cat > "$work/skein.yaml" <<YAML
+version: 1
+providers:
+  - name: mock
+    kind: openai_compatible
+    base_url: $mock_url/v1
+routes:
+  - name: bench
+    deployments: [{provider: mock, model: bench}]
+YAML
+
+serve() { # name core grpc_port extra-args...
+  local name=$1 core=$2 grpc=$3; shift 3
+  SKEIN_LOG='warn,skein=info,skein::access=warn' taskset -c "$core" "$bin/skein" serve \
+    --config "$work/skein.yaml" --data-dir "$work/$name" --http-addr 127.0.0.1:0 \
+    --grpc-addr "127.0.0.1:$grpc" --worker-threads 1 --log-format json --admin-token "$token" "$@" \
+    > /dev/null 2> "$work/$name.log" &
+  pids+=($!)
+  wait_for_line "$work/$name.log" '"http":"http://127\.0\.0\.1:[0-9]+' | grep -oE 'http://127\.0\.0\.1:[0-9]+'
+}
+create_key() { # grpc_port extra-args...
+  local grpc=$1; shift
+  for _ in $(seq 1 100); do
+    if out=$("$bin/skein" key create --output json --token "$token" --endpoint "http://127.0.0.1:$grpc" "$@" 2>/dev/null); then
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])' <<< "$out"; return 0
+    fi
+    sleep 0.1
+  done
+  echo "could not create a key" >&2; return 1
+}
+limits=(--rpm 1000000000 --tpm 1000000000000 --max-parallel 100000)
+
+single_grpc=$(free_port)
+single_url=$(serve single 0 "$single_grpc" --gossip-addr off)
+plain_key=$(create_key "$single_grpc")
+limited_key=$(create_key "$single_grpc" "${limits[@]}")
+
+grpc=($(free_port) $(free_port) $(free_port))
+gossip=($(free_port) $(free_port) $(free_port))
+voters="1=127.0.0.1:${grpc[0]},2=127.0.0.1:${grpc[1]},3=127.0.0.1:${grpc[2]}"
+seeds="127.0.0.1:${gossip[0]},127.0.0.1:${gossip[1]},127.0.0.1:${gossip[2]}"
+cluster_url=""
+for i in 1 2 3; do
+  core=1; [ "$i" = 1 ] && core=0
+  url=$(serve "node$i" "$core" "${grpc[$((i-1))]}" --node-id "$i" --voters "$voters" \
+    --gossip-addr "127.0.0.1:${gossip[$((i-1))]}" --gossip-seeds "$seeds")
+  [ "$i" = 1 ] && cluster_url=$url
+done
+cluster_key=$(create_key "${grpc[0]}" "${limits[@]}")
+body='{"model":"bench","messages":[{"role":"user","content":"hello world"}]}'
+for _ in $(seq 1 200); do
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $cluster_key" -H 'content-type: application/json' -d "$body" "$cluster_url/v1/chat/completions")
+  [ "$code" = 200 ] && break
+  sleep 0.05
+done
+
+mkdir -p benches/results
+results="benches/results/cluster-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
+load() { # label url key rate
+  taskset -c 1 "$bin/skein-load" --url "$2/v1/chat/completions" --body "$body" --bearer "$3" \
+    --rate "$4" --duration-secs "$duration" --warmup-secs 1 --connections 64 --label "$1"
+}
+for round in $(seq 1 "$repeat"); do
+  load single/plain/max "$single_url" "$plain_key" 0 | tee -a "$results"
+  load single/limited/max "$single_url" "$limited_key" 0 | tee -a "$results"
+  load cluster/limited/max "$cluster_url" "$cluster_key" 0 | tee -a "$results"
+  load single/plain/2000 "$single_url" "$plain_key" 2000 | tee -a "$results"
+  load single/limited/2000 "$single_url" "$limited_key" 2000 | tee -a "$results"
+  load cluster/limited/2000 "$cluster_url" "$cluster_key" 2000 | tee -a "$results"
+done
+
+python3 - "$results" <<'PY'
+import json, statistics, sys
+runs = [json.loads(line) for line in open(sys.argv[1])]
+def median(label, pick):
+    values = [pick(r) for r in runs if r["label"] == label]
+    return statistics.median(values) if values else None
+print("| setup | max req/s | errors | p50 µs @2000 | p99 µs @2000 |")
+print("|---|---:|---:|---:|---:|")
+base = None
+for setup in ["single/plain", "single/limited", "cluster/limited"]:
+    rps = median(setup + "/max", lambda r: r["achieved_rps"])
+    errors = sum(r["errors"] for r in runs if r["label"].startswith(setup))
+    p50 = median(setup + "/2000", lambda r: r["service"]["p50_us"])
+    p99 = median(setup + "/2000", lambda r: r["service"]["p99_us"])
+    if base is None:
+        base = (rps, p50)
+    print(f"| {setup} | {rps:.0f} ({rps / base[0]:.0%}) | {errors} | {p50:.0f} ({p50 / base[1]:.2f}×) | {p99:.0f} |")
+PY
+echo "results: $results"
