@@ -269,6 +269,18 @@ impl Gossip {
         }
     }
 
+    /// Call `callback(name after the prefix, value)` whenever any node's entry under `prefix`
+    /// changes here (as gossip delivers it), until the returned handle is dropped.
+    pub async fn subscribe(
+        &self,
+        prefix: &str,
+        callback: impl Fn(&str, &str) + Send + Sync + 'static,
+    ) -> chitchat::ListenerHandle {
+        let chitchat = self.handle.chitchat();
+        let chitchat = chitchat.lock().await;
+        chitchat.subscribe_event(prefix, move |event| callback(event.key, event.value))
+    }
+
     /// The entries under `prefix` that the other live nodes publish: `(name after the
     /// prefix, value)`.
     pub async fn remote_entries(&self, prefix: &str) -> Vec<(String, String)> {

@@ -430,8 +430,26 @@ async fn share_key_health(gossip: Arc<Gossip>, app: Arc<AppState>) {
     use skein_core::shared::{DeploymentReport, KeyReport};
     let mut ticks = tokio::time::interval(Duration::from_millis(100));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A cooldown, here or on another node, is shared at once; the rest every 100 ms.
+    let remote_cooldown = Arc::new(tokio::sync::Notify::new());
+    let _subscription = {
+        let remote_cooldown = remote_cooldown.clone();
+        gossip
+            .subscribe(HEALTH_PREFIX, move |_, value| {
+                let cooling = KeyReport::decode(value)
+                    .is_some_and(|report| report.cooldown_until_ms > skein_types::now_ms());
+                if cooling {
+                    remote_cooldown.notify_one();
+                }
+            })
+            .await
+    };
     loop {
-        ticks.tick().await;
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = app.health_changed.notified() => {}
+            () = remote_cooldown.notified() => {}
+        }
         let config = app.config.load();
         let (local_now, wall_now) = (app.clock_ms(), skein_types::now_ms());
         let window = wall_now / 60_000;
@@ -494,8 +512,17 @@ async fn share_key_health(gossip: Arc<Gossip>, app: Arc<AppState>) {
                 continue;
             };
             if report.cooldown_until_ms > wall_now {
-                key.health
-                    .impose_cooldown(local_now + (report.cooldown_until_ms - wall_now));
+                let until = local_now + (report.cooldown_until_ms - wall_now);
+                // Tolerate clock jitter: only a cooldown that ends noticeably later is news.
+                if until > key.health.cooldown_until_ms() + 1_000 {
+                    tracing::info!(
+                        provider = provider_name,
+                        key = key_name,
+                        cooling_down_ms = report.cooldown_until_ms - wall_now,
+                        "cooling a provider key down: another node saw it fail"
+                    );
+                }
+                key.health.impose_cooldown(until);
             }
             if let Some(seen) = report.observed {
                 key.quota.observe(seen);

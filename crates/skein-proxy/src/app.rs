@@ -54,6 +54,9 @@ pub struct AppState {
     pub ledger: Arc<Ledger>,
     /// This node's side of the cluster-wide RPM/TPM/max-parallel limits.
     pub limiter: Arc<Limiter>,
+    /// Woken when a provider key starts cooling down here, so the cluster hears of it at
+    /// once rather than at the next periodic report.
+    pub health_changed: tokio::sync::Notify,
     started: Instant,
     ready: AtomicBool,
 }
@@ -69,6 +72,7 @@ impl AppState {
             metrics: Metrics::new(),
             ledger: Ledger::new(),
             limiter: Arc::new(Limiter::new()),
+            health_changed: tokio::sync::Notify::new(),
             started: Instant::now(),
             ready: AtomicBool::new(true),
         })

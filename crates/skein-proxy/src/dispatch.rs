@@ -194,6 +194,9 @@ pub async fn dispatch(
                         None
                     }
                 };
+                if cooldown_until.is_some() {
+                    state.health_changed.notify_one();
+                }
                 tracing::warn!(
                     request_id,
                     provider = %provider_name,
