@@ -211,6 +211,21 @@ impl Cluster {
         (status, code)
     }
 
+    /// Wait until every node in `nodes` sees all of them live in gossip.
+    async fn all_live_in_gossip(&self, nodes: &[usize]) {
+        everywhere(nodes, Duration::from_secs(10), |i| async move {
+            self.status(i).await.is_some_and(|status| {
+                status
+                    .gossip
+                    .iter()
+                    .filter(|m| m.live && m.node_id != 0)
+                    .count()
+                    == nodes.len()
+            })
+        })
+        .await;
+    }
+
     async fn has_key(&self, index: usize, id: &str) -> bool {
         self.admin(index)
             .await
@@ -961,6 +976,8 @@ async fn a_key_rate_limited_on_one_node_cools_down_on_every_node() {
     let cluster = Cluster::start_config(&config, 3, 0, &[]);
     let all = [0, 1, 2];
     cluster.leader(&all, Duration::from_secs(15)).await;
+    // Measure in steady state: every node's failure detector has seen the others live.
+    cluster.all_live_in_gossip(&all).await;
     let (secret, _) = create_key(&mut cluster.admin(0).await, "health").await;
     everywhere(&all, Duration::from_secs(5), |i| {
         let secret = secret.clone();
@@ -1040,7 +1057,10 @@ async fn a_key_rate_limited_on_one_node_cools_down_on_every_node() {
         "key a cooled on the other nodes {:.0} ms after node 1's 429, by their logs (target: one gossip interval + 100 ms = 300 ms)",
         slowest * 1000.0
     );
-    assert!(slowest < 1.0, "{slowest} s");
+    assert!(
+        slowest < 0.3,
+        "{slowest} s: over one gossip interval + 100 ms"
+    );
     // Nodes 2 and 3 never send to key a.
     let after = key_a_calls();
     for round in 0..40 {
@@ -1119,20 +1139,7 @@ async fn a_requests_per_minute_limit_holds_for_the_whole_cluster() {
     let all = [0, 1, 2];
     cluster.leader(&all, Duration::from_secs(15)).await;
     // Every node sees all three in gossip before the measurement.
-    everywhere(&all, Duration::from_secs(10), |i| {
-        let cluster = &cluster;
-        async move {
-            cluster.status(i).await.is_some_and(|status| {
-                status
-                    .gossip
-                    .iter()
-                    .filter(|m| m.live && m.node_id != 0)
-                    .count()
-                    == 3
-            })
-        }
-    })
-    .await;
+    cluster.all_live_in_gossip(&all).await;
     const LIMIT: u64 = 150;
     let limited_key = |id: &'static str| {
         let cluster = &cluster;

@@ -274,7 +274,7 @@ fn a_partitioned_node_is_marked_dead_its_counters_expire_and_it_rejoins_after_he
         || {
             let (status, remaining) = chat(&net, 1, &secret);
             assert_eq!(status, 200);
-            remaining.filter(|remaining| *remaining <= 1000 - 30 - 1)
+            remaining.filter(|remaining| *remaining < 1000 - 30)
         },
     );
 

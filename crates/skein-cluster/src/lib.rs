@@ -269,6 +269,24 @@ impl Gossip {
         }
     }
 
+    /// Start a gossip round with every live peer now, rather than at the next interval (for
+    /// news that should not wait, such as a key that just started cooling down).
+    pub async fn gossip_now(&self) {
+        let peers: Vec<SocketAddr> = {
+            let chitchat = self.handle.chitchat();
+            let chitchat = chitchat.lock().await;
+            let me = chitchat.self_chitchat_id().clone();
+            chitchat
+                .live_nodes()
+                .filter(|id| **id != me)
+                .map(|id| id.gossip_advertise_addr)
+                .collect()
+        };
+        for peer in peers {
+            let _ = self.handle.gossip(peer);
+        }
+    }
+
     /// Call `callback(name after the prefix, value)` whenever any node's entry under `prefix`
     /// changes here (as gossip delivers it), until the returned handle is dropped.
     pub async fn subscribe(

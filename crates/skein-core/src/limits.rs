@@ -912,13 +912,15 @@ mod tests {
             limit: 10,
             cost: 1,
         };
-        let refusal = sim.nodes[0].admit(&[ask.clone()], sim.now()).unwrap_err();
+        let refusal = sim.nodes[0]
+            .admit(std::slice::from_ref(&ask), sim.now())
+            .expect_err("refused");
         assert_eq!(refusal.status.remaining, 0);
         assert_eq!(refusal.status.limit, 10);
         assert_eq!(refusal.retry_after_ms, 50_000);
         // The next window starts from zero.
         sim.clock.store(START + WINDOW_MS, Ordering::SeqCst);
-        let (_ticket, statuses) = sim.nodes[0].admit(&[ask], sim.now()).unwrap();
+        let (_ticket, statuses) = sim.nodes[0].admit(&[ask], sim.now()).expect("value");
         assert_eq!(statuses[0].remaining, 9);
         assert_eq!(statuses[0].reset_ms, WINDOW_MS);
     }
@@ -937,15 +939,27 @@ mod tests {
             cost: 1,
         };
         let node = &sim.nodes[0];
-        let (ticket, _) = node.admit(&[key.clone(), team.clone()], sim.now()).unwrap();
+        let (ticket, _) = node
+            .admit(&[key.clone(), team.clone()], sim.now())
+            .expect("value");
         ticket.settle(0);
-        let refusal = node.admit(&[key.clone(), team], sim.now()).unwrap_err();
+        let refusal = node
+            .admit(&[key.clone(), team], sim.now())
+            .expect_err("refused");
         assert_eq!(refusal.pool.scope, Scope::Team);
-        assert_eq!(node.status(&key.pool, sim.now()).unwrap().remaining, 99);
+        assert_eq!(
+            node.status(&key.pool, sim.now()).expect("value").remaining,
+            99
+        );
         // A cancelled request gives its count back.
-        let (ticket, _) = node.admit(&[key.clone()], sim.now()).unwrap();
+        let (ticket, _) = node
+            .admit(std::slice::from_ref(&key), sim.now())
+            .expect("value");
         ticket.cancel();
-        assert_eq!(node.status(&key.pool, sim.now()).unwrap().remaining, 99);
+        assert_eq!(
+            node.status(&key.pool, sim.now()).expect("value").remaining,
+            99
+        );
     }
 
     #[test]
@@ -957,14 +971,24 @@ mod tests {
             limit: 1000,
             cost: 100,
         };
-        let (ticket, statuses) = node.admit(&[ask.clone()], sim.now()).unwrap();
+        let (ticket, statuses) = node
+            .admit(std::slice::from_ref(&ask), sim.now())
+            .expect("value");
         assert_eq!(statuses[0].remaining, 900);
         ticket.settle(700);
-        assert_eq!(node.status(&ask.pool, sim.now()).unwrap().remaining, 300);
+        assert_eq!(
+            node.status(&ask.pool, sim.now()).expect("value").remaining,
+            300
+        );
         // A call that produced nothing (it failed) counts nothing.
-        let (ticket, _) = node.admit(&[ask.clone()], sim.now()).unwrap();
+        let (ticket, _) = node
+            .admit(std::slice::from_ref(&ask), sim.now())
+            .expect("value");
         drop(ticket);
-        assert_eq!(node.status(&ask.pool, sim.now()).unwrap().remaining, 300);
+        assert_eq!(
+            node.status(&ask.pool, sim.now()).expect("value").remaining,
+            300
+        );
         let big = Ask { cost: 400, ..ask };
         assert!(node.admit(&[big], sim.now()).is_err());
     }
@@ -978,15 +1002,23 @@ mod tests {
             limit: 2,
             cost: 1,
         };
-        let (first, _) = node.admit(&[ask.clone()], sim.now()).unwrap();
-        let (second, _) = node.admit(&[ask.clone()], sim.now()).unwrap();
-        let refusal = node.admit(&[ask.clone()], sim.now()).unwrap_err();
+        let (first, _) = node
+            .admit(std::slice::from_ref(&ask), sim.now())
+            .expect("value");
+        let (second, _) = node
+            .admit(std::slice::from_ref(&ask), sim.now())
+            .expect("value");
+        let refusal = node
+            .admit(std::slice::from_ref(&ask), sim.now())
+            .expect_err("refused");
         assert_eq!(refusal.retry_after_ms, 1000);
         drop(first);
-        let (third, _) = node.admit(&[ask.clone()], sim.now()).unwrap();
+        let (third, _) = node
+            .admit(std::slice::from_ref(&ask), sim.now())
+            .expect("value");
         // In flight carries over into the next window.
         sim.clock.store(START + WINDOW_MS, Ordering::SeqCst);
-        assert!(node.admit(&[ask.clone()], sim.now()).is_err());
+        assert!(node.admit(std::slice::from_ref(&ask), sim.now()).is_err());
         second.settle(10);
         third.settle(10);
         assert!(node.admit(&[ask], sim.now()).is_ok());

@@ -420,16 +420,22 @@ mod tests {
     #[test]
     fn quota_is_tight_by_headers_or_by_the_clusters_use() {
         let mut headers = HeaderMap::new();
-        headers.insert("x-ratelimit-limit-requests", "100".parse().unwrap());
-        headers.insert("x-ratelimit-remaining-requests", "9".parse().unwrap());
-        let seen = QuotaObservation::from_headers(&headers, 1_000).unwrap();
+        headers.insert("x-ratelimit-limit-requests", "100".parse().expect("value"));
+        headers.insert(
+            "x-ratelimit-remaining-requests",
+            "9".parse().expect("value"),
+        );
+        let seen = QuotaObservation::from_headers(&headers, 1_000).expect("value");
         assert!(seen.tight(1_000));
         // Old figures are not trusted.
         assert!(!seen.tight(1_000 + QUOTA_FRESH_MS + 1));
-        headers.insert("x-ratelimit-remaining-requests", "50".parse().unwrap());
+        headers.insert(
+            "x-ratelimit-remaining-requests",
+            "50".parse().expect("value"),
+        );
         assert!(
             !QuotaObservation::from_headers(&headers, 1_000)
-                .unwrap()
+                .expect("value")
                 .tight(1_000)
         );
         assert_eq!(QuotaObservation::from_headers(&HeaderMap::new(), 0), None);

@@ -445,11 +445,11 @@ async fn share_key_health(gossip: Arc<Gossip>, app: Arc<AppState>) {
             .await
     };
     loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            () = app.health_changed.notified() => {}
-            () = remote_cooldown.notified() => {}
-        }
+        let local_news = tokio::select! {
+            _ = ticks.tick() => false,
+            () = app.health_changed.notified() => true,
+            () = remote_cooldown.notified() => false,
+        };
         let config = app.config.load();
         let (local_now, wall_now) = (app.clock_ms(), skein_types::now_ms());
         let window = wall_now / 60_000;
@@ -494,6 +494,9 @@ async fn share_key_health(gossip: Arc<Gossip>, app: Arc<AppState>) {
             }
         }
         gossip.publish_entries(&mine).await;
+        if local_news {
+            gossip.gossip_now().await;
+        }
 
         // Keys: the longest cooldown any node imposes, the cluster's use this minute, the
         // freshest upstream figures.
