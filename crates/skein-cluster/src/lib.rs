@@ -493,4 +493,32 @@ mod tests {
             assert!(dead, "{:?}", node.members().await);
         }
     }
+
+    #[tokio::test]
+    async fn a_host_name_is_enough_as_the_only_seed() {
+        // Nodes 2 and 3 know only a name (as with a Kubernetes headless Service); it is
+        // resolved (to the loopback addresses), and through node 1 they find each other.
+        let transport = ChannelTransport::with_mtu(65_507);
+        let ports = [20_011u16, 20_012, 20_013];
+        let mut nodes = Vec::new();
+        for (index, port) in ports.iter().enumerate() {
+            let mut options = options(*port, &[]);
+            if index > 0 {
+                options.seeds = vec![format!("localhost:{}", ports[0])];
+            }
+            nodes.push(
+                Gossip::start(options, &info(index as u64 + 1), &transport)
+                    .await
+                    .expect("start"),
+            );
+        }
+        for node in &nodes {
+            let all_live = eventually(Duration::from_secs(10), || async {
+                let members = node.members().await;
+                members.len() == 3 && members.iter().all(|member| member.live)
+            })
+            .await;
+            assert!(all_live, "{:?}", node.members().await);
+        }
+    }
 }

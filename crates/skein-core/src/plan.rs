@@ -346,4 +346,55 @@ mod tests {
         assert!(config.resolve("nope").is_err());
         assert!(config.resolve("zzz/some-model").is_err());
     }
+
+    #[test]
+    fn keys_near_the_end_of_their_quota_are_tried_last() {
+        let config = runtime();
+        let provider = config.provider("a").expect("provider");
+        let now = skein_types::now_ms();
+        provider.keys[0]
+            .quota
+            .observe(crate::shared::QuotaObservation {
+                limit_requests: Some(100),
+                remaining_requests: Some(3),
+                limit_tokens: None,
+                remaining_tokens: None,
+                at_ms: now,
+            });
+        for _ in 0..20 {
+            let mut plan = AttemptPlan::new(config.resolve("main").expect("route"));
+            let (_, first_key, _) = take(&mut plan, 0);
+            assert_eq!(first_key, 1, "the key with quota left goes first");
+        }
+    }
+
+    #[test]
+    fn adaptive_scores_follow_the_clusters_view() {
+        use crate::balance::adaptive_score;
+        use crate::shared::DeploymentReport;
+        let config = runtime();
+        let route = config.resolve("main").expect("route");
+        let deployment = &route[0].deployments[0];
+        let now = skein_types::now_ms();
+        let healthy = adaptive_score(deployment, None, now);
+        assert_eq!(healthy, 1000);
+        // Two other nodes see it fail 90% of the time: its share falls to the floor.
+        deployment.remote.set(&[
+            DeploymentReport {
+                error_ppm: 900_000,
+                latency_us: 0,
+            },
+            DeploymentReport {
+                error_ppm: 900_000,
+                latency_us: 0,
+            },
+        ]);
+        assert!(adaptive_score(deployment, None, now) <= 20);
+        // Healthy again, but four times slower than the route's fastest deployment.
+        deployment.remote.set(&[DeploymentReport {
+            error_ppm: 0,
+            latency_us: 4_000,
+        }]);
+        assert_eq!(adaptive_score(deployment, Some(1_000), now), 250);
+    }
 }
