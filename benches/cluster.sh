@@ -57,14 +57,16 @@ routes:
     deployments: [{provider: mock, model: bench}]
 YAML
 
-serve() { # name core grpc_port extra-args...
+serve() { # name core grpc_port extra-args... (in this shell, so its pid is kept for cleanup)
   local name=$1 core=$2 grpc=$3; shift 3
   SKEIN_LOG='warn,skein=info,skein::access=warn' taskset -c "$core" "$bin/skein" serve \
     --config "$work/skein.yaml" --data-dir "$work/$name" --http-addr 127.0.0.1:0 \
     --grpc-addr "127.0.0.1:$grpc" --worker-threads 1 --log-format json --admin-token "$token" "$@" \
     > /dev/null 2> "$work/$name.log" &
   pids+=($!)
-  wait_for_line "$work/$name.log" '"http":"http://127\.0\.0\.1:[0-9]+' | grep -oE 'http://127\.0\.0\.1:[0-9]+'
+}
+url_of() { # name
+  wait_for_line "$work/$1.log" '"http":"http://127\.0\.0\.1:[0-9]+' | grep -oE 'http://127\.0\.0\.1:[0-9]+'
 }
 create_key() { # grpc_port extra-args...
   local grpc=$1; shift
@@ -79,7 +81,8 @@ create_key() { # grpc_port extra-args...
 limits=(--rpm 1000000000 --tpm 1000000000000 --max-parallel 100000)
 
 single_grpc=$(free_port)
-single_url=$(serve single 0 "$single_grpc" --gossip-addr off)
+serve single 0 "$single_grpc" --gossip-addr off
+single_url=$(url_of single)
 plain_key=$(create_key "$single_grpc")
 limited_key=$(create_key "$single_grpc" "${limits[@]}")
 
@@ -90,10 +93,12 @@ seeds="127.0.0.1:${gossip[0]},127.0.0.1:${gossip[1]},127.0.0.1:${gossip[2]}"
 cluster_url=""
 for i in 1 2 3; do
   core=1; [ "$i" = 1 ] && core=0
-  url=$(serve "node$i" "$core" "${grpc[$((i-1))]}" --node-id "$i" --voters "$voters" \
-    --gossip-addr "127.0.0.1:${gossip[$((i-1))]}" --gossip-seeds "$seeds")
-  [ "$i" = 1 ] && cluster_url=$url
+  serve "node$i" "$core" "${grpc[$((i-1))]}" --node-id "$i" --voters "$voters" \
+    --gossip-addr "127.0.0.1:${gossip[$((i-1))]}" --gossip-seeds "$seeds"
 done
+cluster_url=$(url_of node1)
+url_of node2 > /dev/null
+url_of node3 > /dev/null
 cluster_key=$(create_key "${grpc[0]}" "${limits[@]}")
 body='{"model":"bench","messages":[{"role":"user","content":"hello world"}]}'
 for _ in $(seq 1 200); do
