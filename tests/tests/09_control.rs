@@ -654,4 +654,23 @@ async fn rpm_tpm_and_max_parallel_limits_refuse_with_rate_limit_headers() {
     assert_eq!(status, 200);
     let (status, _, body) = call(parallel, "alpha").await;
     assert_eq!(status, 200, "{body}");
+
+    // Every refusal is counted, by scope and kind.
+    let metrics = gateway
+        .client
+        .get(format!("{}/metrics", gateway.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for (scope, kind) in [("key", "requests"), ("team", "tokens"), ("key", "parallel")] {
+        let value = skein_tests::metric_value(
+            &metrics,
+            "skein_rate_limited_total",
+            &[&format!("scope=\"{scope}\""), &format!("kind=\"{kind}\"")],
+        );
+        assert!(value.is_some_and(|v| v >= 1.0), "{scope}/{kind}: {metrics}");
+    }
 }

@@ -141,6 +141,21 @@ pub fn admit(
     match app.limiter.admit(&asks, now) {
         Ok((ticket, statuses)) => Ok((Some(ticket), RateHeaders::from_statuses(&statuses))),
         Err(refusal) => {
+            app.metrics
+                .rate_limited
+                .get_or_create(&crate::metrics::LimitLabels {
+                    scope: match refusal.pool.scope {
+                        Scope::Key => "key",
+                        Scope::Team => "team",
+                        Scope::Customer => "customer",
+                    },
+                    kind: match refusal.pool.kind {
+                        Kind::Requests => "requests",
+                        Kind::Tokens => "tokens",
+                        Kind::Parallel => "parallel",
+                    },
+                })
+                .inc();
             let (scope, what) = (
                 match refusal.pool.scope {
                     Scope::Key => "key",

@@ -45,6 +45,14 @@ pub struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// `key`, `team` or `customer`
+    pub scope: &'static str,
+    /// `requests`, `tokens` or `parallel`
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
 }
@@ -65,6 +73,7 @@ pub struct Metrics {
     pub gossip_messages: Family<DirectionLabels, Counter>,
     pub gossip_bytes: Family<DirectionLabels, Counter>,
     pub gossip_live_nodes: Gauge,
+    pub rate_limited: Family<LimitLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -148,6 +157,12 @@ impl Metrics {
             "Streams that broke after their first byte reached the client",
             stream_interruptions.clone(),
         );
+        let rate_limited = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused by a cluster-wide RPM, TPM or max-parallel limit",
+            rate_limited.clone(),
+        );
         let gossip_messages = Family::<DirectionLabels, Counter>::default();
         registry.register(
             "gossip_messages",
@@ -181,6 +196,7 @@ impl Metrics {
             gossip_messages,
             gossip_bytes,
             gossip_live_nodes,
+            rate_limited,
         }
     }
 
