@@ -620,6 +620,28 @@ async fn rpm_tpm_and_max_parallel_limits_refuse_with_rate_limit_headers() {
         "{body}"
     );
 
+    // A request that alone needs more tokens than the whole limit is told so.
+    let tiny = client
+        .create_key(authorized(CreateKeyRequest {
+            id: "tiny".to_owned(),
+            tpm: 5,
+            ..Default::default()
+        }))
+        .await
+        .expect("key")
+        .into_inner()
+        .secret;
+    let (status, headers, body) = call(tiny, "alpha").await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("too large"),
+        "{body}"
+    );
+    assert!(headers.contains_key("retry-after"));
+
     // One call in flight at a time: a second concurrent call is refused, and the slot comes
     // back when the first ends.
     let parallel = client

@@ -10,9 +10,13 @@
 //! allowance_i = base_i + Σ_j given_j→i − Σ_j given_i→j
 //! ```
 //!
-//! - `base_i` is an equal share of the limit among the nodes that were live before the window
-//!   began (the remainder goes to the lowest node ids). A node that started during the window
-//!   has no base in it, only what others give it.
+//! - `base_i` is an equal share of the limit among the window's *sharing set*: the nodes that
+//!   started before the window began, as seen during it (the remainder goes to the lowest
+//!   node ids). The set only grows within a window, so a node that dies keeps its share (and
+//!   takes it with it). A node that started during the window has no base in it, only what
+//!   others give it. In a cluster's first window the set is every live node, counted as at
+//!   least the expected cluster size, so a node that has not met the others yet takes no more
+//!   than its expected share.
 //! - `given_i→j` is what node `i` has handed to node `j` in this window. Only the giver writes
 //!   it, and the giver subtracts it at once, so the sum of all allowances never exceeds the
 //!   limit: a gift that has not reached its receiver yet is allowance nobody can use, never
@@ -27,18 +31,19 @@
 //!
 //! # Bound
 //!
-//! While membership is stable, the requests admitted in a window never exceed the limit. A
-//! node that dies takes its unused allowance with it until the window ends (the cluster admits
-//! less, never more). When nodes' views of membership disagree (during the first seconds of a
-//! cluster, or when a node is declared dead by some nodes but not yet by others) each node
-//! splits the limit by its own view, which can over-admit by at most one node's base share in
-//! that window. Tokens are admitted on the prompt estimate and counted exactly when the answer
-//! is in, so a token limit can be exceeded by the output of the calls in flight when it fills.
+//! While nodes agree on the window's sharing set, the requests admitted in a window never
+//! exceed the limit, whatever dies or is cut off (the cluster admits less, never more). When
+//! they disagree (a partition that heals brings in a node some never saw this window, or a
+//! node restarted within a window under the same id is credited its previous run's gifts), the
+//! excess is at most one node's base share in that window. Tokens are admitted on the prompt
+//! estimate and counted exactly when the answer is in, so a token limit can be exceeded by the
+//! output of the calls in flight when it fills.
 //!
 //! Concurrency pools work the same way, except that use is the number of calls in flight and
-//! is not reset when a window ends (gifts and bases are).
+//! is not reset when a window ends, and gifts are not either (calls in flight keep their
+//! slots); slots given to a node that is no longer live come back to the giver.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The length of a rate-limit window.
@@ -234,6 +239,8 @@ pub struct Refusal {
     pub retry_after_ms: u64,
     /// Every pool the request was checked against, for the response headers.
     pub statuses: Vec<PoolStatus>,
+    /// The request alone needs more than the whole limit: it will never be admitted.
+    pub too_large: bool,
 }
 
 /// Offered units per 100 ms bucket over the last two seconds.
@@ -307,9 +314,27 @@ impl Pool {
     }
 }
 
+/// The nodes that share the limits' base in one window. It only grows during the window: a
+/// node that dies keeps its share (and takes it with it) until the window ends, so the
+/// survivors never split what it may already have used.
+#[derive(Debug, Default, Clone)]
+struct Sharing {
+    window: u64,
+    nodes: BTreeSet<u64>,
+    /// Built before any node that started before the window was seen (a cluster's first
+    /// window): the split assumes at least the expected cluster size.
+    cold: bool,
+    /// The view version it was last updated at.
+    version: u64,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     me: u64,
+    /// How many nodes the cluster is expected to have (its Raft voters): until the others are
+    /// seen, a node takes no more than this share.
+    expected_nodes: u64,
+    sharing: Option<Sharing>,
     /// Live members, this node included once it is known.
     members: Vec<Member>,
     /// Live peers' reports, by pool.
@@ -347,53 +372,93 @@ impl Inner {
     /// start over.
     fn roll(pool: &mut Pool, kind: Kind, now_ms: u64) {
         let window = window_of(now_ms);
-        if pool.window != window {
+        // Only forward: a clock read just before a window began must not undo it.
+        if window > pool.window {
             pool.window = window;
-            pool.given.clear();
             if kind != Kind::Parallel {
+                // Calls in flight keep the slots they were given; rates start over.
+                pool.given.clear();
                 pool.used = 0;
             }
         }
     }
 
-    /// This node's base share of `limit` in `window`.
-    fn base(&self, limit: u64, window: u64) -> u64 {
-        let window_start = window * WINDOW_MS;
-        let mut all: Vec<&Member> = self.members.iter().collect();
-        if !all.iter().any(|member| member.node_id == self.me) {
-            // Not in the view yet (gossip off, or not started): alone.
-            return limit;
+    /// Bring the window's sharing set up to date with the current view: add the members
+    /// that started before the window began (or, in a cluster's first window, every live
+    /// member). Nobody is removed before the window ends.
+    fn update_sharing(&mut self, window: u64) {
+        let version = self.view_version;
+        if let Some(sharing) = &self.sharing
+            && sharing.window == window
+            && sharing.version == version
+        {
+            return;
         }
-        all.sort_by_key(|member| member.node_id);
-        let established: Vec<u64> = all
-            .iter()
-            .filter(|member| member.started_ms < window_start)
-            .map(|member| member.node_id)
-            .collect();
-        let sharing: Vec<u64> = if established.contains(&self.me) {
-            established
-        } else if established.is_empty() {
-            all.iter().map(|member| member.node_id).collect()
-        } else {
-            return 0;
+        let window_start = window.saturating_mul(WINDOW_MS);
+        let mut sharing = match self.sharing.take() {
+            Some(sharing) if sharing.window == window => sharing,
+            _ => Sharing {
+                window,
+                nodes: BTreeSet::new(),
+                cold: false,
+                version,
+            },
         };
-        let count = sharing.len() as u64;
-        let rank = sharing
-            .iter()
-            .position(|node| *node == self.me)
-            .unwrap_or(0) as u64;
-        limit / count + u64::from(rank < limit % count)
+        sharing.version = version;
+        if self.members.is_empty() {
+            // Gossip off or not started: this node alone, unless it expects company.
+            sharing.nodes.insert(self.me);
+            sharing.cold = self.expected_nodes > 1;
+        } else {
+            let established: Vec<u64> = self
+                .members
+                .iter()
+                .filter(|member| member.started_ms < window_start)
+                .map(|member| member.node_id)
+                .collect();
+            if established.is_empty() {
+                sharing.cold = true;
+                sharing
+                    .nodes
+                    .extend(self.members.iter().map(|member| member.node_id));
+            } else {
+                sharing.nodes.extend(established);
+            }
+        }
+        self.sharing = Some(sharing);
     }
 
-    /// Gifts to this node in `window`, by giver.
-    fn received(&self, pool: &PoolId, window: u64) -> BTreeMap<u64, u64> {
+    /// This node's base share of `limit` in `window` (the sharing set must be up to date).
+    fn base(&self, limit: u64, window: u64) -> u64 {
+        let Some(sharing) = self
+            .sharing
+            .as_ref()
+            .filter(|sharing| sharing.window == window)
+        else {
+            return 0;
+        };
+        let Some(rank) = sharing.nodes.iter().position(|node| *node == self.me) else {
+            // Started during this window, after others: only gifts.
+            return 0;
+        };
+        let mut count = sharing.nodes.len() as u64;
+        if sharing.cold {
+            count = count.max(self.expected_nodes);
+        }
+        let count = count.max(1);
+        limit / count + u64::from((rank as u64) < limit % count)
+    }
+
+    /// Gifts to this node in `window` (any window for concurrency, whose gifts persist), by
+    /// giver. A gift larger than the limit is not believed.
+    fn received(&self, pool: &PoolId, window: u64, limit: u64) -> BTreeMap<u64, u64> {
         let mut received = BTreeMap::new();
         if let Some(reports) = self.peers.get(pool) {
             for (node, report) in reports {
-                if report.window == window
+                if (pool.kind == Kind::Parallel || report.window == window)
                     && let Some(amount) = report.given.get(&self.me)
                 {
-                    received.insert(*node, *amount);
+                    received.insert(*node, (*amount).min(limit));
                 }
             }
         }
@@ -410,8 +475,12 @@ impl Inner {
             return;
         }
         let (limit, window) = (pool.limit, pool.window);
+        self.update_sharing(window);
         let base = self.base(limit, window);
-        let received: u64 = self.received(id, window).values().sum();
+        let received = self
+            .received(id, window, limit)
+            .values()
+            .fold(0u64, |sum, amount| sum.saturating_add(*amount));
         let others_used: u64 = self
             .peers
             .get(id)
@@ -419,8 +488,9 @@ impl Inner {
                 reports
                     .iter()
                     .filter(|(_, report)| id.kind == Kind::Parallel || report.window == window)
-                    .map(|(_, report)| report.used)
-                    .sum()
+                    .fold(0u64, |sum, (_, report)| {
+                        sum.saturating_add(report.used.min(limit))
+                    })
             })
             .unwrap_or(0);
         if let Some(pool) = self.pools.get_mut(id) {
@@ -433,8 +503,13 @@ impl Inner {
 
     /// What this node may admit in the pool's window (the cache must be fresh).
     fn allowance(pool: &Pool) -> u64 {
-        let given: u64 = pool.given.values().sum();
-        (pool.base + pool.received).saturating_sub(given)
+        let given = pool
+            .given
+            .values()
+            .fold(0u64, |sum, amount| sum.saturating_add(*amount));
+        pool.base
+            .saturating_add(pool.received)
+            .saturating_sub(given)
     }
 
     fn status(id: &PoolId, pool: &Pool, now_ms: u64) -> PoolStatus {
@@ -495,6 +570,14 @@ impl Limiter {
         self.lock().me = node_id;
     }
 
+    /// How many nodes the cluster should have (its Raft voters). Until a node sees nodes
+    /// that started before the current window, it takes no more than `1/expected` of a limit.
+    pub fn set_expected_nodes(&self, nodes: u64) {
+        let mut inner = self.lock();
+        inner.expected_nodes = nodes;
+        inner.view_version += 1;
+    }
+
     /// Admit a request against every limit in `asks`, or against none: a request refused by
     /// one limit takes nothing from the others.
     pub fn admit(
@@ -502,6 +585,24 @@ impl Limiter {
         asks: &[Ask],
         now_ms: u64,
     ) -> Result<(Ticket, Vec<PoolStatus>), Box<Refusal>> {
+        // A request larger than a whole limit can never be admitted: say so at once, and do
+        // not let it pull the cluster's spare allowance towards this node.
+        if let Some(ask) = asks.iter().find(|ask| ask.cost > ask.limit) {
+            let window_end = (window_of(now_ms) + 1).saturating_mul(WINDOW_MS);
+            let status = PoolStatus {
+                kind: ask.pool.kind,
+                limit: ask.limit,
+                remaining: 0,
+                reset_ms: window_end.saturating_sub(now_ms),
+            };
+            return Err(Box::new(Refusal {
+                pool: ask.pool.clone(),
+                status,
+                retry_after_ms: status.reset_ms.max(1000),
+                statuses: vec![status],
+                too_large: true,
+            }));
+        }
         let mut inner = self.lock();
         let window = window_of(now_ms);
         let mut refused: Option<(PoolId, u64)> = None;
@@ -559,6 +660,7 @@ impl Limiter {
                     pool: id,
                     retry_after_ms: 1000,
                     statuses,
+                    too_large: false,
                 }));
             };
             let status = Inner::status(&id, pool, now_ms);
@@ -572,6 +674,7 @@ impl Limiter {
                 status,
                 retry_after_ms,
                 statuses,
+                too_large: false,
             }));
         }
         let mut ticket = Ticket {
@@ -612,7 +715,8 @@ impl Limiter {
                     if same_window {
                         pool.used = pool.used.saturating_sub(*cost).saturating_add(actual);
                     } else {
-                        pool.used = pool.used.saturating_add(actual);
+                        // The estimate counted in the window before; the rest counts now.
+                        pool.used = pool.used.saturating_add(actual.saturating_sub(*cost));
                     }
                 }
             }
@@ -628,9 +732,8 @@ impl Limiter {
         reports: Vec<(u64, String, String)>,
         now_ms: u64,
     ) -> Vec<(String, String)> {
-        let mut inner = self.lock();
-        let me = inner.me;
-        inner.members = members;
+        // Decode outside the lock: the request path shares it.
+        let me = self.lock().me;
         let mut peers: HashMap<PoolId, Vec<(u64, PoolReport)>> = HashMap::new();
         for (node, name, value) in reports {
             if node == me {
@@ -640,6 +743,9 @@ impl Limiter {
                 peers.entry(id).or_default().push((node, report));
             }
         }
+        let live: BTreeSet<u64> = members.iter().map(|member| member.node_id).collect();
+        let mut inner = self.lock();
+        inner.members = members;
         let window = window_of(now_ms);
         // A pool another node wants more of may be one this node has never used: it still
         // holds a base share of it to give.
@@ -651,11 +757,14 @@ impl Limiter {
                 inner
                     .pools
                     .entry(id.clone())
-                    .or_insert_with(|| Pool::new(report.limit, window, now_ms));
+                    .or_insert_with(|| Pool::new(report.limit, window, now_ms))
+                    .touched_ms = now_ms;
             }
         }
         inner.peers = peers;
         inner.view_version += 1;
+        // Every member seen during the window shares it, whether or not it has used a limit.
+        inner.update_sharing(window);
         let ids: Vec<PoolId> = inner.pools.keys().cloned().collect();
         let mut out = Vec::new();
         for id in ids {
@@ -666,8 +775,12 @@ impl Limiter {
             let Some(mut pool) = inner.pools.remove(&id) else {
                 continue;
             };
+            if id.kind == Kind::Parallel && !live.is_empty() {
+                // Slots given to a node that is gone come back (its calls are gone with it).
+                pool.given.retain(|node, _| live.contains(node));
+            }
             let idle = now_ms.saturating_sub(pool.touched_ms) > 2 * WINDOW_MS;
-            if idle && pool.used == 0 {
+            if idle && pool.used == 0 && pool.given.is_empty() {
                 continue;
             }
             let allowance = Inner::allowance(&pool);
@@ -682,12 +795,12 @@ impl Limiter {
                     .iter()
                     .filter(|(_, report)| report.window == window)
                     .collect();
-                let cluster_free: u64 = free
-                    + current
-                        .iter()
-                        .filter(|(_, report)| report.want == 0)
-                        .map(|(_, report)| report.free)
-                        .sum::<u64>();
+                let cluster_free: u64 = current
+                    .iter()
+                    .filter(|(_, report)| report.want == 0)
+                    .fold(free, |sum, (_, report)| {
+                        sum.saturating_add(report.free.min(pool.limit))
+                    });
                 for (node, report) in &current {
                     if report.want == 0 || free == 0 {
                         continue;
@@ -703,21 +816,25 @@ impl Limiter {
                         if giver == node {
                             continue;
                         }
-                        in_transit += other
-                            .given
-                            .get(node)
-                            .copied()
-                            .unwrap_or(0)
-                            .saturating_sub(report.seen.get(giver).copied().unwrap_or(0));
+                        in_transit = in_transit.saturating_add(
+                            other
+                                .given
+                                .get(node)
+                                .copied()
+                                .unwrap_or(0)
+                                .saturating_sub(report.seen.get(giver).copied().unwrap_or(0)),
+                        );
                     }
-                    let wanted = report.want.saturating_sub(in_transit);
+                    let wanted = report.want.min(pool.limit).saturating_sub(in_transit);
                     if wanted == 0 {
                         continue;
                     }
                     let share =
                         (wanted as u128 * free as u128).div_ceil(cluster_free.max(1) as u128);
                     let gift = (share as u64).min(wanted).min(free);
-                    *pool.given.entry(*node).or_insert(0) += gift;
+                    let given = pool.given.entry(*node).or_insert(0);
+                    *given = given.saturating_add(gift);
+                    pool.touched_ms = now_ms;
                     free -= gift;
                 }
             }
@@ -728,7 +845,7 @@ impl Limiter {
                 want,
                 free,
                 given: pool.given.clone(),
-                seen: inner.received(&id, pool.window),
+                seen: inner.received(&id, pool.window, pool.limit),
                 stamp: now_ms / REFRESH_MS,
             };
             out.push((id.name(), report.encode()));
@@ -1101,7 +1218,21 @@ mod tests {
 
     #[test]
     fn a_node_that_joins_mid_window_has_no_base_and_the_limit_holds() {
-        let mut sim = Sim::new(3, START + 30_000);
+        let clock = Arc::new(AtomicU64::new(START + 30_000));
+        let sim = Sim {
+            nodes: (1..=3)
+                .map(|id| {
+                    let clock = clock.clone();
+                    let limiter =
+                        Arc::new(Limiter::with_clock(move || clock.load(Ordering::SeqCst)));
+                    limiter.set_node_id(id);
+                    limiter
+                })
+                .collect(),
+            clock,
+            published: vec![Vec::new(); 3],
+            tick_ms: 100,
+        };
         // Node 3 started during this window; 1 and 2 before it.
         let members = vec![
             Member {
@@ -1122,7 +1253,153 @@ mod tests {
         }
         assert_eq!(sim.offer(2, 1, 10), 0);
         assert_eq!(sim.offer(0, 10, 10), 5);
+    }
+
+    #[test]
+    fn a_node_that_dies_mid_window_keeps_its_share_until_the_window_ends() {
+        let mut sim = Sim::new(3, START + 1_000);
+        let limit = 30;
+        // Node 3 uses its whole share, then dies.
+        assert_eq!(sim.offer(2, 10, limit), 10);
         sim.tick();
-        let _ = &mut sim;
+        let survivors = vec![
+            Member {
+                node_id: 1,
+                started_ms: 0,
+            },
+            Member {
+                node_id: 2,
+                started_ms: 0,
+            },
+        ];
+        for _ in 0..20 {
+            sim.clock.fetch_add(100, Ordering::SeqCst);
+            let reports: Vec<(u64, String, String)> = sim.published[..2]
+                .iter()
+                .enumerate()
+                .flat_map(|(index, reports)| {
+                    reports
+                        .iter()
+                        .map(move |(name, value)| (index as u64 + 1, name.clone(), value.clone()))
+                })
+                .collect();
+            for index in 0..2 {
+                sim.published[index] =
+                    sim.nodes[index].exchange(survivors.clone(), reports.clone(), sim.now());
+            }
+        }
+        // The survivors still split only their own two thirds.
+        let admitted = sim.offer(0, 50, limit) + sim.offer(1, 50, limit);
+        assert_eq!(admitted, 20);
+        // In the next window the two of them share the whole limit.
+        sim.clock.store(START + WINDOW_MS + 1_000, Ordering::SeqCst);
+        for index in 0..2 {
+            sim.nodes[index].exchange(survivors.clone(), Vec::new(), sim.now());
+        }
+        assert_eq!(sim.offer(0, 50, limit) + sim.offer(1, 50, limit), 30);
+    }
+
+    #[test]
+    fn a_node_that_has_not_met_its_cluster_yet_takes_only_its_expected_share() {
+        let clock = Arc::new(AtomicU64::new(START + 5_000));
+        let node = {
+            let clock = clock.clone();
+            Arc::new(Limiter::with_clock(move || clock.load(Ordering::SeqCst)))
+        };
+        node.set_node_id(1);
+        node.set_expected_nodes(3);
+        // Just started: it sees only itself.
+        node.exchange(
+            vec![Member {
+                node_id: 1,
+                started_ms: START + 4_000,
+            }],
+            Vec::new(),
+            START + 5_000,
+        );
+        let ask = Ask {
+            pool: PoolId::new(Scope::Key, "k1", Kind::Requests),
+            limit: 30,
+            cost: 1,
+        };
+        let admitted = (0..30)
+            .filter(|_| {
+                node.admit(std::slice::from_ref(&ask), START + 5_000)
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(admitted, 10);
+        // A node alone by configuration takes the whole limit.
+        let alone = Arc::new(Limiter::new());
+        alone.set_node_id(1);
+        let now = alone.now_ms();
+        let admitted = (0..30)
+            .filter(|_| alone.admit(std::slice::from_ref(&ask), now).is_ok())
+            .count();
+        assert_eq!(admitted, 30);
+    }
+
+    #[test]
+    fn slots_given_for_calls_in_flight_stay_given_across_windows() {
+        let mut sim = Sim::new(2, START + 1_000);
+        let pool = PoolId::new(Scope::Key, "k1", Kind::Parallel);
+        let ask = Ask {
+            pool: pool.clone(),
+            limit: 10,
+            cost: 1,
+        };
+        // Node 1 wants more than its 5 slots; node 2 gives it its spare ones.
+        let mut held = Vec::new();
+        for _ in 0..30 {
+            if let Ok((ticket, _)) = sim.nodes[0].admit(std::slice::from_ref(&ask), sim.now()) {
+                held.push(ticket);
+            }
+            sim.tick();
+        }
+        assert!(held.len() > 5, "node 1 got gifts: {}", held.len());
+        // A new window: node 1's calls are still in flight, so node 2 must not get its slots
+        // back.
+        sim.clock.store(START + WINDOW_MS + 1_000, Ordering::SeqCst);
+        sim.tick();
+        sim.tick();
+        let mut more = 0;
+        for _ in 0..10 {
+            if let Ok((ticket, _)) = sim.nodes[1].admit(std::slice::from_ref(&ask), sim.now()) {
+                held.push(ticket);
+                more += 1;
+            }
+        }
+        assert!(
+            held.len() <= 10,
+            "{} in flight, {more} on node 2",
+            held.len()
+        );
+    }
+
+    #[test]
+    fn a_request_larger_than_the_limit_is_refused_for_good_and_a_late_clock_undoes_nothing() {
+        let sim = Sim::new(1, START + 1_000);
+        let node = &sim.nodes[0];
+        let huge = Ask {
+            pool: PoolId::new(Scope::Key, "k1", Kind::Tokens),
+            limit: 100,
+            cost: 500,
+        };
+        let refusal = node
+            .admit(std::slice::from_ref(&huge), sim.now())
+            .expect_err("refused");
+        assert!(refusal.too_large);
+        assert_eq!(refusal.retry_after_ms, WINDOW_MS - 1_000);
+        // Requests in the new window, then one whose clock was read before it began.
+        let ask = Ask {
+            pool: PoolId::new(Scope::Key, "k2", Kind::Requests),
+            limit: 2,
+            cost: 1,
+        };
+        let next = START + WINDOW_MS + 10;
+        assert!(node.admit(std::slice::from_ref(&ask), next).is_ok());
+        assert!(node.admit(std::slice::from_ref(&ask), next).is_ok());
+        assert!(node.admit(std::slice::from_ref(&ask), next - 20).is_err());
+        assert!(node.admit(std::slice::from_ref(&ask), next).is_err());
     }
 }

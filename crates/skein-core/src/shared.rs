@@ -68,6 +68,11 @@ impl DecayingRate {
     pub fn inherit(&self, previous: &DecayingRate) {
         let value = *previous.inner.lock().unwrap_or_else(|e| e.into_inner());
         *self.inner.lock().unwrap_or_else(|e| e.into_inner()) = value;
+        let last = *previous
+            .last_ms_ago
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *self.last_ms_ago.lock().unwrap_or_else(|e| e.into_inner()) = last;
     }
 }
 
@@ -96,7 +101,7 @@ impl RemoteDeploymentView {
         let latency = if timed.is_empty() {
             0
         } else {
-            timed.iter().sum::<u64>() / timed.len() as u64
+            timed.iter().fold(0u64, |sum, l| sum.saturating_add(*l)) / timed.len() as u64
         };
         self.error_ppm
             .store((error / count) as u32, Ordering::Relaxed);
@@ -132,7 +137,8 @@ impl DeploymentReport {
         let (error, latency) = (parts.next()?, parts.next()?);
         Some(DeploymentReport {
             error_ppm: error.parse::<u32>().ok()?.min(1_000_000),
-            latency_us: latency.parse().ok()?,
+            // At most an hour: a bogus figure cannot overflow a sum.
+            latency_us: latency.parse::<u64>().ok()?.min(3_600_000_000),
         })
     }
 }
@@ -227,7 +233,8 @@ struct KeyQuotaInner {
 impl KeyQuotaInner {
     fn roll(&mut self, now_ms: u64) {
         let window = now_ms / 60_000;
-        if window != self.window {
+        // Only forward: a clock read before the minute began must not wipe it.
+        if window > self.window {
             *self = KeyQuotaInner {
                 window,
                 observed: self.observed,
@@ -250,8 +257,10 @@ impl KeyQuota {
         inner.tokens += tokens;
     }
 
-    /// The upstream's figures, if fresher than what is known.
-    pub fn observe(&self, observation: QuotaObservation) {
+    /// The upstream's figures, if fresher than what is known. A time in the future (another
+    /// node's clock running ahead) counts as now.
+    pub fn observe(&self, mut observation: QuotaObservation) {
+        observation.at_ms = observation.at_ms.min(skein_types::now_ms());
         let mut inner = self.lock();
         if inner
             .observed
@@ -282,8 +291,8 @@ impl KeyQuota {
         let near = |used: u64, limit: Option<u64>| {
             limit.is_some_and(|limit| used as f64 >= limit as f64 * (1.0 - QUOTA_TIGHT_FRACTION))
         };
-        near(inner.requests + inner.remote_requests, rpm)
-            || near(inner.tokens + inner.remote_tokens, tpm)
+        near(inner.requests.saturating_add(inner.remote_requests), rpm)
+            || near(inner.tokens.saturating_add(inner.remote_tokens), tpm)
     }
 
     /// This node's report on the key.

@@ -180,6 +180,10 @@ pub async fn start_node(
     state.set_control(replicated, options.admin_token.is_some());
     state.ledger.set_node(cluster.node_id);
     state.limiter.set_node_id(cluster.node_id);
+    // Until it has seen the others, a node of an N-voter cluster takes at most 1/N of a limit.
+    state
+        .limiter
+        .set_expected_nodes(cluster.voters.len().max(1) as u64);
 
     let app = skein_proxy::router(state.clone());
     let (shutdown, shutdown_signal) = watch::channel(false);
@@ -532,8 +536,8 @@ async fn share_key_health(gossip: Arc<Gossip>, app: Arc<AppState>) {
             }
             if report.window == window {
                 let entry = use_by_key.entry(name).or_default();
-                entry.0 += report.requests;
-                entry.1 += report.tokens;
+                entry.0 = entry.0.saturating_add(report.requests);
+                entry.1 = entry.1.saturating_add(report.tokens);
             }
         }
         for provider in config.providers() {

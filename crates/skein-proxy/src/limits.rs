@@ -172,7 +172,18 @@ pub fn admit(
                 "rate limit reached for {scope} `{}`: {} {what}",
                 refusal.pool.id, refusal.status.limit
             );
-            if refusal.pool.kind != Kind::Parallel {
+            if refusal.too_large && refusal.pool.kind != Kind::Tokens {
+                message = format!(
+                    "{scope} `{}` is allowed no {what} (its limit is 0)",
+                    refusal.pool.id
+                );
+            } else if refusal.too_large {
+                message = format!(
+                    "request too large for {scope} `{}`: it needs about {estimated_tokens} tokens, \
+                     more than the whole limit of {} {what}",
+                    refusal.pool.id, refusal.status.limit
+                );
+            } else if refusal.pool.kind != Kind::Parallel {
                 message.push_str(&format!(
                     ", {} left in the cluster this minute; the window resets in {}",
                     refusal.status.remaining,
