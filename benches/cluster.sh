@@ -82,6 +82,7 @@ limits=(--rpm 1000000000 --tpm 1000000000000 --max-parallel 100000)
 
 single_grpc=$(free_port)
 serve single 0 "$single_grpc" --gossip-addr off
+single_pid=${pids[${#pids[@]}-1]}
 single_url=$(url_of single)
 plain_key=$(create_key "$single_grpc")
 limited_key=$(create_key "$single_grpc" "${limits[@]}")
@@ -95,6 +96,7 @@ for i in 1 2 3; do
   core=1; [ "$i" = 1 ] && core=0
   serve "node$i" "$core" "${grpc[$((i-1))]}" --node-id "$i" --voters "$voters" \
     --gossip-addr "127.0.0.1:${gossip[$((i-1))]}" --gossip-seeds "$seeds"
+  [ "$i" = 1 ] && node1_pid=${pids[${#pids[@]}-1]}
 done
 cluster_url=$(url_of node1)
 url_of node2 > /dev/null
@@ -113,10 +115,19 @@ load() { # label url key rate
   taskset -c 1 "$bin/skein-load" --url "$2/v1/chat/completions" --body "$body" --bearer "$3" \
     --rate "$4" --duration-secs "$duration" --warmup-secs 1 --connections 64 --label "$1"
 }
+hz=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+max_with_cpu() { # label url key pid: the closed-loop run, with the node's CPU use
+  local before after started finished line
+  before=$(cpu_ticks "$4"); started=$(date +%s.%N)
+  line=$(load "$1" "$2" "$3" 0)
+  finished=$(date +%s.%N); after=$(cpu_ticks "$4")
+  echo "${line%\}},\"proxy_cpu_cores\":$(python3 -c "print(round(($after-$before)/$hz/($finished-$started), 3))")}"
+}
 for round in $(seq 1 "$repeat"); do
-  load single/plain/max "$single_url" "$plain_key" 0 | tee -a "$results"
-  load single/limited/max "$single_url" "$limited_key" 0 | tee -a "$results"
-  load cluster/limited/max "$cluster_url" "$cluster_key" 0 | tee -a "$results"
+  max_with_cpu single/plain/max "$single_url" "$plain_key" "$single_pid" | tee -a "$results"
+  max_with_cpu single/limited/max "$single_url" "$limited_key" "$single_pid" | tee -a "$results"
+  max_with_cpu cluster/limited/max "$cluster_url" "$cluster_key" "$node1_pid" | tee -a "$results"
   load single/plain/2000 "$single_url" "$plain_key" 2000 | tee -a "$results"
   load single/limited/2000 "$single_url" "$limited_key" 2000 | tee -a "$results"
   load cluster/limited/2000 "$cluster_url" "$cluster_key" 2000 | tee -a "$results"
@@ -128,16 +139,18 @@ runs = [json.loads(line) for line in open(sys.argv[1])]
 def median(label, pick):
     values = [pick(r) for r in runs if r["label"] == label]
     return statistics.median(values) if values else None
-print("| setup | max req/s | errors | p50 µs @2000 | p99 µs @2000 |")
-print("|---|---:|---:|---:|---:|")
+print("| setup | max req/s | node CPU (cores) | req/s per node core | errors | p50 µs @2000 | p99 µs @2000 |")
+print("|---|---:|---:|---:|---:|---:|---:|")
 base = None
 for setup in ["single/plain", "single/limited", "cluster/limited"]:
     rps = median(setup + "/max", lambda r: r["achieved_rps"])
+    cpu = median(setup + "/max", lambda r: r["proxy_cpu_cores"])
+    per_core = median(setup + "/max", lambda r: r["achieved_rps"] / max(r["proxy_cpu_cores"], 0.001))
     errors = sum(r["errors"] for r in runs if r["label"].startswith(setup))
     p50 = median(setup + "/2000", lambda r: r["service"]["p50_us"])
     p99 = median(setup + "/2000", lambda r: r["service"]["p99_us"])
     if base is None:
-        base = (rps, p50)
-    print(f"| {setup} | {rps:.0f} ({rps / base[0]:.0%}) | {errors} | {p50:.0f} ({p50 / base[1]:.2f}×) | {p99:.0f} |")
+        base = (rps, per_core, p50)
+    print(f"| {setup} | {rps:.0f} ({rps / base[0]:.0%}) | {cpu:.2f} | {per_core:.0f} ({per_core / base[1]:.0%}) | {errors} | {p50:.0f} ({p50 / base[2]:.2f}×) | {p99:.0f} |")
 PY
 echo "results: $results"

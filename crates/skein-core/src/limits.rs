@@ -78,12 +78,13 @@ pub enum Kind {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PoolId {
     pub scope: Scope,
-    pub id: String,
+    /// Shared, so that holding a pool's id (in a ticket, in the pool map) costs no copy.
+    pub id: Arc<str>,
     pub kind: Kind,
 }
 
 impl PoolId {
-    pub fn new(scope: Scope, id: impl Into<String>, kind: Kind) -> PoolId {
+    pub fn new(scope: Scope, id: impl Into<Arc<str>>, kind: Kind) -> PoolId {
         PoolId {
             scope,
             id: id.into(),
@@ -605,65 +606,55 @@ impl Limiter {
         }
         let mut inner = self.lock();
         let window = window_of(now_ms);
-        let mut refused: Option<(PoolId, u64)> = None;
-        for ask in asks {
-            if !inner.pools.contains_key(&ask.pool) {
-                inner
-                    .pools
-                    .insert(ask.pool.clone(), Pool::new(ask.limit, window, now_ms));
-            }
-            if let Some(pool) = inner.pools.get_mut(&ask.pool) {
-                if pool.limit != ask.limit {
-                    pool.limit = ask.limit;
-                    pool.cached = None;
+        let view_version = inner.view_version;
+        // One pass: bring each pool up to date and check it.
+        let mut refused: Option<usize> = None;
+        let mut statuses = Vec::with_capacity(asks.len());
+        for (index, ask) in asks.iter().enumerate() {
+            let stale = match inner.pools.get_mut(&ask.pool) {
+                Some(pool) => {
+                    if pool.limit != ask.limit {
+                        pool.limit = ask.limit;
+                        pool.cached = None;
+                    }
+                    pool.touched_ms = now_ms;
+                    Inner::roll(pool, ask.pool.kind, now_ms);
+                    pool.demand.record(now_ms, ask.cost);
+                    pool.cached != Some((view_version, pool.window))
                 }
-                pool.touched_ms = now_ms;
-                Inner::roll(pool, ask.pool.kind, now_ms);
-                pool.demand.record(now_ms, ask.cost);
-            }
-            inner.refresh(&ask.pool);
-        }
-        for ask in asks {
-            let Some(pool) = inner.pools.get(&ask.pool) else {
-                continue;
+                None => {
+                    let mut pool = Pool::new(ask.limit, window, now_ms);
+                    pool.demand.record(now_ms, ask.cost);
+                    inner.pools.insert(ask.pool.clone(), pool);
+                    true
+                }
             };
-            let allowance = Inner::allowance(pool);
-            if pool.used.saturating_add(ask.cost) > allowance && refused.is_none() {
-                refused = Some((ask.pool.clone(), allowance));
+            if stale {
+                inner.refresh(&ask.pool);
+            }
+            if let Some(pool) = inner.pools.get(&ask.pool) {
+                if refused.is_none() && pool.used.saturating_add(ask.cost) > Inner::allowance(pool)
+                {
+                    refused = Some(index);
+                }
+                statuses.push(Inner::status(&ask.pool, pool, now_ms));
             }
         }
-        let statuses_of = |inner: &Inner| -> Vec<PoolStatus> {
-            asks.iter()
-                .filter_map(|ask| {
-                    let pool = inner.pools.get(&ask.pool)?;
-                    Some(Inner::status(&ask.pool, pool, now_ms))
-                })
-                .collect()
-        };
-        if let Some((id, _)) = refused {
-            if let Some(pool) = inner.pools.get_mut(&id) {
-                let cost = asks
-                    .iter()
-                    .find(|ask| ask.pool == id)
-                    .map_or(1, |ask| ask.cost);
-                pool.refused.record(now_ms, cost.max(1));
-            }
-            let statuses = statuses_of(&inner);
-            let Some(pool) = inner.pools.get(&id) else {
-                return Err(Box::new(Refusal {
-                    status: PoolStatus {
-                        kind: id.kind,
-                        limit: 0,
-                        remaining: 0,
-                        reset_ms: 0,
-                    },
-                    pool: id,
-                    retry_after_ms: 1000,
-                    statuses,
-                    too_large: false,
-                }));
+        if let Some(index) = refused {
+            let ask = &asks[index];
+            let id = ask.pool.clone();
+            let status = match inner.pools.get_mut(&id) {
+                Some(pool) => {
+                    pool.refused.record(now_ms, ask.cost.max(1));
+                    Inner::status(&id, pool, now_ms)
+                }
+                None => PoolStatus {
+                    kind: id.kind,
+                    limit: ask.limit,
+                    remaining: 0,
+                    reset_ms: 0,
+                },
             };
-            let status = Inner::status(&id, pool, now_ms);
             let retry_after_ms = if status.remaining > 0 || id.kind == Kind::Parallel {
                 1000
             } else {
@@ -677,19 +668,20 @@ impl Limiter {
                 too_large: false,
             }));
         }
-        let mut ticket = Ticket {
-            limiter: Arc::clone(self),
-            window,
-            held: Vec::new(),
-            done: false,
-        };
-        for ask in asks {
+        let mut held = Vec::with_capacity(asks.len());
+        for (ask, status) in asks.iter().zip(statuses.iter_mut()) {
             if let Some(pool) = inner.pools.get_mut(&ask.pool) {
                 pool.used = pool.used.saturating_add(ask.cost);
-                ticket.held.push((ask.pool.clone(), ask.cost));
+                status.remaining = status.remaining.saturating_sub(ask.cost);
+                held.push((ask.pool.clone(), ask.cost));
             }
         }
-        let statuses = statuses_of(&inner);
+        let ticket = Ticket {
+            limiter: Arc::clone(self),
+            window,
+            held,
+            done: false,
+        };
         Ok((ticket, statuses))
     }
 

@@ -115,7 +115,7 @@ impl IntoResponse for ApiError {
         {
             response.headers_mut().insert(header::RETRY_AFTER, value);
         }
-        if let Some(headers) = &self.rate_headers {
+        if let Some(headers) = self.rate_headers {
             headers.apply(response.headers_mut());
         }
         response.extensions_mut().insert(self.code);

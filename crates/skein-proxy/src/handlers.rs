@@ -609,7 +609,10 @@ fn respond(
     hold: Option<Hold>,
     translation_for: impl Fn(&Candidate) -> Translation,
 ) -> Response {
-    let rate_headers = hold.as_ref().map(|hold| hold.rate_headers.clone());
+    let mut hold = hold;
+    let rate_headers = hold
+        .as_mut()
+        .map(|hold| std::mem::take(&mut hold.rate_headers));
     let mut response = respond_with(
         state,
         context,

@@ -53,9 +53,11 @@ impl RateHeaders {
         RateHeaders(headers)
     }
 
-    pub fn apply(&self, headers: &mut HeaderMap) {
-        for (name, value) in &self.0 {
-            headers.insert(name.clone(), value.clone());
+    /// Add the headers to a response (room is made first, so the map grows once).
+    pub fn apply(self, headers: &mut HeaderMap) {
+        headers.reserve(self.0.len());
+        for (name, value) in self.0 {
+            headers.insert(name, value);
         }
     }
 
@@ -66,44 +68,51 @@ impl RateHeaders {
 
 /// A duration the way OpenAI writes its reset headers: `20ms`, `1.5s`, `1m0s`.
 pub fn format_reset(ms: u64) -> String {
+    use std::fmt::Write;
     if ms < 1000 {
         return format!("{ms}ms");
     }
     let (minutes, rest) = (ms / 60_000, ms % 60_000);
-    let seconds = if rest % 1000 == 0 {
-        format!("{}s", rest / 1000)
-    } else {
-        let text = format!("{:.3}", rest as f64 / 1000.0);
-        format!("{}s", text.trim_end_matches('0').trim_end_matches('.'))
-    };
+    let mut text = String::with_capacity(12);
     if minutes > 0 {
-        format!("{minutes}m{seconds}")
-    } else {
-        seconds
+        let _ = write!(text, "{minutes}m");
     }
+    let (seconds, millis) = (rest / 1000, rest % 1000);
+    let _ = write!(text, "{seconds}");
+    if millis > 0 {
+        let fraction = format!("{millis:03}");
+        let _ = write!(text, ".{}", fraction.trim_end_matches('0'));
+    }
+    text.push('s');
+    text
 }
 
 /// The limits a call by `key_id` is subject to, with its estimated prompt tokens.
 fn asks(state: &ControlState, key_id: &str, estimated_tokens: u64) -> Vec<Ask> {
     let mut asks = Vec::new();
     let mut add = |scope: Scope, id: &str, limits: &Limits| {
+        if limits.rpm.is_none() && limits.tpm.is_none() && limits.max_parallel.is_none() {
+            return;
+        }
+        // One shared id for the scope's pools.
+        let id: std::sync::Arc<str> = std::sync::Arc::from(id);
         if let Some(rpm) = limits.rpm {
             asks.push(Ask {
-                pool: PoolId::new(scope, id, Kind::Requests),
+                pool: PoolId::new(scope, id.clone(), Kind::Requests),
                 limit: rpm,
                 cost: 1,
             });
         }
         if let Some(tpm) = limits.tpm {
             asks.push(Ask {
-                pool: PoolId::new(scope, id, Kind::Tokens),
+                pool: PoolId::new(scope, id.clone(), Kind::Tokens),
                 limit: tpm,
                 cost: estimated_tokens,
             });
         }
         if let Some(parallel) = limits.max_parallel {
             asks.push(Ask {
-                pool: PoolId::new(scope, id, Kind::Parallel),
+                pool: PoolId::new(scope, id.clone(), Kind::Parallel),
                 limit: u64::from(parallel),
                 cost: 1,
             });
