@@ -6,8 +6,9 @@
 #                   every 100 ms), a key with the same limits.
 # The node under load runs one worker thread pinned to core 0; the mock provider, the load
 # generator and the two other cluster nodes share core 1. Each figure is the median of the
-# repeats, which are interleaved. For each: max requests/s (closed loop, 64 connections), and
-# the service-time p50/p99 at 2000 req/s (open loop).
+# repeats, which are interleaved. For each: max requests/s (closed loop, 64 connections) with
+# the node's CPU use, the service-time p50/p99 at 2000 req/s (open loop), and the p50 of
+# requests sent one at a time (closed loop, one connection: no queueing).
 # Usage: benches/cluster.sh [--repeat N] [--duration S]
 # Results: benches/results/cluster-<timestamp>.jsonl
 set -euo pipefail
@@ -111,9 +112,9 @@ done
 
 mkdir -p benches/results
 results="benches/results/cluster-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
-load() { # label url key rate
+load() { # label url key rate [connections]
   taskset -c 1 "$bin/skein-load" --url "$2/v1/chat/completions" --body "$body" --bearer "$3" \
-    --rate "$4" --duration-secs "$duration" --warmup-secs 1 --connections 64 --label "$1"
+    --rate "$4" --duration-secs "$duration" --warmup-secs 1 --connections "${5:-64}" --label "$1"
 }
 hz=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -131,6 +132,10 @@ for round in $(seq 1 "$repeat"); do
   load single/plain/2000 "$single_url" "$plain_key" 2000 | tee -a "$results"
   load single/limited/2000 "$single_url" "$limited_key" 2000 | tee -a "$results"
   load cluster/limited/2000 "$cluster_url" "$cluster_key" 2000 | tee -a "$results"
+  # One request at a time: the time each takes, without queueing.
+  load single/plain/seq "$single_url" "$plain_key" 0 1 | tee -a "$results"
+  load single/limited/seq "$single_url" "$limited_key" 0 1 | tee -a "$results"
+  load cluster/limited/seq "$cluster_url" "$cluster_key" 0 1 | tee -a "$results"
 done
 
 python3 - "$results" <<'PY'
@@ -139,8 +144,8 @@ runs = [json.loads(line) for line in open(sys.argv[1])]
 def median(label, pick):
     values = [pick(r) for r in runs if r["label"] == label]
     return statistics.median(values) if values else None
-print("| setup | max req/s | node CPU (cores) | req/s per node core | errors | p50 µs @2000 | p99 µs @2000 |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+print("| setup | max req/s | node CPU (cores) | req/s per node core | errors | p50 µs @2000 | p99 µs @2000 | p50 µs one at a time |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 base = None
 for setup in ["single/plain", "single/limited", "cluster/limited"]:
     rps = median(setup + "/max", lambda r: r["achieved_rps"])
@@ -149,8 +154,9 @@ for setup in ["single/plain", "single/limited", "cluster/limited"]:
     errors = sum(r["errors"] for r in runs if r["label"].startswith(setup))
     p50 = median(setup + "/2000", lambda r: r["service"]["p50_us"])
     p99 = median(setup + "/2000", lambda r: r["service"]["p99_us"])
+    seq = median(setup + "/seq", lambda r: r["service"]["p50_us"])
     if base is None:
-        base = (rps, per_core, p50)
-    print(f"| {setup} | {rps:.0f} ({rps / base[0]:.0%}) | {cpu:.2f} | {per_core:.0f} ({per_core / base[1]:.0%}) | {errors} | {p50:.0f} ({p50 / base[2]:.2f}×) | {p99:.0f} |")
+        base = (rps, per_core, p50, seq)
+    print(f"| {setup} | {rps:.0f} ({rps / base[0]:.0%}) | {cpu:.2f} | {per_core:.0f} ({per_core / base[1]:.0%}) | {errors} | {p50:.0f} ({p50 / base[2]:.2f}×) | {p99:.0f} | {seq:.0f} ({seq / base[3]:.2f}×) |")
 PY
 echo "results: $results"
