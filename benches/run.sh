@@ -29,26 +29,7 @@ if ! command -v nginx >/dev/null; then
   apt-get update -qq && apt-get install -y -qq nginx-light
 fi
 
-cargo build --release -p skein-node -p skein-mock -p skein-benches --bins
-bin="${CARGO_TARGET_DIR:-target}/release"
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_for_line() { # file, regex
-  for _ in $(seq 1 500); do
-    if grep -qE "$2" "$1" 2>/dev/null; then grep -oE "$2" "$1" | head -1; return 0; fi
-    sleep 0.02
-  done
-  echo "timed out waiting for $2 in $1" >&2; cat "$1" >&2; return 1
-}
+. benches/lib.sh
 
 # The mock provider: one thread on core 1, no request recording, no latency.
 taskset -c 1 "$bin/skein-mock" --addr 127.0.0.1:0 --threads 1 --no-record > "$work/mock.out" 2>&1 &

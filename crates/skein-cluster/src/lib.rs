@@ -320,15 +320,14 @@ impl Gossip {
         entries
     }
 
-    /// Publish this node's rate-limit reports: `(pool name, report)`. Entries are set with a
-    /// TTL, so pools the node stopped using disappear on their own.
+    /// Publish this node's rate-limit reports: `(pool name, report)`, under
+    /// [`keys::LIMIT_PREFIX`] (read back by [`Gossip::limit_view`]).
     pub async fn publish_limits(&self, reports: &[(String, String)]) {
-        let chitchat = self.handle.chitchat();
-        let mut chitchat = chitchat.lock().await;
-        let state = chitchat.self_node_state();
-        for (pool, report) in reports {
-            state.set_with_ttl(format!("{}{pool}", keys::LIMIT_PREFIX), report);
-        }
+        let entries: Vec<(String, String)> = reports
+            .iter()
+            .map(|(pool, report)| (format!("{}{pool}", keys::LIMIT_PREFIX), report.clone()))
+            .collect();
+        self.publish_entries(&entries).await;
     }
 
     /// The live members that have published their id, `(node id, started ms)`, and the

@@ -944,23 +944,31 @@ mod tests {
         }
 
         fn exchange(&mut self) {
-            let reports: Vec<(u64, String, String)> = self
-                .published
+            let all: Vec<usize> = (0..self.nodes.len()).collect();
+            self.exchange_among(&all);
+        }
+
+        /// One exchange among the nodes at `live` (the others are gone): each sees the live
+        /// members and the reports they published last time.
+        fn exchange_among(&mut self, live: &[usize]) {
+            let reports: Vec<(u64, String, String)> = live
                 .iter()
-                .enumerate()
-                .flat_map(|(index, reports)| {
-                    reports
+                .flat_map(|index| {
+                    self.published[*index]
                         .iter()
-                        .map(move |(name, value)| (index as u64 + 1, name.clone(), value.clone()))
+                        .map(move |(name, value)| (*index as u64 + 1, name.clone(), value.clone()))
                 })
                 .collect();
             let now = self.now();
-            let members = self.members();
-            self.published = self
-                .nodes
-                .iter()
-                .map(|node| node.exchange(members.clone(), reports.clone(), now))
+            let members: Vec<Member> = self
+                .members()
+                .into_iter()
+                .filter(|member| live.contains(&(member.node_id as usize - 1)))
                 .collect();
+            for index in live {
+                self.published[*index] =
+                    self.nodes[*index].exchange(members.clone(), reports.clone(), now);
+            }
         }
 
         fn tick(&mut self) {
@@ -988,6 +996,13 @@ mod tests {
     }
 
     const START: u64 = 1_000 * WINDOW_MS;
+
+    /// Admit one request that must be admitted.
+    fn take(node: &Arc<Limiter>, ask: &Ask, now_ms: u64) -> Ticket {
+        node.admit(std::slice::from_ref(ask), now_ms)
+            .expect("admitted")
+            .0
+    }
 
     #[test]
     fn pool_names_and_reports_round_trip() {
@@ -1061,9 +1076,7 @@ mod tests {
             99
         );
         // A cancelled request gives its count back.
-        let (ticket, _) = node
-            .admit(std::slice::from_ref(&key), sim.now())
-            .expect("value");
+        let ticket = take(node, &key, sim.now());
         ticket.cancel();
         assert_eq!(
             node.status(&key.pool, sim.now()).expect("value").remaining,
@@ -1090,9 +1103,7 @@ mod tests {
             300
         );
         // A call that produced nothing (it failed) counts nothing.
-        let (ticket, _) = node
-            .admit(std::slice::from_ref(&ask), sim.now())
-            .expect("value");
+        let ticket = take(node, &ask, sim.now());
         drop(ticket);
         assert_eq!(
             node.status(&ask.pool, sim.now()).expect("value").remaining,
@@ -1111,20 +1122,14 @@ mod tests {
             limit: 2,
             cost: 1,
         };
-        let (first, _) = node
-            .admit(std::slice::from_ref(&ask), sim.now())
-            .expect("value");
-        let (second, _) = node
-            .admit(std::slice::from_ref(&ask), sim.now())
-            .expect("value");
+        let first = take(node, &ask, sim.now());
+        let second = take(node, &ask, sim.now());
         let refusal = node
             .admit(std::slice::from_ref(&ask), sim.now())
             .expect_err("refused");
         assert_eq!(refusal.retry_after_ms, 1000);
         drop(first);
-        let (third, _) = node
-            .admit(std::slice::from_ref(&ask), sim.now())
-            .expect("value");
+        let third = take(node, &ask, sim.now());
         // In flight carries over into the next window.
         sim.clock.store(START + WINDOW_MS, Ordering::SeqCst);
         assert!(node.admit(std::slice::from_ref(&ask), sim.now()).is_err());
@@ -1254,40 +1259,16 @@ mod tests {
         // Node 3 uses its whole share, then dies.
         assert_eq!(sim.offer(2, 10, limit), 10);
         sim.tick();
-        let survivors = vec![
-            Member {
-                node_id: 1,
-                started_ms: 0,
-            },
-            Member {
-                node_id: 2,
-                started_ms: 0,
-            },
-        ];
         for _ in 0..20 {
             sim.clock.fetch_add(100, Ordering::SeqCst);
-            let reports: Vec<(u64, String, String)> = sim.published[..2]
-                .iter()
-                .enumerate()
-                .flat_map(|(index, reports)| {
-                    reports
-                        .iter()
-                        .map(move |(name, value)| (index as u64 + 1, name.clone(), value.clone()))
-                })
-                .collect();
-            for index in 0..2 {
-                sim.published[index] =
-                    sim.nodes[index].exchange(survivors.clone(), reports.clone(), sim.now());
-            }
+            sim.exchange_among(&[0, 1]);
         }
         // The survivors still split only their own two thirds.
         let admitted = sim.offer(0, 50, limit) + sim.offer(1, 50, limit);
         assert_eq!(admitted, 20);
         // In the next window the two of them share the whole limit.
         sim.clock.store(START + WINDOW_MS + 1_000, Ordering::SeqCst);
-        for index in 0..2 {
-            sim.nodes[index].exchange(survivors.clone(), Vec::new(), sim.now());
-        }
+        sim.exchange_among(&[0, 1]);
         assert_eq!(sim.offer(0, 50, limit) + sim.offer(1, 50, limit), 30);
     }
 

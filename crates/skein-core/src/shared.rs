@@ -12,36 +12,32 @@ use http::HeaderMap;
 /// An error rate that forgets: each attempt moves it a fifth of the way towards 0 (success)
 /// or 1 (failure), and it halves every [`DecayingRate::HALF_LIFE_MS`] without attempts, so a
 /// deployment that stopped failing (and gets little traffic because of it) recovers.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct DecayingRate {
-    inner: Mutex<(f64, Instant)>,
-    /// When the last attempt was recorded.
-    last_ms_ago: Mutex<Option<Instant>>,
-}
-
-impl Default for DecayingRate {
-    fn default() -> DecayingRate {
-        DecayingRate {
-            inner: Mutex::new((0.0, Instant::now())),
-            last_ms_ago: Mutex::new(None),
-        }
-    }
+    /// The rate as of the last attempt, and when that was (`None` before any attempt).
+    inner: Mutex<(f64, Option<Instant>)>,
 }
 
 impl DecayingRate {
     pub const HALF_LIFE_MS: f64 = 5_000.0;
 
-    fn decayed(value: f64, since: Instant, now: Instant) -> f64 {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (f64, Option<Instant>)> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn decayed((value, since): (f64, Option<Instant>), now: Instant) -> f64 {
+        let Some(since) = since else {
+            return value;
+        };
         let elapsed = now.saturating_duration_since(since).as_secs_f64() * 1000.0;
         value * 0.5f64.powf(elapsed / Self::HALF_LIFE_MS)
     }
 
     pub fn record_at(&self, failed: bool, now: Instant) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let current = Self::decayed(inner.0, inner.1, now);
+        let mut inner = self.lock();
+        let current = Self::decayed(*inner, now);
         let target = if failed { 1.0 } else { 0.0 };
-        *inner = (current + (target - current) / 5.0, now);
-        *self.last_ms_ago.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+        *inner = (current + (target - current) / 5.0, Some(now));
     }
 
     pub fn record(&self, failed: bool) {
@@ -49,8 +45,7 @@ impl DecayingRate {
     }
 
     pub fn value_at(&self, now: Instant) -> f64 {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        Self::decayed(inner.0, inner.1, now)
+        Self::decayed(*self.lock(), now)
     }
 
     pub fn value(&self) -> f64 {
@@ -59,20 +54,14 @@ impl DecayingRate {
 
     /// Whether an attempt was recorded within `ms`.
     pub fn active_within(&self, ms: u64) -> bool {
-        self.last_ms_ago
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.lock()
+            .1
             .is_some_and(|at| at.elapsed().as_millis() < u128::from(ms))
     }
 
     pub fn inherit(&self, previous: &DecayingRate) {
-        let value = *previous.inner.lock().unwrap_or_else(|e| e.into_inner());
-        *self.inner.lock().unwrap_or_else(|e| e.into_inner()) = value;
-        let last = *previous
-            .last_ms_ago
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        *self.last_ms_ago.lock().unwrap_or_else(|e| e.into_inner()) = last;
+        let value = *previous.lock();
+        *self.lock() = value;
     }
 }
 
