@@ -1138,6 +1138,15 @@ mod tests {
         assert!(node.admit(&[ask], sim.now()).is_ok());
     }
 
+    /// At most the limit, and at least 95% of it.
+    fn assert_within_limit(admitted: u64, limit: u64) {
+        assert!(admitted <= limit, "admitted {admitted} of {limit}");
+        assert!(
+            admitted * 100 >= limit * 95,
+            "admitted {admitted} of {limit}"
+        );
+    }
+
     /// Run a minute in which `offered(tick)` gives each node's requests for that tick.
     fn run_window(sim: &mut Sim, limit: u64, offered: impl Fn(u64) -> [u64; 3]) -> u64 {
         let mut admitted = 0;
@@ -1161,11 +1170,7 @@ mod tests {
             let n = u64::from(tick % 2 == 0);
             [n, n, n]
         });
-        assert!(admitted <= limit, "admitted {admitted} of {limit}");
-        assert!(
-            admitted * 100 >= limit * 95,
-            "admitted {admitted} of {limit}"
-        );
+        assert_within_limit(admitted, limit);
     }
 
     #[test]
@@ -1176,11 +1181,7 @@ mod tests {
         let admitted = run_window(&mut sim, limit, |tick| {
             if tick < 300 { [3, 0, 0] } else { [0, 3, 0] }
         });
-        assert!(admitted <= limit, "admitted {admitted} of {limit}");
-        assert!(
-            admitted * 100 >= limit * 95,
-            "admitted {admitted} of {limit}"
-        );
+        assert_within_limit(admitted, limit);
     }
 
     #[test]
@@ -1193,11 +1194,7 @@ mod tests {
             200..=399 => [0, 1, 0],
             _ => [0, 0, 1],
         });
-        assert!(admitted <= limit, "admitted {admitted} of {limit}");
-        assert!(
-            admitted * 100 >= limit * 95,
-            "admitted {admitted} of {limit}"
-        );
+        assert_within_limit(admitted, limit);
     }
 
     #[test]
@@ -1206,11 +1203,7 @@ mod tests {
         let limit = 600;
         // Node 1 offers 1200, node 2 about 300, node 3 nothing.
         let admitted = run_window(&mut sim, limit, |tick| [2, u64::from(tick % 2 == 0), 0]);
-        assert!(admitted <= limit, "admitted {admitted} of {limit}");
-        assert!(
-            admitted * 100 >= limit * 95,
-            "admitted {admitted} of {limit}"
-        );
+        assert_within_limit(admitted, limit);
     }
 
     #[test]
