@@ -255,10 +255,26 @@ where
         }
         if pass == 0 && ready.len() < READ_AHEAD_EVENTS {
             // Polling the body woke its connection task; let it run once.
-            tokio::task::yield_now().await;
+            run_ready_tasks_once().await;
         }
     }
     (ready, false)
+}
+
+/// Let the tasks that are ready run, then resume. Unlike `tokio::task::yield_now`, this does
+/// not make the runtime poll for I/O first: on one worker thread that poll was an extra
+/// `epoll_wait` on every stream, with nothing to find (the connection task only needs to run).
+fn run_ready_tasks_once() -> impl std::future::Future<Output = ()> {
+    let mut requeued = false;
+    std::future::poll_fn(move |context| {
+        if requeued {
+            return std::task::Poll::Ready(());
+        }
+        requeued = true;
+        // Waking itself puts the task behind the ones already queued.
+        context.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
 }
 
 /// One upstream attempt, up to the full body (unary) or the first event (stream).

@@ -1,5 +1,6 @@
 //! HTTP handlers: read and check the request, dispatch it, shape the response.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -80,7 +81,15 @@ fn request_id(headers: &HeaderMap) -> String {
     {
         return value.to_owned();
     }
-    format!("req_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..))
+    let mut minted = String::with_capacity(28);
+    // Writing to a String cannot fail.
+    let _ = write!(
+        minted,
+        "req_{:016x}{:08x}",
+        fastrand::u64(..),
+        fastrand::u32(..)
+    );
+    minted
 }
 
 /// Read the body up to the configured limit.
