@@ -21,3 +21,69 @@ wait_for_line() { # file, regex: prints the first match; waits up to 30 s
   done
   echo "timed out waiting for $2 in $1" >&2; cat "$1" >&2; return 1
 }
+
+# The mock provider: one thread on core 1, no request recording, no latency. Sets mock_url.
+start_mock() {
+  taskset -c 1 "$bin/skein-mock" --addr 127.0.0.1:0 --threads 1 --no-record > "$work/mock.out" 2>&1 &
+  pids+=($!)
+  mock_url=$(wait_for_line "$work/mock.out" 'http://127\.0\.0\.1:[0-9]+')
+}
+
+# Skein with one worker thread on core 0, one OpenAI-compatible provider (the mock) and one
+# route. Sets skein_pid and skein_url.
+start_skein() {
+  cat > "$work/skein.yaml" <<YAML
+version: 1
+providers:
+  - name: mock
+    kind: openai_compatible
+    base_url: $mock_url/v1
+routes:
+  - name: bench
+    deployments: [{provider: mock, model: bench}]
+YAML
+  SKEIN_LOG='warn,skein=info,skein::access=warn' taskset -c 0 "$bin/skein" serve --config "$work/skein.yaml" --data-dir "$work/data" \
+    --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --gossip-addr off --worker-threads 1 --log-format json > /dev/null 2> "$work/skein.log" &
+  skein_pid=$!
+  pids+=($skein_pid)
+  skein_url=$(wait_for_line "$work/skein.log" 'http://127\.0\.0\.1:[0-9]+')
+}
+
+# nginx: one worker on core 0, keepalive to the mock, no buffering (SSE passes through).
+# Sets nginx_url, and nginx_worker (the worker's pid).
+start_nginx() {
+  local port mock_hostport
+  port=$(free_port)
+  mock_hostport=${mock_url#http://}
+  mkdir -p "$work/nginx/logs"
+  cat > "$work/nginx/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/logs/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  upstream mock { server $mock_hostport; keepalive 256; }
+  server {
+    listen 127.0.0.1:$port backlog=4096;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+}
+NGINX
+  taskset -c 0 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" &
+  pids+=($!)
+  nginx_url="http://127.0.0.1:$port"
+  for _ in $(seq 1 500); do curl -s -o /dev/null "$nginx_url/v1/models" && break; sleep 0.02; done
+  nginx_worker=$(pgrep -P "$(cat "$work/nginx/nginx.pid")" | head -1)
+}
+
+body='{"model":"bench","messages":[{"role":"user","content":"hello world"}]}'
+stream_body='{"model":"bench","stream":true,"messages":[{"role":"user","content":"hello world"}]}'

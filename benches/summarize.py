@@ -16,6 +16,12 @@ def median_run(records):
         }
     for key in ("achieved_rps", "errors", "dropped"):
         merged[key] = statistics.median(record[key] for record in records) if key == "achieved_rps" else sum(record[key] for record in records)
+    cores = [record["proxy_cpu_cores"] for record in records if record.get("proxy_cpu_cores") is not None]
+    if cores:
+        merged["proxy_cpu_cores"] = statistics.median(cores)
+    cpu = [record["proxy_cpu_us_per_request"] for record in records if record.get("proxy_cpu_us_per_request") is not None]
+    if cpu:
+        merged["proxy_cpu_us_per_request"] = statistics.median(cpu)
     merged["repeats"] = len(records)
     return merged
 
@@ -35,7 +41,7 @@ def main(path):
                 grouped.setdefault(record["label"], []).append(record)
     runs = {label: median_run(records) for label, records in grouped.items()}
     repeats = max(len(records) for records in grouped.values()) if grouped else 0
-    print(f"\nOpen-loop figures are medians over {repeats} interleaved run(s) of each.")
+    print(f"\nFigures are medians over {repeats} interleaved run(s) of each.")
 
     print("\n### Max throughput (closed loop, 64 connections)\n")
     print("| target | req/s | errors | proxy CPU (cores) | req/s per proxy core |")
@@ -93,6 +99,19 @@ def main(path):
             cells = [" / ".join(str(round(run["latency"][key])) for key in keys) for run in row]
             ttfb = f"{round(row[2]['ttfb']['p50_us'])} / {round(row[2]['ttfb']['p99_us'])}"
             print(f"| {mode} | {rate} | {cells[0]} | {cells[1]} | {cells[2]} | {ttfb} |")
+
+    cpu_rows = []
+    for mode in ["unary", "stream"]:
+        for rate in [500, 2000, 5000]:
+            nginx, skein = runs.get(f"nginx/{mode}/{rate}"), runs.get(f"skein/{mode}/{rate}")
+            if nginx and skein and nginx.get("proxy_cpu_us_per_request") and skein.get("proxy_cpu_us_per_request"):
+                n, s_ = nginx["proxy_cpu_us_per_request"], skein["proxy_cpu_us_per_request"]
+                cpu_rows.append(f"| {mode} | {rate} | {n:.1f} | {s_:.1f} | {s_ / n:.2f} |")
+    if cpu_rows:
+        print("\n### The proxy's CPU time per request (µs; open loop, from /proc over each run)\n")
+        print("| mode | req/s | nginx | skein | skein ÷ nginx |")
+        print("|---|---:|---:|---:|---:|")
+        print("\n".join(cpu_rows))
 
     print("\n### Memory (Skein)\n")
     for label in ["rss_idle", "rss_peak_to_5000", "rss_after_max"]:
