@@ -26,9 +26,7 @@ command -v taskset >/dev/null || { echo "taskset is required (util-linux)"; exit
 . benches/lib.sh
 token=bench-admin-token
 
-taskset -c 1 "$bin/skein-mock" --addr 127.0.0.1:0 --threads 1 --no-record > "$work/mock.out" 2>&1 &
-pids+=($!)
-mock_url=$(wait_for_line "$work/mock.out" 'http://127\.0\.0\.1:[0-9]+')
+start_mock
 cat > "$work/skein.yaml" <<YAML
 version: 1
 providers:
@@ -85,7 +83,6 @@ cluster_url=$(url_of node1)
 url_of node2 > /dev/null
 url_of node3 > /dev/null
 cluster_key=$(create_key "${grpc[0]}" "${limits[@]}")
-body='{"model":"bench","messages":[{"role":"user","content":"hello world"}]}'
 for _ in $(seq 1 200); do
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $cluster_key" -H 'content-type: application/json' -d "$body" "$cluster_url/v1/chat/completions")
   [ "$code" = 200 ] && break
