@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -112,32 +112,23 @@ pub(crate) async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError>
     })
 }
 
-pub async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    openai_endpoint(state, Endpoint::ChatCompletions, headers, body).await
+pub async fn chat_completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    openai_endpoint(state, Endpoint::ChatCompletions, parts.headers, body).await
 }
 
-pub async fn completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    openai_endpoint(state, Endpoint::Completions, headers, body).await
+pub async fn completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    openai_endpoint(state, Endpoint::Completions, parts.headers, body).await
 }
 
-pub async fn embeddings(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    openai_endpoint(state, Endpoint::Embeddings, headers, body).await
+pub async fn embeddings(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    openai_endpoint(state, Endpoint::Embeddings, parts.headers, body).await
 }
 
-/// Every OpenAI-shaped endpoint: parse, resolve, dispatch, respond.
-/// Every OpenAI-shaped endpoint: parse, resolve, dispatch, respond.
+/// Every OpenAI-shaped endpoint: parse, resolve, dispatch, respond. The handlers take the whole
+/// request and split it, rather than axum's `HeaderMap` extractor, which copies the headers.
 async fn openai_endpoint(
     state: Arc<AppState>,
     endpoint: Endpoint,
@@ -302,11 +293,9 @@ async fn openai_endpoint(
 
 /// `POST /v1/messages`: the Anthropic Messages API, to Anthropic upstreams natively and to
 /// OpenAI-shaped upstreams by translation.
-pub async fn messages(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn messages(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let context = RequestContext::new(&state, &headers, "messages", ErrorShape::Anthropic);
     let caller = match authenticate(&state, &headers) {
         Ok(caller) => caller,
@@ -443,11 +432,9 @@ pub async fn messages(
 }
 
 /// `POST /v1/messages/count_tokens`, where the upstream supports it (Anthropic).
-pub async fn count_tokens(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let context = RequestContext::new(&state, &headers, "count_tokens", ErrorShape::Anthropic);
     let caller = match authenticate(&state, &headers) {
         Ok(caller) => caller,
