@@ -27,16 +27,7 @@ command -v taskset >/dev/null || { echo "taskset is required (util-linux)"; exit
 token=bench-admin-token
 
 start_mock
-cat > "$work/skein.yaml" <<YAML
-version: 1
-providers:
-  - name: mock
-    kind: openai_compatible
-    base_url: $mock_url/v1
-routes:
-  - name: bench
-    deployments: [{provider: mock, model: bench}]
-YAML
+write_skein_config
 
 serve() { # name core grpc_port extra-args... (in this shell, so its pid is kept for cleanup)
   local name=$1 core=$2 grpc=$3; shift 3
@@ -95,8 +86,6 @@ load() { # label url key rate [connections]
   taskset -c 1 "$bin/skein-load" --url "$2/v1/chat/completions" --body "$body" --bearer "$3" \
     --rate "$4" --duration-secs "$duration" --warmup-secs 1 --connections "${5:-64}" --label "$1"
 }
-hz=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 max_with_cpu() { # label url key pid: the closed-loop run, with the node's CPU use
   local before after started finished line
   before=$(cpu_ticks "$4"); started=$(date +%s.%N)

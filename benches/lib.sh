@@ -13,6 +13,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# A process's CPU time so far, in ticks of 1/hz s.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_for_line() { # file, regex: prints the first match; waits up to 30 s
   for _ in $(seq 1 1500); do
@@ -29,9 +33,8 @@ start_mock() {
   mock_url=$(wait_for_line "$work/mock.out" 'http://127\.0\.0\.1:[0-9]+')
 }
 
-# Skein with one worker thread on core 0, one OpenAI-compatible provider (the mock) and one
-# route. Sets skein_pid and skein_url.
-start_skein() {
+# Skein's config: one OpenAI-compatible provider (the mock) and one route, in $work/skein.yaml.
+write_skein_config() {
   cat > "$work/skein.yaml" <<YAML
 version: 1
 providers:
@@ -42,6 +45,11 @@ routes:
   - name: bench
     deployments: [{provider: mock, model: bench}]
 YAML
+}
+
+# Skein with one worker thread on core 0 and the config above. Sets skein_pid and skein_url.
+start_skein() {
+  write_skein_config
   SKEIN_LOG='warn,skein=info,skein::access=warn' taskset -c 0 "$bin/skein" serve --config "$work/skein.yaml" --data-dir "$work/data" \
     --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --gossip-addr off --worker-threads 1 --log-format json > /dev/null 2> "$work/skein.log" &
   skein_pid=$!

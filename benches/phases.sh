@@ -32,8 +32,6 @@ start_skein
 start_nginx
 mock_port=${mock_url##*:}
 request_body=$stream_body; [ "$mode" = unary ] && request_body=$body
-hz=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 mkdir -p benches/results
 results="benches/results/phases-$(date -u +%Y%m%dT%H%M%SZ).jsonl"

@@ -36,9 +36,15 @@ start_skein
 start_nginx
 
 rss_kib() { awk "/^$2:/ {print \$2}" "/proc/$1/status"; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Sets url and proxy_pid (empty for direct) of a target.
+select_target() {
+  case $1 in
+    direct) url=$mock_url; proxy_pid="" ;;
+    nginx) url=$nginx_url; proxy_pid=$nginx_worker ;;
+    skein) url=$skein_url; proxy_pid=$skein_pid ;;
+  esac
+}
 
-hz=$(getconf CLK_TCK)
 mkdir -p benches/results
 results="benches/results/$(date -u +%Y%m%dT%H%M%SZ).jsonl"
 load() { # label url body rate
@@ -50,11 +56,7 @@ echo "{\"label\":\"rss_idle\",\"skein_rss_kib\":$(rss_kib $skein_pid VmRSS)}" | 
 for round in $(seq 1 "$repeat"); do
   for rate in 500 2000 5000; do
     for target in direct nginx skein; do
-      case $target in
-        direct) url=$mock_url; proxy_pid="" ;;
-        nginx) url=$nginx_url; proxy_pid=$nginx_worker ;;
-        skein) url=$skein_url; proxy_pid=$skein_pid ;;
-      esac
+      select_target "$target"
       for mode in unary stream; do
         request_body=$body; [ "$mode" = stream ] && request_body=$stream_body
         before=0; [ -n "$proxy_pid" ] && before=$(cpu_ticks "$proxy_pid")
@@ -73,11 +75,7 @@ echo "{\"label\":\"rss_peak_to_5000\",\"skein_rss_kib\":$(rss_kib $skein_pid VmH
 
 for round in $(seq 1 "$repeat"); do
   for target in direct nginx skein; do
-    case $target in
-      direct) url=$mock_url; proxy_pid="" ;;
-      nginx) url=$nginx_url; proxy_pid=$nginx_worker ;;
-      skein) url=$skein_url; proxy_pid=$skein_pid ;;
-    esac
+    select_target "$target"
     before=0; [ -n "$proxy_pid" ] && before=$(cpu_ticks "$proxy_pid")
     started=$(date +%s.%N)
     line=$(load "$target/max" "$url" "$body" 0)

@@ -678,15 +678,7 @@ async fn rpm_tpm_and_max_parallel_limits_refuse_with_rate_limit_headers() {
     assert_eq!(status, 200, "{body}");
 
     // Every refusal is counted, by scope and kind.
-    let metrics = gateway
-        .client
-        .get(format!("{}/metrics", gateway.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = gateway.metrics().await.expect("metrics");
     for (scope, kind) in [("key", "requests"), ("team", "tokens"), ("key", "parallel")] {
         let value = skein_tests::metric_value(
             &metrics,

@@ -910,6 +910,13 @@ mod tests {
 
     impl Sim {
         fn new(count: u64, start_ms: u64) -> Sim {
+            let mut sim = Sim::before_any_exchange(count, start_ms);
+            sim.exchange();
+            sim
+        }
+
+        /// Nodes that have not yet heard from each other.
+        fn before_any_exchange(count: u64, start_ms: u64) -> Sim {
             let clock = Arc::new(AtomicU64::new(start_ms));
             let nodes = (1..=count)
                 .map(|id| {
@@ -920,14 +927,12 @@ mod tests {
                     limiter
                 })
                 .collect();
-            let mut sim = Sim {
+            Sim {
                 clock,
                 nodes,
                 published: vec![Vec::new(); count as usize],
                 tick_ms: 100,
-            };
-            sim.exchange();
-            sim
+            }
         }
 
         fn now(&self) -> u64 {
@@ -1208,21 +1213,7 @@ mod tests {
 
     #[test]
     fn a_node_that_joins_mid_window_has_no_base_and_the_limit_holds() {
-        let clock = Arc::new(AtomicU64::new(START + 30_000));
-        let sim = Sim {
-            nodes: (1..=3)
-                .map(|id| {
-                    let clock = clock.clone();
-                    let limiter =
-                        Arc::new(Limiter::with_clock(move || clock.load(Ordering::SeqCst)));
-                    limiter.set_node_id(id);
-                    limiter
-                })
-                .collect(),
-            clock,
-            published: vec![Vec::new(); 3],
-            tick_ms: 100,
-        };
+        let sim = Sim::before_any_exchange(3, START + 30_000);
         // Node 3 started during this window; 1 and 2 before it.
         let members = vec![
             Member {
