@@ -213,15 +213,24 @@ impl PassthroughStream {
 }
 
 impl StreamTranslator for PassthroughStream {
-    fn on_event(
+    fn on_event(&mut self, event: &str, data: &str, out: &mut Vec<OutEvent>) -> Result<(), String> {
+        self.on_owned_event(event, data.to_owned(), out)
+    }
+
+    fn on_owned_event(
         &mut self,
         _event: &str,
-        data: &str,
+        data: String,
         out: &mut Vec<OutEvent>,
     ) -> Result<(), String> {
         if data.trim() == "[DONE]" {
             self.completed = true;
-            out.push(OutEvent::data("[DONE]".to_owned()));
+            let done = if data == "[DONE]" {
+                data
+            } else {
+                "[DONE]".to_owned()
+            };
+            out.push(OutEvent::data(done));
             return Ok(());
         }
         #[derive(Deserialize)]
@@ -233,8 +242,8 @@ impl StreamTranslator for PassthroughStream {
         }
         let mut forward = true;
         // Only a chunk whose usage is an object needs parsing; the rest pass as they are.
-        if carries_usage_object(data)
-            && let Ok(view) = serde_json::from_str::<ChunkView<'_>>(data)
+        if carries_usage_object(&data)
+            && let Ok(view) = serde_json::from_str::<ChunkView<'_>>(&data)
             && let Some(usage) = &view.usage
         {
             self.usage.merge_max(&Usage::from(usage));
@@ -244,7 +253,7 @@ impl StreamTranslator for PassthroughStream {
             }
         }
         if forward {
-            out.push(OutEvent::data(data.to_owned()));
+            out.push(OutEvent::data(data));
         }
         Ok(())
     }

@@ -48,6 +48,16 @@ impl OutEvent {
 pub trait StreamTranslator: Send {
     /// Handle one upstream event; push what the client should see into `out`.
     fn on_event(&mut self, event: &str, data: &str, out: &mut Vec<OutEvent>) -> Result<(), String>;
+    /// [`on_event`](Self::on_event) with the data owned, for a translator that can forward it
+    /// without copying.
+    fn on_owned_event(
+        &mut self,
+        event: &str,
+        data: String,
+        out: &mut Vec<OutEvent>,
+    ) -> Result<(), String> {
+        self.on_event(event, &data, out)
+    }
     /// The upstream stream ended cleanly; push closing events.
     fn finish(&mut self, out: &mut Vec<OutEvent>);
     /// Usage seen so far.
@@ -79,7 +89,7 @@ impl ChainedStream {
     fn pass_on(&mut self, out: &mut Vec<OutEvent>) -> Result<(), String> {
         for event in self.between.drain(..) {
             self.second
-                .on_event(event.event.as_deref().unwrap_or(""), &event.data, out)?;
+                .on_owned_event(event.event.as_deref().unwrap_or(""), event.data, out)?;
         }
         Ok(())
     }

@@ -6,17 +6,19 @@
 //! that is retried elsewhere, so the client never sees a half-started answer from a failed
 //! attempt.
 
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures_util::{Stream, StreamExt};
 use http_body_util::{BodyDataStream, BodyExt};
 use skein_core::shared::QuotaObservation;
 use skein_core::{AttemptPlan, Candidate, NextAttempt, RouteRuntime};
 use skein_types::ErrorCode;
+use sse_core::{MessageEvent, SseDecoder, SseEvent, SseStream, SseStreamError};
 
 use crate::app::AppState;
 use crate::error::ApiError;
@@ -26,9 +28,59 @@ use crate::upstream::{
     classify_timeout, classify_transport,
 };
 
+/// One upstream SSE event: its `event:` name (`message` when it has none) and its data.
+pub type Event = MessageEvent;
+
+/// Why an upstream stream could not be read on: the connection broke, or one event was larger
+/// than [`MAX_EVENT_BYTES`].
+pub type EventError = SseStreamError<hyper::Error>;
+
 /// Upstream SSE events after the first.
-pub type EventStream =
-    Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<hyper::Error>>> + Send>>;
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, EventError>> + Send>>;
+
+/// The largest upstream event accepted (its data, name or id), so that a runaway upstream
+/// cannot grow one event without bound. Streamed images and audio come in events of a few MiB.
+const MAX_EVENT_BYTES: usize = 64 << 20;
+
+/// The events of an upstream body, parsed as they arrive. Each event's data is moved, not
+/// copied, into the [`Event`] (one allocation per event). `retry:` lines, which only tell a
+/// browser when to reconnect, are dropped.
+struct UpstreamEvents<S: futures_util::TryStream>(SseStream<S>);
+
+impl<S> UpstreamEvents<S>
+where
+    S: futures_util::TryStream,
+{
+    fn new(body: S) -> UpstreamEvents<S> {
+        UpstreamEvents::with_limit(body, MAX_EVENT_BYTES)
+    }
+
+    fn with_limit(body: S, limit: usize) -> UpstreamEvents<S> {
+        let limit = NonZeroUsize::new(limit).unwrap_or(NonZeroUsize::MIN);
+        let mut events = SseStream::with_decoder(SseDecoder::with_limit(limit));
+        events.attach(body);
+        UpstreamEvents(events)
+    }
+}
+
+impl<S> Stream for UpstreamEvents<S>
+where
+    S: futures_util::TryStream + Unpin,
+    S::Ok: bytes::Buf,
+{
+    type Item = Result<Event, SseStreamError<S::Error>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            return Poll::Ready(match ready!(self.0.poll_next_unpin(context)) {
+                Some(Ok(SseEvent::Message(event))) => Some(Ok(event)),
+                Some(Ok(SseEvent::Retry(_))) => continue,
+                Some(Err(error)) => Some(Err(error)),
+                None => None,
+            });
+        }
+    }
+}
 
 /// Whether the client asked for a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,9 +375,7 @@ async fn attempt(
             Ok(ServedBody::Unary(body))
         }
         Mode::Stream => {
-            let mut events = BodyDataStream::new(response.into_body())
-                .eventsource()
-                .fuse();
+            let mut events = UpstreamEvents::new(BodyDataStream::new(response.into_body())).fuse();
             match events.next().await {
                 Some(Ok(first)) => {
                     let (ready, ended) = read_ahead(&mut events).await;
@@ -344,8 +394,55 @@ async fn attempt(
 }
 
 #[cfg(test)]
-mod read_ahead_tests {
+mod stream_tests {
     use super::*;
+
+    fn chunks(
+        parts: &[&'static str],
+    ) -> impl futures_util::TryStream<Ok = Bytes, Error = std::io::Error> + Unpin {
+        futures_util::stream::iter(
+            parts
+                .iter()
+                .map(|part| Ok::<_, std::io::Error>(Bytes::from_static(part.as_bytes())))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[tokio::test]
+    async fn parses_events_across_chunks_and_drops_retry_lines() {
+        let body = chunks(&[
+            ": keep-alive\n\nretry: 30",
+            "00\n\nevent: message_start\r\ndata: {\"a\"",
+            ":1}\r\n\r\ndata: one\ndata: two\n",
+            "\ndata: [DONE]\n\n",
+        ]);
+        let events: Vec<_> = UpstreamEvents::new(body).collect().await;
+        let events: Vec<(String, String)> = events
+            .into_iter()
+            .map(|event| {
+                let event = event.expect("event");
+                (event.event.into_owned(), event.data)
+            })
+            .collect();
+        assert_eq!(
+            events,
+            [
+                ("message_start".to_owned(), r#"{"a":1}"#.to_owned()),
+                ("message".to_owned(), "one\ntwo".to_owned()),
+                ("message".to_owned(), "[DONE]".to_owned()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_event_over_the_limit_is_an_error() {
+        let body = chunks(&["data: 0123456789abcdef\n\n"]);
+        let mut events = UpstreamEvents::with_limit(body, 8);
+        assert!(matches!(
+            events.next().await,
+            Some(Err(SseStreamError::PayloadTooLarge(_)))
+        ));
+    }
 
     #[tokio::test]
     async fn takes_what_has_arrived_and_sees_the_end() {

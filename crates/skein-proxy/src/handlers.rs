@@ -893,7 +893,7 @@ pub(crate) fn stream_response(
     candidate: Candidate,
     attempts: u32,
     waited: Duration,
-    first: eventsource_stream::Event,
+    first: crate::dispatch::Event,
     rest: EventStream,
     translator: Box<dyn StreamTranslator>,
     hold: Option<Hold>,
@@ -960,7 +960,7 @@ const MAX_EVENTS_PER_WRITE: usize = 64;
 /// that disconnects mid-stream is still counted.
 struct StreamRelay {
     state: Arc<AppState>,
-    first: Option<eventsource_stream::Event>,
+    first: Option<crate::dispatch::Event>,
     rest: EventStream,
     translator: Box<dyn StreamTranslator>,
     provider: String,
@@ -998,7 +998,7 @@ impl StreamRelay {
                 Some(Ok(event)) => {
                     if let Err(message) =
                         self.translator
-                            .on_event(&event.event, &event.data, &mut out)
+                            .on_owned_event(&event.event, event.data, &mut out)
                     {
                         tracing::warn!(request_id = %self.context.request_id, provider = %self.provider, error = %message, "untranslatable upstream event");
                     }
