@@ -158,8 +158,21 @@ impl AttemptPlan {
     fn start_route(&mut self, route: &RouteRuntime) {
         self.order.clear();
         let now_wall_ms = skein_types::now_ms();
-        for deployment in order_deployments(route) {
+        // One deployment needs no ordering, and one key no shuffling: the common case
+        // allocates nothing here.
+        let ordered;
+        let deployments = if route.deployments.len() <= 1 {
+            &route.deployments
+        } else {
+            ordered = order_deployments(route);
+            &ordered
+        };
+        for deployment in deployments {
             let keys = &deployment.provider.keys;
+            if keys.len() == 1 {
+                self.order.push((deployment.clone(), 0));
+                continue;
+            }
             let weights: Vec<u32> = keys.iter().map(|key| key.weight).collect();
             let order = weighted_order(&weights);
             // Keys nearly out of upstream quota (cluster-wide) go after the others.
@@ -257,7 +270,7 @@ mod tests {
     fn take(plan: &mut AttemptPlan, now_ms: u64) -> (String, usize, Duration) {
         match plan.next(now_ms) {
             NextAttempt::Try { candidate, wait } => (
-                candidate.deployment.provider.name.clone(),
+                candidate.deployment.provider.name.to_string(),
                 candidate.key_index,
                 wait,
             ),

@@ -36,7 +36,8 @@ pub struct ModelEntry {
 /// A provider with its keys resolved.
 #[derive(Debug)]
 pub struct ProviderRuntime {
-    pub name: String,
+    /// Shared, not copied, by the metric labels and logs of every request.
+    pub name: Arc<str>,
     pub kind: ProviderKind,
     pub protocol: WireProtocol,
     /// No trailing slash.
@@ -72,7 +73,10 @@ impl KeyRuntime {
 /// A route with its deployments and policies.
 #[derive(Debug)]
 pub struct RouteRuntime {
-    pub name: String,
+    /// Shared, not copied, by the metric labels of every request.
+    pub name: Arc<str>,
+    /// The name as a response header value, built once (`None` if it cannot be one).
+    pub name_header: Option<HeaderValue>,
     pub strategy: Strategy,
     pub deployments: Vec<Arc<DeploymentRuntime>>,
     pub fallbacks: Vec<String>,
@@ -87,6 +91,10 @@ pub struct DeploymentRuntime {
     pub provider: Arc<ProviderRuntime>,
     pub model: String,
     pub weight: u32,
+    /// The provider's name and `provider/model` as response header values, built once
+    /// (`None` if they cannot be one).
+    pub provider_header: Option<HeaderValue>,
+    pub deployment_header: Option<HeaderValue>,
     in_flight: AtomicU32,
     /// Latency EWMA in microseconds; 0 until the first success.
     latency_ewma_us: AtomicU64,
@@ -222,7 +230,7 @@ impl RuntimeConfig {
                 });
             }
             let provider = ProviderRuntime {
-                name: spec.name.clone(),
+                name: Arc::from(spec.name.as_str()),
                 kind: spec.kind,
                 protocol,
                 base_url,
@@ -247,7 +255,8 @@ impl RuntimeConfig {
                 }
             }
             let route = RouteRuntime {
-                name: spec.name.clone(),
+                name: Arc::from(spec.name.as_str()),
+                name_header: header_value(&spec.name),
                 strategy: spec.strategy,
                 deployments,
                 fallbacks: spec.fallbacks.clone(),
@@ -311,12 +320,12 @@ impl RuntimeConfig {
         let mut chain = vec![first];
         let mut index = 0;
         while index < chain.len() && chain.len() < 16 {
-            let fallbacks = chain[index].fallbacks.clone();
-            for name in fallbacks {
-                if chain.iter().any(|route| route.name == name) {
+            let route = chain[index].clone();
+            for name in &route.fallbacks {
+                if chain.iter().any(|route| *route.name == **name) {
                     continue;
                 }
-                if let Some(route) = self.routes.get(&name) {
+                if let Some(route) = self.routes.get(name) {
                     chain.push(route.clone());
                 }
             }
@@ -371,6 +380,11 @@ impl RuntimeConfig {
     }
 }
 
+/// `text` as a header value, if it can be one.
+fn header_value(text: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(text).ok()
+}
+
 /// A route of one deployment with default policies, for `provider/model` and inferred names.
 fn single_deployment_route(
     name: &str,
@@ -379,7 +393,8 @@ fn single_deployment_route(
 ) -> Arc<RouteRuntime> {
     let deployment = DeploymentRuntime::new(provider, upstream_model.to_owned(), 1);
     Arc::new(RouteRuntime {
-        name: name.to_owned(),
+        name: Arc::from(name),
+        name_header: header_value(name),
         strategy: Strategy::Ordered,
         deployments: vec![Arc::new(deployment)],
         fallbacks: Vec::new(),
@@ -463,6 +478,8 @@ impl RouteRuntime {
 impl DeploymentRuntime {
     pub fn new(provider: Arc<ProviderRuntime>, model: String, weight: u32) -> DeploymentRuntime {
         DeploymentRuntime {
+            provider_header: header_value(&provider.name),
+            deployment_header: header_value(&format!("{}/{model}", provider.name)),
             provider,
             model,
             weight,

@@ -361,7 +361,7 @@ impl Admin for AdminService {
         let mut providers: Vec<ProviderStatus> = snapshot
             .providers()
             .map(|provider| ProviderStatus {
-                name: provider.name.clone(),
+                name: provider.name.to_string(),
                 kind: provider.kind.as_str().to_owned(),
                 base_url: provider.base_url.clone(),
                 keys: provider
@@ -376,7 +376,10 @@ impl Admin for AdminService {
             })
             .collect();
         providers.sort_by(|left, right| left.name.cmp(&right.name));
-        let mut routes: Vec<String> = snapshot.routes().map(|route| route.name.clone()).collect();
+        let mut routes: Vec<String> = snapshot
+            .routes()
+            .map(|route| route.name.to_string())
+            .collect();
         routes.sort();
         Ok(Response::new(GetStatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),

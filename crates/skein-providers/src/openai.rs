@@ -2,6 +2,8 @@
 //! OpenAI clients pass through with only `model` (and `stream_options`, so usage is always
 //! captured) rewritten.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -89,20 +91,29 @@ pub fn passthrough_body(
     shape: StreamShape,
 ) -> Vec<u8> {
     let model_json = to_json_text(&upstream_model);
-    let mut replacements: Vec<(&str, &str)> = vec![("model", &model_json)];
-    let stream_options_json;
-    if shape.stream && !shape.client_wants_usage {
+    let stream_options_json = if !shape.stream || shape.client_wants_usage {
+        None
+    } else if request.get("stream_options").is_none() {
+        Some(Cow::Borrowed(r#"{"include_usage":true}"#))
+    } else {
         let mut options = request
             .get_as::<serde_json::Map<String, serde_json::Value>>("stream_options")
             .ok()
             .flatten()
             .unwrap_or_default();
         options.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
-        stream_options_json = to_json_text(&options);
-        replacements.push(("stream_options", &stream_options_json));
-    }
+        Some(Cow::Owned(to_json_text(&options)))
+    };
+    let replacements = [
+        ("model", model_json.as_str()),
+        (
+            "stream_options",
+            stream_options_json.as_deref().unwrap_or(""),
+        ),
+    ];
+    let used = if stream_options_json.is_some() { 2 } else { 1 };
     let mut body = Vec::new();
-    request.write_with(&replacements, &mut body);
+    request.write_with(&replacements[..used], &mut body);
     body
 }
 

@@ -86,8 +86,13 @@ impl<'a> RawObject<'a> {
         if raw.get() == "null" {
             return Ok(None);
         }
-        serde_json::from_str::<Cow<'a, str>>(raw.get())
-            .map(Some)
+        // Borrowed from the body unless the string has escapes to undo (serde's `Cow` alone
+        // always copies).
+        if let Ok(text) = serde_json::from_str::<&'a str>(raw.get()) {
+            return Ok(Some(Cow::Borrowed(text)));
+        }
+        serde_json::from_str::<String>(raw.get())
+            .map(|text| Some(Cow::Owned(text)))
             .map_err(|_| format!("`{key}` must be a string"))
     }
 
@@ -118,12 +123,16 @@ impl<'a> RawObject<'a> {
     /// Write the object back, replacing (or appending) the given members. Replacement values
     /// are already-serialized JSON.
     pub fn write_with(&self, replacements: &[(&str, &str)], output: &mut Vec<u8>) {
-        output.reserve(
-            self.members
-                .iter()
-                .map(|(k, v)| k.len() + v.get().len() + 4)
-                .sum(),
-        );
+        let members: usize = self
+            .members
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum();
+        let added: usize = replacements
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum();
+        output.reserve(members + added + 2);
         output.push(b'{');
         let mut first = true;
         let mut write_member = |output: &mut Vec<u8>, key: &str, value: &str| {

@@ -110,7 +110,7 @@ pub struct Failed {
     pub attempts: u32,
     pub waited: Duration,
     /// The provider of the last attempt, for metrics.
-    pub provider: Option<String>,
+    pub provider: Option<Arc<str>>,
 }
 
 /// Run the attempt loop. `prepare` builds the upstream request for a candidate (URL, body in
@@ -125,9 +125,9 @@ pub async fn dispatch(
 ) -> Result<Served, Box<Failed>> {
     let mut plan = AttemptPlan::new(routes);
     let mut last_failure: Option<AttemptFailure> = None;
-    let mut last_provider: Option<String> = None;
+    let mut last_provider: Option<Arc<str>> = None;
     let mut waited = Duration::ZERO;
-    let fail = |error: ApiError, attempts: u32, waited: Duration, provider: Option<String>| {
+    let fail = |error: ApiError, attempts: u32, waited: Duration, provider: Option<Arc<str>>| {
         Err(Box::new(Failed {
             error,
             attempts,

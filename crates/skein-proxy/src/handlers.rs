@@ -1,5 +1,6 @@
 //! HTTP handlers: read and check the request, dispatch it, shape the response.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -250,9 +251,11 @@ async fn openai_endpoint(
     } else {
         Mode::Unary
     };
+    // The plan takes the routes; the first is the one asked for.
+    let requested_route = routes[0].clone();
     let served = dispatch(
         &state,
-        routes.clone(),
+        routes,
         mode,
         &context.request_id,
         deadline,
@@ -266,16 +269,16 @@ async fn openai_endpoint(
         .is_some_and(|format| format == "base64");
     let translation_for = |candidate: &Candidate| {
         let client_wants_usage = shape.client_wants_usage;
-        let model = candidate.deployment.model.clone();
+        let model = || candidate.deployment.model.clone();
         match (candidate.deployment.provider.protocol, endpoint) {
             (WireProtocol::Anthropic, _) => Translation::AnthropicToOpenAi { client_wants_usage },
             (WireProtocol::Gemini, Endpoint::Embeddings) => Translation::GeminiEmbeddingsToOpenAi {
-                model,
+                model: model(),
                 base64: base64_embeddings,
             },
             (WireProtocol::Gemini, _) => Translation::GeminiToOpenAi {
                 client_wants_usage,
-                model,
+                model: model(),
             },
             _ => Translation::OpenAiPassthrough { client_wants_usage },
         }
@@ -284,7 +287,7 @@ async fn openai_endpoint(
         &state,
         context,
         &model,
-        &routes[0],
+        &requested_route,
         served,
         hold,
         translation_for,
@@ -399,32 +402,32 @@ pub async fn messages(State(state): State<Arc<AppState>>, request: Request) -> R
     };
     let deadline = context.started + Duration::from_millis(snapshot.server.request_timeout_ms);
     let mode = if stream { Mode::Stream } else { Mode::Unary };
+    // The plan takes the routes; the first is the one asked for.
+    let requested_route = routes[0].clone();
     let served = dispatch(
         &state,
-        routes.clone(),
+        routes,
         mode,
         &context.request_id,
         deadline,
         &prepare,
     )
     .await;
-    let requested_model = model.clone();
-    let translation_for = move |candidate: &Candidate| match candidate.deployment.provider.protocol
-    {
+    let translation_for = |candidate: &Candidate| match candidate.deployment.provider.protocol {
         WireProtocol::Anthropic => Translation::AnthropicPassthrough,
         WireProtocol::Gemini => Translation::GeminiToAnthropic {
-            requested_model: requested_model.clone(),
+            requested_model: model.to_string(),
             model: candidate.deployment.model.clone(),
         },
         _ => Translation::OpenAiToAnthropic {
-            requested_model: requested_model.clone(),
+            requested_model: model.to_string(),
         },
     };
     respond(
         &state,
         context,
         &model,
-        &routes[0],
+        &requested_route,
         served,
         hold,
         translation_for,
@@ -470,9 +473,11 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) 
         ))
     };
     let deadline = context.started + Duration::from_millis(snapshot.server.request_timeout_ms);
+    // The plan takes the routes; the first is the one asked for.
+    let requested_route = routes[0].clone();
     let served = dispatch(
         &state,
-        routes.clone(),
+        routes,
         Mode::Unary,
         &context.request_id,
         deadline,
@@ -480,11 +485,17 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) 
     )
     .await;
     // The answer is `{"input_tokens": N}`, passed through as it is.
-    respond(&state, context, &model, &routes[0], served, None, |_| {
-        Translation::OpenAiPassthrough {
+    respond(
+        &state,
+        context,
+        &model,
+        &requested_route,
+        served,
+        None,
+        |_| Translation::OpenAiPassthrough {
             client_wants_usage: false,
-        }
-    })
+        },
+    )
 }
 
 /// The request as a JSON tree, built once on first use.
@@ -504,7 +515,7 @@ fn untranslatable(message: String) -> ApiError {
 /// A request body read as a JSON object, with its model resolved to routes.
 struct Parsed<'a> {
     request: RawObject<'a>,
-    model: String,
+    model: Cow<'a, str>,
     routes: Vec<Arc<RouteRuntime>>,
 }
 
@@ -530,7 +541,7 @@ fn parse_request<'a>(
         )
         .with_param("model")
         .with_detail_code("model_not_allowed");
-        return Err((error, Some(model)));
+        return Err((error, Some(model.into_owned())));
     }
     match snapshot.resolve(&model) {
         Ok(routes) => Ok(Parsed {
@@ -538,14 +549,14 @@ fn parse_request<'a>(
             model,
             routes,
         }),
-        Err(error) => Err((unknown_model(&model, error), Some(model))),
+        Err(error) => Err((unknown_model(&model, error), Some(model.into_owned()))),
     }
 }
 
 /// The `model` member, required and non-empty.
-fn required_model(request: &RawObject<'_>) -> Result<String, ApiError> {
+fn required_model<'a>(request: &RawObject<'a>) -> Result<Cow<'a, str>, ApiError> {
     match request.get_str("model") {
-        Ok(Some(model)) if !model.is_empty() => Ok(model.into_owned()),
+        Ok(Some(model)) if !model.is_empty() => Ok(model),
         Ok(_) => Err(ApiError::invalid("you must provide a model parameter")
             .with_param("model")
             .with_detail_code("missing_model")),
@@ -646,15 +657,13 @@ fn respond_with(
                 state,
                 &context,
                 Some(model),
-                provider.as_deref(),
+                provider.as_ref(),
                 error,
                 waited,
             );
-            insert_header(
-                response.headers_mut(),
-                SKEIN_ATTEMPTS,
-                &attempts.to_string(),
-            );
+            response
+                .headers_mut()
+                .insert(SKEIN_ATTEMPTS, attempts_header(attempts));
             return response;
         }
     };
@@ -748,24 +757,34 @@ fn served_headers(
     attempts: u32,
 ) {
     insert_header(headers, REQUEST_ID, &context.request_id);
-    insert_header(headers, SKEIN_PROVIDER, &candidate.deployment.provider.name);
-    insert_header(
-        headers,
-        SKEIN_DEPLOYMENT,
-        &format!(
-            "{}/{}",
-            candidate.deployment.provider.name, candidate.deployment.model
-        ),
-    );
-    insert_header(headers, SKEIN_ROUTE, &candidate.route.name);
-    insert_header(headers, SKEIN_ATTEMPTS, &attempts.to_string());
+    // Built once per deployment: cloning them shares their bytes.
+    let deployment = &candidate.deployment;
+    for (name, value) in [
+        (SKEIN_PROVIDER, &deployment.provider_header),
+        (SKEIN_DEPLOYMENT, &deployment.deployment_header),
+        (SKEIN_ROUTE, &candidate.route.name_header),
+    ] {
+        if let Some(value) = value {
+            headers.insert(name, value.clone());
+        }
+    }
+    headers.insert(SKEIN_ATTEMPTS, attempts_header(attempts));
+}
+
+/// `x-skein-attempts`: a static value for the usual small counts.
+fn attempts_header(attempts: u32) -> HeaderValue {
+    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match SMALL.get(attempts as usize) {
+        Some(digits) => HeaderValue::from_static(digits),
+        None => HeaderValue::from(attempts),
+    }
 }
 
 fn record_request(
     state: &AppState,
     context: &RequestContext,
-    route: &str,
-    provider: &str,
+    route: Arc<str>,
+    provider: Arc<str>,
     status: u16,
     waited: Duration,
 ) {
@@ -774,8 +793,8 @@ fn record_request(
         .requests
         .get_or_create(&RequestLabels {
             endpoint: context.endpoint,
-            route: route.to_owned(),
-            provider: provider.to_owned(),
+            route,
+            provider,
             status,
         })
         .inc();
@@ -797,7 +816,7 @@ pub(crate) fn finish_error(
     state: &AppState,
     context: &RequestContext,
     model: Option<&str>,
-    provider: Option<&str>,
+    provider: Option<&Arc<str>>,
     error: ApiError,
 ) -> Response {
     finish_error_with_wait(state, context, model, provider, error, Duration::ZERO)
@@ -807,7 +826,7 @@ fn finish_error_with_wait(
     state: &AppState,
     context: &RequestContext,
     model: Option<&str>,
-    provider: Option<&str>,
+    provider: Option<&Arc<str>>,
     error: ApiError,
     waited: Duration,
 ) -> Response {
@@ -816,8 +835,8 @@ fn finish_error_with_wait(
     record_request(
         state,
         context,
-        model.unwrap_or(""),
-        provider.unwrap_or(""),
+        Arc::from(model.unwrap_or("")),
+        provider.cloned().unwrap_or_else(|| Arc::from("")),
         status,
         waited,
     );
@@ -857,8 +876,8 @@ pub(crate) fn finish_unary(
     record_request(
         state,
         context,
-        &requested_route.name,
-        &candidate.deployment.provider.name,
+        requested_route.name.clone(),
+        candidate.deployment.provider.name.clone(),
         200,
         waited,
     );
@@ -910,8 +929,8 @@ pub(crate) fn stream_response(
     record_request(
         state,
         &context,
-        &requested_route.name,
-        &candidate.deployment.provider.name,
+        requested_route.name.clone(),
+        candidate.deployment.provider.name.clone(),
         200,
         waited,
     );
@@ -963,7 +982,7 @@ struct StreamRelay {
     first: Option<crate::dispatch::Event>,
     rest: EventStream,
     translator: Box<dyn StreamTranslator>,
-    provider: String,
+    provider: Arc<str>,
     finished: bool,
     context: RequestContext,
     candidate: Candidate,

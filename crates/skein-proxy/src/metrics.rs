@@ -1,6 +1,8 @@
 //! Prometheus metrics, all named `skein_*`. Labels are low-cardinality: endpoint, route,
 //! provider, status and outcome (never a key, a user or a request id).
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -11,8 +13,8 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub endpoint: &'static str,
-    pub route: String,
-    pub provider: String,
+    pub route: Arc<str>,
+    pub provider: Arc<str>,
     pub status: u16,
 }
 
@@ -28,18 +30,18 @@ pub struct DirectionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderLabels {
-    pub provider: String,
+    pub provider: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
-    pub provider: String,
+    pub provider: Arc<str>,
     pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
-    pub provider: String,
+    pub provider: Arc<str>,
     /// `input`, `output`, `cached_input`, `reasoning`
     pub kind: &'static str,
 }
@@ -54,7 +56,7 @@ pub struct LimitLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
+    pub route: Arc<str>,
 }
 
 /// Every metric the proxy exports.
@@ -210,7 +212,7 @@ impl Metrics {
     }
 
     /// Count tokens of a finished call.
-    pub fn record_usage(&self, provider: &str, usage: &skein_providers::Usage) {
+    pub fn record_usage(&self, provider: &Arc<str>, usage: &skein_providers::Usage) {
         for (kind, count) in [
             ("input", usage.input_tokens),
             ("output", usage.output_tokens),
@@ -220,7 +222,7 @@ impl Metrics {
             if count > 0 {
                 self.tokens
                     .get_or_create(&TokenLabels {
-                        provider: provider.to_owned(),
+                        provider: provider.clone(),
                         kind,
                     })
                     .inc_by(count);
