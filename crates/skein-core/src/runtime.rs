@@ -2,10 +2,10 @@
 //! change and shared behind an `Arc`; nothing in it is locked.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
-use http::{HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue, Uri};
 use skein_types::config::DEFAULT_ATTEMPT_TIMEOUT_MS;
 use skein_types::{
     BreakerSpec, ConfigError, CredentialRef, ProviderKind, RetrySpec, ServerSpec, Strategy,
@@ -95,6 +95,8 @@ pub struct DeploymentRuntime {
     /// (`None` if they cannot be one).
     pub provider_header: Option<HeaderValue>,
     pub deployment_header: Option<HeaderValue>,
+    /// The upstream URIs this deployment was called at, built on first use.
+    pub uris: UriCache,
     in_flight: AtomicU32,
     /// Latency EWMA in microseconds; 0 until the first success.
     latency_ewma_us: AtomicU64,
@@ -380,6 +382,41 @@ impl RuntimeConfig {
     }
 }
 
+/// A deployment's upstream URIs, each under the name of what it is for (`chat_completions`,
+/// `/v1/messages`…): a handful at most. A URI is built and parsed once, then cloned, which
+/// shares its bytes; the request path then neither formats nor parses a URL.
+#[derive(Debug, Default)]
+pub struct UriCache(RwLock<Vec<(&'static str, Uri)>>);
+
+impl UriCache {
+    /// The URI for `purpose`, from `build` the first time. A URI that does not parse is not
+    /// kept, and its error is returned.
+    pub fn get_or_build<E>(
+        &self,
+        purpose: &'static str,
+        build: impl FnOnce() -> Result<Uri, E>,
+    ) -> Result<Uri, E> {
+        {
+            let built = self
+                .0
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some((_, uri)) = built.iter().find(|(name, _)| *name == purpose) {
+                return Ok(uri.clone());
+            }
+        }
+        let uri = build()?;
+        let mut built = self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !built.iter().any(|(name, _)| *name == purpose) {
+            built.push((purpose, uri.clone()));
+        }
+        Ok(uri)
+    }
+}
+
 /// `text` as a header value, if it can be one.
 fn header_value(text: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(text).ok()
@@ -480,6 +517,7 @@ impl DeploymentRuntime {
         DeploymentRuntime {
             provider_header: header_value(&provider.name),
             deployment_header: header_value(&format!("{}/{model}", provider.name)),
+            uris: UriCache::default(),
             provider,
             model,
             weight,
@@ -557,5 +595,44 @@ pub struct InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.deployment.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_uri_is_built_once_per_purpose_and_a_bad_one_is_not_kept() {
+        let cache = UriCache::default();
+        let mut builds = 0;
+        for _ in 0..3 {
+            let uri = cache
+                .get_or_build("chat", || {
+                    builds += 1;
+                    "http://127.0.0.1:9/v1/chat/completions".parse::<Uri>()
+                })
+                .expect("valid");
+            assert_eq!(uri.path(), "/v1/chat/completions");
+        }
+        assert_eq!(builds, 1);
+        let other = cache
+            .get_or_build("embeddings", || {
+                "http://127.0.0.1:9/v1/embeddings".parse::<Uri>()
+            })
+            .expect("valid");
+        assert_eq!(other.path(), "/v1/embeddings");
+
+        for _ in 0..2 {
+            assert!(
+                cache
+                    .get_or_build("bad", || "http://a b/".parse::<Uri>())
+                    .is_err()
+            );
+        }
+        let fixed = cache
+            .get_or_build("bad", || "http://127.0.0.1:9/ok".parse::<Uri>())
+            .expect("valid");
+        assert_eq!(fixed.path(), "/ok");
     }
 }

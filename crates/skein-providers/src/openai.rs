@@ -117,6 +117,9 @@ pub fn passthrough_body(
     body
 }
 
+/// The name of the `usage` member, quoted, as searched for in bodies and stream events.
+const USAGE_MEMBER: &[u8] = b"\"usage\"";
+
 /// Usage from a non-streaming response body (chat, completions or embeddings).
 ///
 /// The top-level `usage` member is found without parsing the whole answer: inside a JSON
@@ -127,7 +130,7 @@ pub fn response_usage(body: &[u8]) -> Usage {
         return Usage::default();
     };
     let mut end = text.len();
-    while let Some(found) = text[..end].rfind("\"usage\"") {
+    while let Some(found) = memchr::memmem::rfind(&text.as_bytes()[..end], USAGE_MEMBER) {
         let after = text[found + 7..].trim_start();
         if let Some(value) = after.strip_prefix(':') {
             let mut deserializer = serde_json::Deserializer::from_str(value);
@@ -192,7 +195,7 @@ impl ChunkWriter {
 /// Whether a chunk has `"usage": {` (not `"usage": null`), without parsing it.
 fn carries_usage_object(data: &str) -> bool {
     let mut rest = data;
-    while let Some(found) = rest.find("\"usage\"") {
+    while let Some(found) = memchr::memmem::find(rest.as_bytes(), USAGE_MEMBER) {
         let after = rest[found + 7..].trim_start();
         if let Some(value) = after.strip_prefix(':')
             && value.trim_start().starts_with('{')

@@ -337,12 +337,7 @@ async fn attempt(
     mode: Mode,
 ) -> Result<ServedBody, AttemptFailure> {
     let provider = &candidate.deployment.provider.name;
-    let request = build_request(candidate, prepared).map_err(|error| AttemptFailure {
-        retryable: false,
-        breaker: None,
-        error,
-        outcome: "invalid_url",
-    })?;
+    let request = build_request(candidate, prepared);
     let key = candidate.key();
     key.quota.count(1, 0, skein_types::now_ms());
     let response = state

@@ -27,7 +27,7 @@ use crate::error::{ApiError, ErrorShape};
 use crate::metrics::{EndpointLabels, ProviderLabels, RequestLabels, RouteLabels};
 use crate::spend::{Hold, reserve};
 use crate::translate::Translation;
-use crate::upstream::{PreparedRequest, openai_url};
+use crate::upstream::{PreparedRequest, openai_uri, upstream_uri};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const SKEIN_PROVIDER: HeaderName = HeaderName::from_static("x-skein-provider");
@@ -181,7 +181,7 @@ async fn openai_endpoint(
         let provider = &candidate.deployment.provider;
         match (provider.protocol, endpoint) {
             (WireProtocol::OpenAi | WireProtocol::Azure, _) => Ok(PreparedRequest {
-                url: openai_url(candidate, endpoint),
+                uri: openai_uri(candidate, endpoint)?,
                 body: Bytes::from(openai::passthrough_body(
                     &request,
                     &candidate.deployment.model,
@@ -202,19 +202,18 @@ async fn openai_endpoint(
                             ApiError::invalid(message).with_detail_code("untranslatable_request")
                         },
                     )?;
-                Ok(anthropic_request(
+                anthropic_request(
                     candidate,
                     "/v1/messages",
                     translated.to_string(),
                     &HeaderMap::new(),
-                ))
+                )
             }
             (WireProtocol::Gemini, Endpoint::ChatCompletions) => {
                 let parsed = parsed_tree(&tree, &bytes)?;
                 let translated = gemini::request_from_openai(parsed).map_err(untranslatable)?;
-                let path = gemini::path(&candidate.deployment.model, shape.stream);
                 Ok(PreparedRequest {
-                    url: format!("{}{path}", candidate.deployment.provider.base_url),
+                    uri: gemini_uri(candidate, shape.stream)?,
                     body: Bytes::from(translated.to_string()),
                     headers: Vec::new(),
                 })
@@ -224,9 +223,12 @@ async fn openai_endpoint(
                 let translated =
                     gemini::embeddings_request_from_openai(parsed, &candidate.deployment.model)
                         .map_err(untranslatable)?;
-                let path = gemini::embed_path(&candidate.deployment.model);
+                let uri = upstream_uri(candidate, "gemini_embed", || {
+                    let path = gemini::embed_path(&candidate.deployment.model);
+                    format!("{}{path}", candidate.deployment.provider.base_url)
+                })?;
                 Ok(PreparedRequest {
-                    url: format!("{}{path}", candidate.deployment.provider.base_url),
+                    uri,
                     body: Bytes::from(translated.to_string()),
                     headers: Vec::new(),
                 })
@@ -344,12 +346,7 @@ pub async fn messages(State(state): State<Arc<AppState>>, request: Request) -> R
                     serde_json::to_string(&candidate.deployment.model).unwrap_or_default();
                 let mut body = Vec::with_capacity(bytes.len() + 32);
                 request.write_with(&[("model", &model_json)], &mut body);
-                Ok(anthropic_request_bytes(
-                    candidate,
-                    "/v1/messages",
-                    Bytes::from(body),
-                    &headers,
-                ))
+                anthropic_request_bytes(candidate, "/v1/messages", Bytes::from(body), &headers)
             }
             WireProtocol::OpenAi | WireProtocol::Azure => {
                 let parsed = tree
@@ -369,7 +366,7 @@ pub async fn messages(State(state): State<Arc<AppState>>, request: Request) -> R
                     ApiError::invalid(message).with_detail_code("untranslatable_request")
                 })?;
                 Ok(PreparedRequest {
-                    url: openai_url(candidate, Endpoint::ChatCompletions),
+                    uri: openai_uri(candidate, Endpoint::ChatCompletions)?,
                     body: Bytes::from(translated.to_string()),
                     headers: Vec::new(),
                 })
@@ -380,9 +377,8 @@ pub async fn messages(State(state): State<Arc<AppState>>, request: Request) -> R
                     anthropic::request_to_openai(parsed, &candidate.deployment.model, false)
                         .map_err(untranslatable)?;
                 let translated = gemini::request_from_openai(&as_openai).map_err(untranslatable)?;
-                let path = gemini::path(&candidate.deployment.model, stream);
                 Ok(PreparedRequest {
-                    url: format!("{}{path}", candidate.deployment.provider.base_url),
+                    uri: gemini_uri(candidate, stream)?,
                     body: Bytes::from(translated.to_string()),
                     headers: Vec::new(),
                 })
@@ -465,12 +461,12 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) 
         let model_json = serde_json::to_string(&candidate.deployment.model).unwrap_or_default();
         let mut body = Vec::with_capacity(bytes.len() + 32);
         request.write_with(&[("model", &model_json)], &mut body);
-        Ok(anthropic_request_bytes(
+        anthropic_request_bytes(
             candidate,
             "/v1/messages/count_tokens",
             Bytes::from(body),
             &headers,
-        ))
+        )
     };
     let deadline = context.started + Duration::from_millis(snapshot.server.request_timeout_ms);
     // The plan takes the routes; the first is the one asked for.
@@ -574,22 +570,35 @@ fn unsupported(candidate: &Candidate, what: &str) -> ApiError {
     .with_detail_code("unsupported_provider")
 }
 
+/// Gemini's generate (or stream) URI for a candidate.
+fn gemini_uri(candidate: &Candidate, stream: bool) -> Result<axum::http::Uri, ApiError> {
+    let purpose = if stream {
+        "gemini_stream"
+    } else {
+        "gemini_generate"
+    };
+    upstream_uri(candidate, purpose, || {
+        let path = gemini::path(&candidate.deployment.model, stream);
+        format!("{}{path}", candidate.deployment.provider.base_url)
+    })
+}
+
 fn anthropic_request(
     candidate: &Candidate,
-    path: &str,
+    path: &'static str,
     body: String,
     client_headers: &HeaderMap,
-) -> PreparedRequest {
+) -> Result<PreparedRequest, ApiError> {
     anthropic_request_bytes(candidate, path, Bytes::from(body), client_headers)
 }
 
 /// An Anthropic upstream request: the client's `anthropic-version` and `anthropic-beta` kept.
 fn anthropic_request_bytes(
     candidate: &Candidate,
-    path: &str,
+    path: &'static str,
     body: Bytes,
     client_headers: &HeaderMap,
-) -> PreparedRequest {
+) -> Result<PreparedRequest, ApiError> {
     let version = client_headers
         .get("anthropic-version")
         .cloned()
@@ -598,11 +607,10 @@ fn anthropic_request_bytes(
     if let Some(beta) = client_headers.get("anthropic-beta") {
         headers.push((HeaderName::from_static("anthropic-beta"), beta.clone()));
     }
-    PreparedRequest {
-        url: format!("{}{path}", candidate.deployment.provider.base_url),
-        body,
-        headers,
-    }
+    let uri = upstream_uri(candidate, path, || {
+        format!("{}{path}", candidate.deployment.provider.base_url)
+    })?;
+    Ok(PreparedRequest { uri, body, headers })
 }
 
 /// Turn the attempt loop's outcome into the client's response, with the caller's rate-limit

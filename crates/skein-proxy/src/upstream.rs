@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use bytes::Bytes;
 use http_body_util::Full;
 use skein_core::{Candidate, FailureKind};
@@ -18,51 +18,65 @@ pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
 /// A request ready to send to one candidate.
 #[derive(Debug)]
 pub struct PreparedRequest {
-    pub url: String,
+    pub uri: Uri,
     pub body: Bytes,
     /// Protocol-specific headers (e.g. `anthropic-version`), on top of the provider's own.
     pub headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
-/// The URL of an OpenAI-shaped endpoint for a candidate (OpenAI family and Azure).
-pub fn openai_url(candidate: &Candidate, endpoint: Endpoint) -> String {
-    let provider = &candidate.deployment.provider;
-    match provider.protocol {
-        WireProtocol::Azure => {
-            let api_version = provider
-                .api_version
-                .as_deref()
-                .unwrap_or(DEFAULT_AZURE_API_VERSION);
-            format!(
-                "{}/openai/deployments/{}{}?api-version={}",
-                provider.base_url,
-                candidate.deployment.model,
-                endpoint.openai_path(),
-                api_version
-            )
+/// The URI of an OpenAI-shaped endpoint for a candidate (OpenAI family and Azure).
+pub fn openai_uri(candidate: &Candidate, endpoint: Endpoint) -> Result<Uri, ApiError> {
+    upstream_uri(candidate, endpoint.label(), || {
+        let provider = &candidate.deployment.provider;
+        match provider.protocol {
+            WireProtocol::Azure => {
+                let api_version = provider
+                    .api_version
+                    .as_deref()
+                    .unwrap_or(DEFAULT_AZURE_API_VERSION);
+                format!(
+                    "{}/openai/deployments/{}{}?api-version={}",
+                    provider.base_url,
+                    candidate.deployment.model,
+                    endpoint.openai_path(),
+                    api_version
+                )
+            }
+            _ => format!("{}{}", provider.base_url, endpoint.openai_path()),
         }
-        _ => format!("{}{}", provider.base_url, endpoint.openai_path()),
-    }
+    })
+}
+
+/// The URI `url` builds for a candidate, built once per deployment and `purpose` (`url` must
+/// give the same answer for the same deployment and purpose).
+pub fn upstream_uri(
+    candidate: &Candidate,
+    purpose: &'static str,
+    url: impl FnOnce() -> String,
+) -> Result<Uri, ApiError> {
+    candidate.deployment.uris.get_or_build(purpose, || {
+        let url = url();
+        url.parse::<Uri>().map_err(|_| {
+            ApiError::new(
+                ErrorCode::Internal,
+                format!(
+                    "provider {} has an invalid URL: {url}",
+                    candidate.deployment.provider.name
+                ),
+            )
+        })
+    })
 }
 
 /// Build the upstream request for a candidate.
 pub fn build_request(
     candidate: &Candidate,
     prepared: PreparedRequest,
-) -> Result<hyper::Request<Full<Bytes>>, ApiError> {
+) -> hyper::Request<Full<Bytes>> {
     let provider = &candidate.deployment.provider;
-    let uri: hyper::Uri = prepared.url.parse().map_err(|_| {
-        ApiError::new(
-            ErrorCode::Internal,
-            format!(
-                "provider {} has an invalid URL: {}",
-                provider.name, prepared.url
-            ),
-        )
-    })?;
     let mut request = hyper::Request::new(Full::new(prepared.body));
     *request.method_mut() = hyper::Method::POST;
-    *request.uri_mut() = uri;
+    *request.uri_mut() = prepared.uri;
     let headers = request.headers_mut();
     headers.reserve(4 + provider.headers.len() + prepared.headers.len());
     headers.insert(
@@ -82,7 +96,7 @@ pub fn build_request(
     for (name, value) in prepared.headers {
         headers.insert(name, value);
     }
-    Ok(request)
+    request
 }
 
 /// Why an attempt failed, and what that means for retries and the key's health.
