@@ -86,13 +86,8 @@ impl<'a> RawObject<'a> {
         if raw.get() == "null" {
             return Ok(None);
         }
-        // Borrowed from the body unless the string has escapes to undo (serde's `Cow` alone
-        // always copies).
-        if let Ok(text) = serde_json::from_str::<&'a str>(raw.get()) {
-            return Ok(Some(Cow::Borrowed(text)));
-        }
-        serde_json::from_str::<String>(raw.get())
-            .map(|text| Some(Cow::Owned(text)))
+        serde_json::from_str::<Text<'a>>(raw.get())
+            .map(|text| Some(text.0))
             .map_err(|_| format!("`{key}` must be a string"))
     }
 
@@ -166,6 +161,38 @@ fn write_json_string(text: &str, output: &mut Vec<u8>) {
     }
 }
 
+/// A JSON string, borrowed from the body unless it has escapes to undo (serde's `Cow` alone
+/// always copies).
+struct Text<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(text)))
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(text.to_owned())))
+            }
+
+            fn visit_string<E: de::Error>(self, text: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(text)))
+            }
+        }
+
+        deserializer.deserialize_str(TextVisitor)
+    }
+}
+
 impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct ObjectVisitor<'a>(std::marker::PhantomData<&'a ()>);
@@ -180,7 +207,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let mut members: Vec<(Cow<'a, str>, &'a RawValue)> =
                     Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
                     let value: &'de RawValue = map.next_value()?;
                     if members.iter().any(|(name, _)| *name == key) {
                         return Err(de::Error::custom(format!("duplicate member `{key}`")));
@@ -235,6 +262,19 @@ mod tests {
         let object = RawObject::parse(br#"{"stream":"yes","model":5}"#).expect("parse");
         assert!(object.get_bool("stream").is_err());
         assert!(object.get_str("model").is_err());
+    }
+
+    #[test]
+    fn strings_are_borrowed_unless_they_have_escapes() {
+        let object =
+            RawObject::parse(br#"{"model":"gpt-4o","name":"a\"b","x\ty":1}"#).expect("parse");
+        assert!(matches!(
+            object.get_str("model"),
+            Ok(Some(Cow::Borrowed("gpt-4o")))
+        ));
+        assert!(matches!(object.get_str("name"), Ok(Some(Cow::Owned(name))) if name == "a\"b"));
+        assert!(object.get("x\ty").is_some());
+        assert!(matches!(object.members[0].0, Cow::Borrowed("model")));
     }
 
     #[test]

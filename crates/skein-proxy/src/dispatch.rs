@@ -296,7 +296,8 @@ where
     S: Stream + Unpin,
 {
     use futures_util::FutureExt;
-    let mut ready = Vec::new();
+    // Most streams' events after the first, in one allocation.
+    let mut ready = Vec::with_capacity(16);
     for pass in 0..2 {
         while ready.len() < READ_AHEAD_EVENTS {
             match events.next().now_or_never() {

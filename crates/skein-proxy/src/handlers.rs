@@ -35,6 +35,10 @@ const SKEIN_DEPLOYMENT: HeaderName = HeaderName::from_static("x-skein-deployment
 const SKEIN_ROUTE: HeaderName = HeaderName::from_static("x-skein-route");
 const SKEIN_ATTEMPTS: HeaderName = HeaderName::from_static("x-skein-attempts");
 
+/// Room for the headers of a served response (ours and the caller's rate-limit headers), so
+/// the map is allocated once.
+const RESPONSE_HEADERS: usize = 16;
+
 /// Per-request facts every step needs.
 pub(crate) struct RequestContext {
     pub request_id: String,
@@ -902,6 +906,7 @@ pub(crate) fn finish_unary(
         "request served"
     );
     let mut response = Response::new(Body::from(body));
+    *response.headers_mut() = HeaderMap::with_capacity(RESPONSE_HEADERS);
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -951,6 +956,7 @@ pub(crate) fn stream_response(
         })
         .observe(context.started.elapsed().as_secs_f64());
     let mut response = Response::new(Body::empty());
+    *response.headers_mut() = HeaderMap::with_capacity(RESPONSE_HEADERS);
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -1010,7 +1016,7 @@ impl StreamRelay {
         if self.finished {
             return None;
         }
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(16);
         loop {
             let next = match self.first.take() {
                 Some(event) => Some(Ok(event)),
