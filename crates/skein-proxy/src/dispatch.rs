@@ -72,12 +72,12 @@ where
 
     fn poll_next(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            return Poll::Ready(match ready!(self.0.poll_next_unpin(context)) {
-                Some(Ok(SseEvent::Message(event))) => Some(Ok(event)),
+            match ready!(self.0.poll_next_unpin(context)) {
                 Some(Ok(SseEvent::Retry(_))) => continue,
-                Some(Err(error)) => Some(Err(error)),
-                None => None,
-            });
+                Some(Ok(SseEvent::Message(event))) => return Poll::Ready(Some(Ok(event))),
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => return Poll::Ready(None),
+            }
         }
     }
 }
