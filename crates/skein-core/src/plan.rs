@@ -361,6 +361,31 @@ mod tests {
     }
 
     #[test]
+    fn an_implicit_route_is_built_once_and_the_kept_ones_are_bounded() {
+        let config = runtime();
+        let first = config.resolve("b/some-model").expect("direct");
+        let again = config.resolve("b/some-model").expect("direct");
+        assert!(Arc::ptr_eq(&first[0], &again[0]));
+        let other = config.resolve("b/other-model").expect("direct");
+        assert!(!Arc::ptr_eq(&first[0], &other[0]));
+        assert_eq!(other[0].deployments[0].model, "other-model");
+
+        // Past the bound, names still resolve; they are just not kept.
+        for index in 0..1100 {
+            let model = format!("b/model-{index}");
+            let routes = config.resolve(&model).expect("direct");
+            assert_eq!(routes[0].deployments[0].model, format!("model-{index}"));
+        }
+        let late = config.resolve("b/model-1099").expect("direct");
+        let late_again = config.resolve("b/model-1099").expect("direct");
+        assert!(!Arc::ptr_eq(&late[0], &late_again[0]));
+        assert!(Arc::ptr_eq(
+            &first[0],
+            &config.resolve("b/some-model").expect("direct")[0]
+        ));
+    }
+
+    #[test]
     fn keys_near_the_end_of_their_quota_are_tried_last() {
         let config = runtime();
         let provider = config.provider("a").expect("provider");

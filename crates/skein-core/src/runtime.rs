@@ -22,9 +22,16 @@ pub struct RuntimeConfig {
     pub server: ServerSpec,
     providers: HashMap<String, Arc<ProviderRuntime>>,
     routes: HashMap<String, Arc<RouteRuntime>>,
+    /// Routes made for `provider/model` and well-known model names, kept so that each such
+    /// name is built once (and its deployment keeps its statistics) rather than per request.
+    implicit_routes: RwLock<HashMap<String, Arc<RouteRuntime>>>,
     /// What `/v1/models` lists, sorted.
     pub models: Vec<ModelEntry>,
 }
+
+/// At most this many implicit routes are kept; names past it (clients can send any name) are
+/// built per request, as before there was a cache.
+const MAX_IMPLICIT_ROUTES: usize = 1024;
 
 /// One line of `/v1/models`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,6 +305,7 @@ impl RuntimeConfig {
             server: config.server.clone(),
             providers,
             routes,
+            implicit_routes: RwLock::default(),
             models,
         })
     }
@@ -307,10 +315,7 @@ impl RuntimeConfig {
     pub fn resolve(&self, model: &str) -> Result<Vec<Arc<RouteRuntime>>, ResolveError> {
         let first = match self.routes.get(model) {
             Some(route) => route.clone(),
-            None => match self
-                .direct_route(model)
-                .or_else(|| self.inferred_route(model))
-            {
+            None => match self.implicit_route(model) {
                 Some(route) => return Ok(vec![route]),
                 None => {
                     return Err(ResolveError::UnknownModel {
@@ -334,6 +339,34 @@ impl RuntimeConfig {
             index += 1;
         }
         Ok(chain)
+    }
+
+    /// The route for a name that is not a configured route: `provider/model` or a well-known
+    /// model name. Built on first use and kept (up to [`MAX_IMPLICIT_ROUTES`]).
+    fn implicit_route(&self, model: &str) -> Option<Arc<RouteRuntime>> {
+        {
+            let kept = self
+                .implicit_routes
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(route) = kept.get(model) {
+                return Some(route.clone());
+            }
+        }
+        let route = self
+            .direct_route(model)
+            .or_else(|| self.inferred_route(model))?;
+        let mut kept = self
+            .implicit_routes
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(existing) = kept.get(model) {
+            return Some(existing.clone());
+        }
+        if kept.len() < MAX_IMPLICIT_ROUTES {
+            kept.insert(model.to_owned(), route.clone());
+        }
+        Some(route)
     }
 
     /// `provider/model` straight to that provider, with default policies.
