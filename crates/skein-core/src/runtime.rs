@@ -344,7 +344,7 @@ impl RuntimeConfig {
     /// The route for a name that is not a configured route: `provider/model` or a well-known
     /// model name. Built on first use and kept (up to [`MAX_IMPLICIT_ROUTES`]).
     fn implicit_route(&self, model: &str) -> Option<Arc<RouteRuntime>> {
-        {
+        let full = {
             let kept = self
                 .implicit_routes
                 .read()
@@ -352,10 +352,14 @@ impl RuntimeConfig {
             if let Some(route) = kept.get(model) {
                 return Some(route.clone());
             }
-        }
+            kept.len() >= MAX_IMPLICIT_ROUTES
+        };
         let route = self
             .direct_route(model)
             .or_else(|| self.inferred_route(model))?;
+        if full {
+            return Some(route);
+        }
         let mut kept = self
             .implicit_routes
             .write()

@@ -154,6 +154,7 @@ async fn openai_endpoint(
         request,
         model,
         routes,
+        requested_route,
     } = match parse_request(&snapshot, &bytes, caller.as_ref()) {
         Ok(parsed) => parsed,
         Err((error, model)) => {
@@ -257,8 +258,6 @@ async fn openai_endpoint(
     } else {
         Mode::Unary
     };
-    // The plan takes the routes; the first is the one asked for.
-    let requested_route = routes[0].clone();
     let served = dispatch(
         &state,
         routes,
@@ -319,6 +318,7 @@ pub async fn messages(State(state): State<Arc<AppState>>, request: Request) -> R
         request,
         model,
         routes,
+        requested_route,
     } = match parse_request(&snapshot, &bytes, caller.as_ref()) {
         Ok(parsed) => parsed,
         Err((error, model)) => {
@@ -402,8 +402,6 @@ pub async fn messages(State(state): State<Arc<AppState>>, request: Request) -> R
     };
     let deadline = context.started + Duration::from_millis(snapshot.server.request_timeout_ms);
     let mode = if stream { Mode::Stream } else { Mode::Unary };
-    // The plan takes the routes; the first is the one asked for.
-    let requested_route = routes[0].clone();
     let served = dispatch(
         &state,
         routes,
@@ -452,6 +450,7 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) 
         request,
         model,
         routes,
+        requested_route,
     } = match parse_request(&snapshot, &bytes, caller.as_ref()) {
         Ok(parsed) => parsed,
         Err((error, model)) => {
@@ -473,8 +472,6 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) 
         )
     };
     let deadline = context.started + Duration::from_millis(snapshot.server.request_timeout_ms);
-    // The plan takes the routes; the first is the one asked for.
-    let requested_route = routes[0].clone();
     let served = dispatch(
         &state,
         routes,
@@ -516,7 +513,10 @@ fn untranslatable(message: String) -> ApiError {
 struct Parsed<'a> {
     request: RawObject<'a>,
     model: Cow<'a, str>,
+    /// The routes to try (the attempt plan takes them), the one asked for first.
     routes: Vec<Arc<RouteRuntime>>,
+    /// The route asked for, kept for the response once the plan has taken `routes`.
+    requested_route: Arc<RouteRuntime>,
 }
 
 /// Parse the body, read its `model` and resolve it. The error carries the model when known.
@@ -544,11 +544,18 @@ fn parse_request<'a>(
         return Err((error, Some(model.into_owned())));
     }
     match snapshot.resolve(&model) {
-        Ok(routes) => Ok(Parsed {
-            request,
-            model,
-            routes,
-        }),
+        Ok(routes) => match routes.first().cloned() {
+            Some(requested_route) => Ok(Parsed {
+                request,
+                model,
+                routes,
+                requested_route,
+            }),
+            None => Err((
+                unknown_model(&model, ResolveError::UnknownModel { known: Vec::new() }),
+                Some(model.into_owned()),
+            )),
+        },
         Err(error) => Err((unknown_model(&model, error), Some(model.into_owned()))),
     }
 }
