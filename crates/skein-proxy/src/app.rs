@@ -7,12 +7,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::routing::{get, post};
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use skein_core::RuntimeConfig;
 use skein_core::accounting::Ledger;
 use skein_core::limits::Limiter;
@@ -20,6 +15,7 @@ use skein_types::control::ControlState;
 
 use crate::handlers;
 use crate::metrics::Metrics;
+use crate::pool::UpstreamPool;
 
 /// Settings of the proxy that are not part of the replicated config.
 #[derive(Debug, Clone)]
@@ -48,7 +44,7 @@ pub struct AppState {
     auth_required: AtomicBool,
     /// Nodes in the cluster (each may hold a share of a budget's remainder).
     cluster_size: AtomicU64,
-    pub client: UpstreamClient,
+    pub client: Arc<UpstreamPool>,
     pub metrics: Metrics,
     /// This node's spend not yet recorded in the replicated state, and open reservations.
     pub ledger: Arc<Ledger>,
@@ -122,11 +118,9 @@ impl AppState {
     }
 }
 
-/// The HTTP client for upstreams: pooled keep-alive connections, TLS through rustls with the
+/// Upstream connections: kept alive and pooled per host, TLS through rustls with the
 /// platform's certificate verifier, plain HTTP for local servers.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-fn upstream_client(options: &ProxyOptions) -> Result<UpstreamClient, String> {
+fn upstream_client(options: &ProxyOptions) -> Result<Arc<UpstreamPool>, String> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -137,12 +131,13 @@ fn upstream_client(options: &ProxyOptions) -> Result<UpstreamClient, String> {
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(options.upstream_idle_timeout)
-        // Idle connections kept per upstream host: enough for steady high concurrency, few
-        // enough that a burst's connections (and their buffers) are not all kept for good.
-        .pool_max_idle_per_host(256)
-        .build(https))
+    // Idle connections kept per upstream host: enough for steady high concurrency, few enough
+    // that a burst's connections (and their buffers) are not all kept for good.
+    Ok(Arc::new(UpstreamPool::new(
+        https,
+        256,
+        options.upstream_idle_timeout,
+    )))
 }
 
 /// The proxy router. Each request goes through, in order:

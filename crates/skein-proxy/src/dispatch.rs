@@ -343,7 +343,7 @@ async fn attempt(
     key.quota.count(1, 0, skein_types::now_ms());
     let response = state
         .client
-        .request(request)
+        .send(request)
         .await
         .map_err(|error| classify_transport(provider, error.is_connect()))?;
     if let Some(seen) = QuotaObservation::from_headers(response.headers(), skein_types::now_ms()) {

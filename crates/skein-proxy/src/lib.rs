@@ -12,6 +12,7 @@ pub mod error;
 pub mod handlers;
 pub mod limits;
 pub mod metrics;
+pub mod pool;
 pub mod spend;
 pub mod translate;
 pub mod upstream;
