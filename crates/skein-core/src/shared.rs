@@ -152,33 +152,38 @@ impl QuotaObservation {
     /// Read OpenAI's (`x-ratelimit-*-requests/tokens`) and Anthropic's
     /// (`anthropic-ratelimit-*`) headers; `None` when there are none.
     pub fn from_headers(headers: &HeaderMap, now_ms: u64) -> Option<QuotaObservation> {
-        let number = |names: &[&str]| {
-            names.iter().find_map(|name| {
-                headers
-                    .get(*name)
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.trim().parse::<u64>().ok())
-            })
-        };
-        let observation = QuotaObservation {
-            limit_requests: number(&[
-                "x-ratelimit-limit-requests",
-                "anthropic-ratelimit-requests-limit",
-            ]),
-            remaining_requests: number(&[
-                "x-ratelimit-remaining-requests",
-                "anthropic-ratelimit-requests-remaining",
-            ]),
-            limit_tokens: number(&[
-                "x-ratelimit-limit-tokens",
-                "anthropic-ratelimit-tokens-limit",
-            ]),
-            remaining_tokens: number(&[
-                "x-ratelimit-remaining-tokens",
-                "anthropic-ratelimit-tokens-remaining",
-            ]),
+        let mut observation = QuotaObservation {
+            limit_requests: None,
+            remaining_requests: None,
+            limit_tokens: None,
+            remaining_tokens: None,
             at_ms: now_ms,
         };
+        // One pass over the headers (a response has a handful to a few dozen), rather than a
+        // hashed lookup of each of the eight names.
+        for (name, value) in headers {
+            let field = match name.as_str() {
+                "x-ratelimit-limit-requests" | "anthropic-ratelimit-requests-limit" => {
+                    &mut observation.limit_requests
+                }
+                "x-ratelimit-remaining-requests" | "anthropic-ratelimit-requests-remaining" => {
+                    &mut observation.remaining_requests
+                }
+                "x-ratelimit-limit-tokens" | "anthropic-ratelimit-tokens-limit" => {
+                    &mut observation.limit_tokens
+                }
+                "x-ratelimit-remaining-tokens" | "anthropic-ratelimit-tokens-remaining" => {
+                    &mut observation.remaining_tokens
+                }
+                _ => continue,
+            };
+            if field.is_none() {
+                *field = value
+                    .to_str()
+                    .ok()
+                    .and_then(|value| value.trim().parse::<u64>().ok());
+            }
+        }
         (observation.remaining_requests.is_some() || observation.remaining_tokens.is_some())
             .then_some(observation)
     }
@@ -437,6 +442,26 @@ mod tests {
                 .tight(1_000)
         );
         assert_eq!(QuotaObservation::from_headers(&HeaderMap::new(), 0), None);
+        let mut anthropic = HeaderMap::new();
+        anthropic.insert("content-type", "application/json".parse().expect("value"));
+        anthropic.insert(
+            "anthropic-ratelimit-tokens-limit",
+            "1000".parse().expect("value"),
+        );
+        anthropic.insert(
+            "anthropic-ratelimit-tokens-remaining",
+            " 10 ".parse().expect("value"),
+        );
+        let seen = QuotaObservation::from_headers(&anthropic, 5).expect("value");
+        assert_eq!(
+            (
+                seen.limit_tokens,
+                seen.remaining_tokens,
+                seen.remaining_requests
+            ),
+            (Some(1000), Some(10), None)
+        );
+        assert!(seen.tight(5));
 
         let quota = KeyQuota::default();
         let now = 120_000;

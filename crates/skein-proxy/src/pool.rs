@@ -164,8 +164,10 @@ impl UpstreamPool {
             }),
         };
         let host_header = host.host_header.clone();
+        // Connections past the idle timeout are closed by `put_back` and the sweeper; one
+        // that outlived it by less than a sweep is still fine to use.
         while let Some(idle) = host.idle.pop() {
-            if !idle.sender.is_closed() && idle.since.elapsed() < self.idle_timeout {
+            if !idle.sender.is_closed() {
                 return Ok((Some(idle.sender), host_header));
             }
         }
@@ -219,7 +221,13 @@ impl UpstreamPool {
             let Some(host) = hosts.get_mut(&key) else {
                 return;
             };
-            self.evict_expired(&mut host.idle, now);
+            // The oldest are at the front: only the expired ones are looked at.
+            let expired = host
+                .idle
+                .iter()
+                .take_while(|idle| now.saturating_duration_since(idle.since) >= self.idle_timeout)
+                .count();
+            host.idle.drain(..expired);
             if host.idle.len() < self.max_idle_per_host {
                 host.idle.push(Idle { sender, since: now });
             }
@@ -227,13 +235,12 @@ impl UpstreamPool {
         self.start_sweeper();
     }
 
+    /// Close the connections idle for longer than the timeout, and forget the closed ones.
     fn evict_expired(&self, idle: &mut Vec<Idle>, now: Instant) {
-        let expired = idle
-            .iter()
-            .take_while(|idle| now.saturating_duration_since(idle.since) >= self.idle_timeout)
-            .count();
-        idle.drain(..expired);
-        idle.retain(|idle| !idle.sender.is_closed());
+        idle.retain(|idle| {
+            now.saturating_duration_since(idle.since) < self.idle_timeout
+                && !idle.sender.is_closed()
+        });
     }
 
     /// Close connections idle for longer than the timeout, also when no request comes to
