@@ -82,6 +82,12 @@ def main():
         result[f"{name}_p50_us"] = percentile(values, 0.5)
         result[f"{name}_p90_us"] = percentile(values, 0.9)
     result["proxy_cpu_us_per_request"] = float(cpu)
+    if len(sys.argv) > 6:
+        # The load generator's own figures for the same run, over every request (overlapping
+        # ones included), from the client's send to its reading of the last byte.
+        client = json.loads(sys.argv[6])["service"]
+        result["client_service_p50_us"] = client["p50_us"]
+        result["client_service_p99_us"] = client["p99_us"]
     print(json.dumps(result))
 
 

@@ -5,7 +5,8 @@
 #   in        the client's request reaches the proxy -> the proxy's request leaves for the mock
 #   upstream  -> the mock's last response packet
 #   out       -> the proxy's last packet to the client
-# It also reports the proxy's CPU time per request during the run (from /proc).
+# It also reports the proxy's CPU time per request during the run (from /proc), and the load
+# generator's own service latency p50/p99 over the same run (every request, from the client).
 # Usage: benches/phases.sh [--rate R] [--unary] [--repeat N] [--duration S]
 # Needs: taskset, nginx and tcpdump (installed if missing, as root).
 set -euo pipefail
@@ -55,7 +56,8 @@ for round in $(seq 1 "$repeat"); do
     sent=$(python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(r['ok'] + r['errors'])" "$line")
     cpu_us=$(python3 -c "print(round(($after - $before) / $hz * 1e6 / max($sent, 1), 1))")
     tcpdump -r "$work/$target.pcap" -n -tt --time-stamp-precision=nano 2>/dev/null > "$work/$target.txt"
-    python3 benches/phases.py "$work/$target.txt" "$port" "$mock_port" "$target/$mode/$rate" "$cpu_us" | tee -a "$results"
+    python3 benches/phases.py "$work/$target.txt" "$port" "$mock_port" "$target/$mode/$rate" "$cpu_us" "$line" \
+      | tee -a "$results"
   done
 done
 python3 - "$results" <<'PY'
