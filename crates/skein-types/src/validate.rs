@@ -77,6 +77,8 @@ impl ValidatedConfig {
                             format!("{path}.base_url"),
                             format!("{url:?} must start with http:// or https://"),
                         );
+                    } else if let Some(problem) = base_url_problem(url) {
+                        report(format!("{path}.base_url"), format!("{url:?} {problem}"));
                     }
                 }
                 None => {
@@ -233,6 +235,21 @@ fn is_header_name_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
+/// Why a base URL that starts with a scheme cannot serve as one, if it cannot: request paths
+/// are appended to it, so it must parse as a URL with a host, and have no query or fragment.
+fn base_url_problem(url: &str) -> Option<&'static str> {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return Some("is not a valid URL");
+    };
+    if uri.host().is_none_or(str::is_empty) {
+        return Some("has no host");
+    }
+    if uri.query().is_some() || url.contains('#') {
+        return Some("must not have a query or fragment: request paths are appended to it");
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +299,35 @@ mod tests {
             routes: vec![route("x", "a", &["y"]), route("y", "a", &[])],
         };
         assert!(ValidatedConfig::validate(config).is_ok());
+    }
+
+    #[test]
+    fn a_base_url_must_parse_with_a_host_and_no_query() {
+        for (url, ok) in [
+            ("http://127.0.0.1:8080/v1", true),
+            ("https://api.example.test", true),
+            ("https://api.example.test/openai/", true),
+            ("http://", false),
+            ("https://exa mple.test/v1", false),
+            ("https://api.example.test/v1?key=1", false),
+            ("https://api.example.test/v1#top", false),
+            ("ftp://api.example.test", false),
+        ] {
+            let mut with_url = provider("a");
+            with_url.base_url = Some(url.to_owned());
+            let config = SkeinConfig {
+                version: CONFIG_VERSION,
+                server: Default::default(),
+                providers: vec![with_url],
+                routes: vec![route("x", "a", &[])],
+            };
+            let result = ValidatedConfig::validate(config);
+            assert_eq!(result.is_ok(), ok, "{url}: {result:?}");
+            if let Err(errors) = result {
+                assert_eq!(errors[0].path, "providers[0].base_url", "{url}");
+                assert!(errors[0].message.contains(url), "{errors:?}");
+            }
+        }
     }
 
     #[test]
