@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use crate::config::{CONFIG_VERSION, SkeinConfig};
+use crate::provider_kind::ProviderKind;
 
 /// One problem found in a config, with the path of the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +54,8 @@ impl ValidatedConfig {
         }
 
         let mut provider_names = BTreeSet::new();
+        // Providers whose request paths carry the deployment's model name.
+        let mut models_in_path = BTreeSet::new();
         for (index, provider) in config.providers.iter().enumerate() {
             let path = format!("providers[{index}]");
             if !is_valid_name(&provider.name) {
@@ -63,6 +66,9 @@ impl ValidatedConfig {
                         provider.name
                     ),
                 );
+            }
+            if matches!(provider.kind, ProviderKind::Azure | ProviderKind::Gemini) {
+                models_in_path.insert(provider.name.as_str());
             }
             if !provider_names.insert(provider.name.as_str()) {
                 report(
@@ -169,6 +175,17 @@ impl ValidatedConfig {
                         format!("{deployment_path}.model"),
                         "must not be empty".to_owned(),
                     );
+                } else if models_in_path.contains(deployment.provider.as_str())
+                    && !deployment.model.bytes().all(is_path_segment_byte)
+                {
+                    report(
+                        format!("{deployment_path}.model"),
+                        format!(
+                            "{:?} goes into the provider's request path, so it may only hold \
+                             letters, digits and -._~!$&'()*+,;=:@",
+                            deployment.model
+                        ),
+                    );
                 }
                 if deployment.weight == 0 {
                     report(
@@ -233,6 +250,11 @@ fn is_valid_name(name: &str) -> bool {
 
 fn is_header_name_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+/// Whether a byte may stand unescaped in one URL path segment (RFC 3986 `pchar`).
+fn is_path_segment_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&byte)
 }
 
 /// Why a base URL that starts with a scheme cannot serve as one, if it cannot: request paths
@@ -326,6 +348,36 @@ mod tests {
             if let Err(errors) = result {
                 assert_eq!(errors[0].path, "providers[0].base_url", "{url}");
                 assert!(errors[0].message.contains(url), "{errors:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_model_in_a_request_path_must_be_one_path_segment() {
+        for (kind, model, ok) in [
+            (ProviderKind::Gemini, "gemini-2.5-flash", true),
+            (ProviderKind::Azure, "gpt-4o_prod.v2", true),
+            (ProviderKind::Gemini, "gemini 2.5", false),
+            (ProviderKind::Azure, "gpt-4o/../x", false),
+            (ProviderKind::Azure, "gpt?x", false),
+            // Other kinds send the model in the body, where anything goes.
+            (ProviderKind::OpenAi, "my model/with slash", true),
+        ] {
+            let mut with_kind = provider("a");
+            with_kind.kind = kind;
+            with_kind.base_url = Some("https://api.example.test".to_owned());
+            let mut in_route = route("x", "a", &[]);
+            in_route.deployments[0].model = model.to_owned();
+            let config = SkeinConfig {
+                version: CONFIG_VERSION,
+                server: Default::default(),
+                providers: vec![with_kind],
+                routes: vec![in_route],
+            };
+            let result = ValidatedConfig::validate(config);
+            assert_eq!(result.is_ok(), ok, "{model}: {result:?}");
+            if let Err(errors) = result {
+                assert_eq!(errors[0].path, "routes[0].deployments[0].model", "{model}");
             }
         }
     }
