@@ -27,6 +27,10 @@ providers:
     kind: openai_compatible
     base_url: http://{closed}/v1
     keys: [{{key: env:KEY}}]
+  - name: gm
+    kind: gemini
+    base_url: {url}
+    keys: [{{key: env:KEY}}]
 routes:
   - name: ok
     deployments: [{{provider: mock, model: fine}}]
@@ -193,6 +197,27 @@ async fn unknown_paths_methods_and_models() {
         message.contains("gpt-nope") && message.contains("ok") && message.contains("unreachable"),
         "{message}"
     );
+}
+
+#[tokio::test]
+async fn a_model_name_cannot_reach_into_another_upstream_path() {
+    let (mock, gateway) = setup("").await;
+    for model in ["gm/../../v1beta/files", "gm/a b", "gm/.."] {
+        let request =
+            serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        let (status, body) = raw(
+            &gateway,
+            reqwest::Method::POST,
+            "/v1/chat/completions",
+            &request.to_string(),
+        )
+        .await;
+        assert_eq!(status, 400, "{model}: {body}");
+        assert_openai_error(&body, "invalid_request_error");
+        assert_eq!(body["error"]["code"], "invalid_model_name", "{model}");
+        assert_eq!(body["error"]["param"], "model");
+    }
+    assert!(mock.requests().is_empty());
 }
 
 #[tokio::test]

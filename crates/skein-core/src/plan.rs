@@ -361,6 +361,39 @@ mod tests {
     }
 
     #[test]
+    fn a_client_chosen_model_cannot_reach_into_another_upstream_path() {
+        let mut config = test_config();
+        let mut gemini = config.providers[0].clone();
+        gemini.name = "g".to_owned();
+        gemini.kind = skein_types::ProviderKind::Gemini;
+        config.providers.push(gemini);
+        let validated = ValidatedConfig::validate(config).expect("valid");
+        let config = RuntimeConfig::build(&validated, &|reference| Ok(format!("s-{reference}")))
+            .expect("build");
+        let routes = config.resolve("g/gemini-2.5-flash").expect("direct");
+        assert_eq!(routes[0].deployments[0].model, "gemini-2.5-flash");
+        // An inferred Gemini name goes to the one Gemini provider.
+        assert!(config.resolve("gemini-2.5-pro").is_ok());
+        for model in [
+            "g/../../v1/files",
+            "g/..",
+            "g/a b",
+            "g/x?alt=1",
+            "gemini-x/../../y",
+        ] {
+            assert!(
+                matches!(
+                    config.resolve(model),
+                    Err(crate::ResolveError::UnusableModel { ref provider }) if provider == "g"
+                ),
+                "{model}"
+            );
+        }
+        // An OpenAI-shaped provider takes the model in the body: any name goes.
+        assert!(config.resolve("b/../x").is_ok());
+    }
+
+    #[test]
     fn an_implicit_route_is_built_once_and_the_kept_ones_are_bounded() {
         let config = runtime();
         let first = config.resolve("b/some-model").expect("direct");

@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, Uri};
 use skein_types::config::DEFAULT_ATTEMPT_TIMEOUT_MS;
 use skein_types::{
     BreakerSpec, ConfigError, CredentialRef, ProviderKind, RetrySpec, ServerSpec, Strategy,
-    ValidatedConfig, WireProtocol,
+    ValidatedConfig, WireProtocol, is_path_segment,
 };
 
 use crate::health::KeyHealth;
@@ -118,6 +118,9 @@ pub struct DeploymentRuntime {
 pub enum ResolveError {
     /// No route of that name and no `provider/model` match; carries what exists.
     UnknownModel { known: Vec<String> },
+    /// A `provider/model` or well-known name for a provider whose request paths carry the
+    /// model (Azure, Gemini), that cannot be one path segment.
+    UnusableModel { provider: String },
 }
 
 impl RuntimeConfig {
@@ -315,7 +318,7 @@ impl RuntimeConfig {
     pub fn resolve(&self, model: &str) -> Result<Vec<Arc<RouteRuntime>>, ResolveError> {
         let first = match self.routes.get(model) {
             Some(route) => route.clone(),
-            None => match self.implicit_route(model) {
+            None => match self.implicit_route(model)? {
                 Some(route) => return Ok(vec![route]),
                 None => {
                     return Err(ResolveError::UnknownModel {
@@ -343,34 +346,45 @@ impl RuntimeConfig {
 
     /// The route for a name that is not a configured route: `provider/model` or a well-known
     /// model name. Built on first use and kept (up to [`MAX_IMPLICIT_ROUTES`]).
-    fn implicit_route(&self, model: &str) -> Option<Arc<RouteRuntime>> {
+    fn implicit_route(&self, model: &str) -> Result<Option<Arc<RouteRuntime>>, ResolveError> {
         let full = {
             let kept = self
                 .implicit_routes
                 .read()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             if let Some(route) = kept.get(model) {
-                return Some(route.clone());
+                return Ok(Some(route.clone()));
             }
             kept.len() >= MAX_IMPLICIT_ROUTES
         };
-        let route = self
+        let Some(route) = self
             .direct_route(model)
-            .or_else(|| self.inferred_route(model))?;
+            .or_else(|| self.inferred_route(model))
+        else {
+            return Ok(None);
+        };
+        // The client chose this name: it must not reach into another path of the upstream.
+        for deployment in &route.deployments {
+            if deployment.provider.kind.model_in_path() && !is_path_segment(&deployment.model) {
+                return Err(ResolveError::UnusableModel {
+                    provider: deployment.provider.name.to_string(),
+                });
+            }
+        }
         if full {
-            return Some(route);
+            return Ok(Some(route));
         }
         let mut kept = self
             .implicit_routes
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(existing) = kept.get(model) {
-            return Some(existing.clone());
+            return Ok(Some(existing.clone()));
         }
         if kept.len() < MAX_IMPLICIT_ROUTES {
             kept.insert(model.to_owned(), route.clone());
         }
-        Some(route)
+        Ok(Some(route))
     }
 
     /// `provider/model` straight to that provider, with default policies.

@@ -746,7 +746,17 @@ fn respond_with(
 }
 
 fn unknown_model(model: &str, error: ResolveError) -> ApiError {
-    let ResolveError::UnknownModel { known } = error;
+    let known = match error {
+        ResolveError::UnknownModel { known } => known,
+        ResolveError::UnusableModel { provider } => {
+            return ApiError::invalid(format!(
+                "the model `{model}` cannot be sent to provider {provider}: its name goes into \
+                 the request path, so it may only hold letters, digits and -._~!$&'()*+,;=:@"
+            ))
+            .with_param("model")
+            .with_detail_code("invalid_model_name");
+        }
+    };
     let listed = if known.is_empty() {
         "no models are configured".to_owned()
     } else {

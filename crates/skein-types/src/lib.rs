@@ -17,7 +17,7 @@ pub use config::{
 };
 pub use error_code::ErrorCode;
 pub use provider_kind::{ProviderKind, WireProtocol};
-pub use validate::{ConfigError, ValidatedConfig};
+pub use validate::{ConfigError, ValidatedConfig, is_path_segment};
 
 /// Wall-clock milliseconds since the Unix epoch (key expiry, budget periods, spend sequences,
 /// gossip generations are all wall-clock time).

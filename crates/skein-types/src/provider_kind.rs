@@ -72,6 +72,12 @@ pub const ALL_PROVIDER_KINDS: [ProviderKind; 15] = [
 ];
 
 impl ProviderKind {
+    /// Whether this kind's request paths carry the deployment's model name (Azure's
+    /// deployment, Gemini's model), so the name must be one URL path segment.
+    pub fn model_in_path(self) -> bool {
+        matches!(self, ProviderKind::Azure | ProviderKind::Gemini)
+    }
+
     /// The protocol this kind speaks.
     pub fn wire_protocol(self) -> WireProtocol {
         match self {

@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use crate::config::{CONFIG_VERSION, SkeinConfig};
-use crate::provider_kind::ProviderKind;
 
 /// One problem found in a config, with the path of the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +66,7 @@ impl ValidatedConfig {
                     ),
                 );
             }
-            if matches!(provider.kind, ProviderKind::Azure | ProviderKind::Gemini) {
+            if provider.kind.model_in_path() {
                 models_in_path.insert(provider.name.as_str());
             }
             if !provider_names.insert(provider.name.as_str()) {
@@ -176,13 +175,13 @@ impl ValidatedConfig {
                         "must not be empty".to_owned(),
                     );
                 } else if models_in_path.contains(deployment.provider.as_str())
-                    && !deployment.model.bytes().all(is_path_segment_byte)
+                    && !is_path_segment(&deployment.model)
                 {
                     report(
                         format!("{deployment_path}.model"),
                         format!(
                             "{:?} goes into the provider's request path, so it may only hold \
-                             letters, digits and -._~!$&'()*+,;=:@",
+                             letters, digits and -._~!$&'()*+,;=:@ (and not be . or ..)",
                             deployment.model
                         ),
                     );
@@ -255,6 +254,12 @@ fn is_header_name_byte(byte: u8) -> bool {
 /// Whether a byte may stand unescaped in one URL path segment (RFC 3986 `pchar`).
 fn is_path_segment_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&byte)
+}
+
+/// Whether a model name can go into a request path as it is (for the provider kinds whose
+/// [`ProviderKind::model_in_path`] holds): one non-empty path segment, not `.` or `..`.
+pub fn is_path_segment(text: &str) -> bool {
+    !text.is_empty() && text != "." && text != ".." && text.bytes().all(is_path_segment_byte)
 }
 
 /// Why a base URL that starts with a scheme cannot serve as one, if it cannot: request paths
@@ -360,6 +365,7 @@ mod tests {
             (ProviderKind::Gemini, "gemini 2.5", false),
             (ProviderKind::Azure, "gpt-4o/../x", false),
             (ProviderKind::Azure, "gpt?x", false),
+            (ProviderKind::Gemini, "..", false),
             // Other kinds send the model in the body, where anything goes.
             (ProviderKind::OpenAi, "my model/with slash", true),
         ] {
