@@ -225,7 +225,7 @@ impl UpstreamPool {
             let expired = host
                 .idle
                 .iter()
-                .take_while(|idle| now.saturating_duration_since(idle.since) >= self.idle_timeout)
+                .take_while(|idle| self.expired(idle, now))
                 .count();
             host.idle.drain(..expired);
             if host.idle.len() < self.max_idle_per_host {
@@ -235,12 +235,13 @@ impl UpstreamPool {
         self.start_sweeper();
     }
 
+    fn expired(&self, idle: &Idle, now: Instant) -> bool {
+        now.saturating_duration_since(idle.since) >= self.idle_timeout
+    }
+
     /// Close the connections idle for longer than the timeout, and forget the closed ones.
     fn evict_expired(&self, idle: &mut Vec<Idle>, now: Instant) {
-        idle.retain(|idle| {
-            now.saturating_duration_since(idle.since) < self.idle_timeout
-                && !idle.sender.is_closed()
-        });
+        idle.retain(|idle| !self.expired(idle, now) && !idle.sender.is_closed());
     }
 
     /// Close connections idle for longer than the timeout, also when no request comes to
