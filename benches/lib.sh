@@ -6,16 +6,41 @@ bin="${CARGO_TARGET_DIR:-target}/release"
 
 work=$(mktemp -d)
 pids=()
+halt_poll_param=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+halt_poll_before=""
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
+  if [ -n "$halt_poll_before" ]; then echo "$halt_poll_before" > "$halt_poll_param"; fi
 }
 trap cleanup EXIT
 
 # A process's CPU time so far, in ticks of 1/hz s.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
+
+# Halts so far of one core: entries into its cpuidle states other than polling. On a VM every
+# halt is an exit to the hypervisor, and waking from it is slow; prints 0 without cpuidle.
+halts() {
+  local total=0 state
+  for state in /sys/devices/system/cpu/cpu"$1"/cpuidle/state*; do
+    [ -r "$state/usage" ] || continue
+    [ "$(cat "$state/name")" = POLL ] && continue
+    total=$((total + $(cat "$state/usage")))
+  done
+  echo "$total"
+}
+# The guest's halt polling (the cpuidle haltpoll driver's guest_halt_poll_ns): "off" when the
+# guest has no such driver.
+halt_poll() { if [ -r "$halt_poll_param" ]; then cat "$halt_poll_param"; else echo off; fi; }
+# Sets guest_halt_poll_ns for this run (put back on exit): an idle vCPU then polls up to that
+# many ns before it halts, which takes the hypervisor's wake-up latency out of a measurement.
+set_halt_poll() {
+  [ -w "$halt_poll_param" ] || { echo "no writable $halt_poll_param: --halt-poll needs the haltpoll cpuidle driver, as root" >&2; exit 1; }
+  halt_poll_before=$(cat "$halt_poll_param")
+  echo "$1" > "$halt_poll_param"
+}
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_for_line() { # file, regex: prints the first match; waits up to 30 s

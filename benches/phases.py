@@ -1,6 +1,7 @@
 """Split a proxy's requests into phases from a loopback packet capture (tcpdump's text output).
 
-Usage: python3 benches/phases.py CAPTURE.txt PROXY_PORT MOCK_PORT LABEL CPU_US_PER_REQUEST
+Usage: python3 benches/phases.py CAPTURE.txt PROXY_PORT MOCK_PORT LABEL CPU_US_PER_REQUEST \
+           [LOAD_GENERATOR_JSON [HALTS_PER_REQUEST_JSON]]
 
 For each request, with only payload-carrying packets considered:
   in        the client's request reaches the proxy -> the proxy's request leaves for the mock
@@ -88,6 +89,9 @@ def main():
         client = json.loads(sys.argv[6])["service"]
         result["client_service_p50_us"] = client["p50_us"]
         result["client_service_p99_us"] = client["p99_us"]
+    if len(sys.argv) > 7:
+        # Halts per request of core 0 (the proxy) and core 1 (the mock and the load generator).
+        result["halts_per_request"] = json.loads(sys.argv[7])
     print(json.dumps(result))
 
 

@@ -7,18 +7,20 @@
 #   out       -> the proxy's last packet to the client
 # It also reports the proxy's CPU time per request during the run (from /proc), and the load
 # generator's own service latency p50/p99 over the same run (every request, from the client).
-# Usage: benches/phases.sh [--rate R] [--unary] [--repeat N] [--duration S]
+# And it counts the halts per request of each core (see benches/README.md, "Halts").
+# Usage: benches/phases.sh [--rate R] [--unary] [--repeat N] [--duration S] [--halt-poll NS]
 # Needs: taskset, nginx and tcpdump (installed if missing, as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-rate=500; mode=stream; repeat=3; duration=5
+rate=500; mode=stream; repeat=3; duration=5; poll=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rate) rate=$2; shift ;;
     --unary) mode=unary ;;
     --repeat) repeat=$2; shift ;;
     --duration) duration=$2; shift ;;
+    --halt-poll) poll=$2; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -28,6 +30,7 @@ for tool in nginx tcpdump; do
 done
 
 . benches/lib.sh
+[ -n "$poll" ] && set_halt_poll "$poll"
 start_mock
 start_skein
 start_nginx
@@ -49,25 +52,30 @@ for round in $(seq 1 "$repeat"); do
     pids+=($capture)
     wait_for_line "$work/tcpdump.log" 'listening on' > /dev/null
     before=$(cpu_ticks "$pid")
+    halts_before="$(halts 0) $(halts 1)"
     line=$(taskset -c 1 "$bin/skein-load" --url "$url/v1/chat/completions" --body "$request_body" \
       --rate "$rate" --duration-secs "$duration" --warmup-secs 0 --connections 64 --label "$target/$mode/$rate")
     after=$(cpu_ticks "$pid")
+    halts_after="$(halts 0) $(halts 1)"
     kill -INT "$capture"; wait "$capture" 2>/dev/null || true
     sent=$(python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(r['ok'] + r['errors'])" "$line")
     cpu_us=$(python3 -c "print(round(($after - $before) / $hz * 1e6 / max($sent, 1), 1))")
+    per_request=$(python3 -c "import sys; b, a = sys.argv[1].split(), sys.argv[2].split(); print([round((int(y) - int(x)) / max($sent, 1), 2) for x, y in zip(b, a)])" "$halts_before" "$halts_after")
     tcpdump -r "$work/$target.pcap" -n -tt --time-stamp-precision=nano 2>/dev/null > "$work/$target.txt"
-    python3 benches/phases.py "$work/$target.txt" "$port" "$mock_port" "$target/$mode/$rate" "$cpu_us" "$line" \
+    python3 benches/phases.py "$work/$target.txt" "$port" "$mock_port" "$target/$mode/$rate" "$cpu_us" "$line" "$per_request" \
       | tee -a "$results"
   done
 done
 python3 - "$results" <<'PY'
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-print("\n| proxy | in p50 | upstream p50 | out p50 | total p50 | proxy CPU per request (µs) |")
-print("|---|---:|---:|---:|---:|---:|")
+print("\n| proxy | in p50 | upstream p50 | out p50 | total p50 | proxy CPU per request (µs) | client's service p50 | halts per request, core 0 / core 1 |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for label in dict.fromkeys(row["label"] for row in rows):
     mine = [row for row in rows if row["label"] == label]
-    median = lambda key: round(statistics.median(row[key] for row in mine))
+    median = lambda key: round(statistics.median(row[key] for row in mine)) if all(key in row for row in mine) else "–"
+    halts = [row["halts_per_request"] for row in mine if "halts_per_request" in row]
+    halts = " / ".join(f"{statistics.median(core):.2f}" for core in zip(*halts)) if halts else "–"
     print(f"| {label} | {median('in_p50_us')} | {median('upstream_p50_us')} | {median('out_p50_us')} | "
-          f"{median('total_p50_us')} | {median('proxy_cpu_us_per_request')} |")
+          f"{median('total_p50_us')} | {median('proxy_cpu_us_per_request')} | {median('client_service_p50_us')} | {halts} |")
 PY

@@ -6,19 +6,24 @@
 #   - open-loop runs at 500, 2000 and 5000 req/s, non-streaming and streaming, with latency
 #     measured from each request's scheduled send time and the proxy's CPU time per request;
 #     then max requests/s (closed loop, 64 connections);
-#   - Skein's RSS idle, and its peak up to 5000 req/s.
-# Usage: benches/run.sh [--quick] [--repeat N]   (results: benches/results/<timestamp>.jsonl
+#   - Skein's RSS idle, and its peak up to 5000 req/s;
+#   - for every open-loop run, the halts per request of each core (a halted vCPU of a VM waits
+#     for the hypervisor to wake it).
+# Usage: benches/run.sh [--quick] [--repeat N] [--halt-poll NS]   (results: benches/results/<timestamp>.jsonl
 # and Markdown tables; with --repeat, every run is repeated N times, interleaved, and
-# the tables show the median of each figure, which steadies the noise of a shared VM)
+# the tables show the median of each figure, which steadies the noise of a shared VM; with
+# --halt-poll, an idle vCPU polls up to NS ns before halting, for this run only: see
+# benches/README.md, "Halts")
 # Needs: taskset (util-linux) and nginx (Debian nginx-light; installed if missing, as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-duration=10; warmup=2; repeat=1
+duration=10; warmup=2; repeat=1; poll=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) duration=3; warmup=1 ;;
     --repeat) repeat=$2; shift ;;
+    --halt-poll) poll=$2; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -30,6 +35,7 @@ if ! command -v nginx >/dev/null; then
 fi
 
 . benches/lib.sh
+[ -n "$poll" ] && set_halt_poll "$poll"
 
 start_mock
 start_skein
@@ -52,6 +58,7 @@ load() { # label url body rate
     --duration-secs "$duration" --warmup-secs "$warmup" --connections 64 --label "$1"
 }
 
+echo "{\"label\":\"setup\",\"guest_halt_poll_ns\":\"$(halt_poll)\"}" | tee -a "$results"
 echo "{\"label\":\"rss_idle\",\"skein_rss_kib\":$(rss_kib $skein_pid VmRSS)}" | tee -a "$results"
 for round in $(seq 1 "$repeat"); do
   for rate in 500 2000 5000; do
@@ -60,13 +67,17 @@ for round in $(seq 1 "$repeat"); do
       for mode in unary stream; do
         request_body=$body; [ "$mode" = stream ] && request_body=$stream_body
         before=0; [ -n "$proxy_pid" ] && before=$(cpu_ticks "$proxy_pid")
+        halts_before="$(halts 0) $(halts 1)"
         line=$(load "$target/$mode/$rate" "$url" "$request_body" "$rate")
+        halts_after="$(halts 0) $(halts 1)"
         # The proxy's CPU time per request over the run, warm-up included (ticks of 1/CLK_TCK s).
         cpu="null"
         if [ -n "$proxy_pid" ]; then
           cpu=$(python3 -c "print(round(($(cpu_ticks "$proxy_pid") - $before) / $hz * 1e6 / ($rate * ($duration + $warmup)), 1))")
         fi
-        echo "${line%\}},\"proxy_cpu_us_per_request\":$cpu}" | tee -a "$results"
+        # Halts per request of core 0 (the proxy) and core 1 (the mock and the load generator).
+        per_request=$(python3 -c "import sys; b, a = sys.argv[1].split(), sys.argv[2].split(); print([round((int(y) - int(x)) / ($rate * ($duration + $warmup)), 2) for x, y in zip(b, a)])" "$halts_before" "$halts_after")
+        echo "${line%\}},\"proxy_cpu_us_per_request\":$cpu,\"halts_per_request\":$per_request}" | tee -a "$results"
       done
     done
   done

@@ -22,6 +22,9 @@ def median_run(records):
     cpu = [record["proxy_cpu_us_per_request"] for record in records if record.get("proxy_cpu_us_per_request") is not None]
     if cpu:
         merged["proxy_cpu_us_per_request"] = statistics.median(cpu)
+    halts = [record["halts_per_request"] for record in records if record.get("halts_per_request")]
+    if halts:
+        merged["halts_per_request"] = [statistics.median(core) for core in zip(*halts)]
     merged["repeats"] = len(records)
     return merged
 
@@ -29,19 +32,24 @@ def median_run(records):
 def main(path):
     grouped = {}
     extra = {}
+    setup = {}
     with open(path) as lines:
         for line in lines:
             line = line.strip()
             if not line:
                 continue
             record = json.loads(line)
-            if "skein_rss_kib" in record:
+            if record.get("label") == "setup":
+                setup = record
+            elif "skein_rss_kib" in record:
                 extra[record["label"]] = record["skein_rss_kib"]
             else:
                 grouped.setdefault(record["label"], []).append(record)
     runs = {label: median_run(records) for label, records in grouped.items()}
     repeats = max(len(records) for records in grouped.values()) if grouped else 0
     print(f"\nFigures are medians over {repeats} interleaved run(s) of each.")
+    if setup.get("guest_halt_poll_ns") not in (None, "off"):
+        print(f"The guest's halt polling (guest_halt_poll_ns) was {setup['guest_halt_poll_ns']} ns.")
 
     print("\n### Max throughput (closed loop, 64 connections)\n")
     print("| target | req/s | errors | proxy CPU (cores) | req/s per proxy core |")
@@ -112,6 +120,19 @@ def main(path):
         print("| mode | req/s | nginx | skein | skein ÷ nginx |")
         print("|---|---:|---:|---:|---:|")
         print("\n".join(cpu_rows))
+
+    halt_rows = []
+    for mode in ["unary", "stream"]:
+        for rate in [500, 2000, 5000]:
+            row = [runs.get(f"{target}/{mode}/{rate}") for target in ("direct", "nginx", "skein")]
+            if all(row) and all(run.get("halts_per_request") for run in row):
+                cells = [" / ".join(f"{core:.2f}" for core in run["halts_per_request"]) for run in row]
+                halt_rows.append(f"| {mode} | {rate} | {cells[0]} | {cells[1]} | {cells[2]} |")
+    if halt_rows:
+        print("\n### Halts per request, core 0 (the proxy) / core 1 (the mock and the load generator)\n")
+        print("| mode | req/s | direct | nginx | skein |")
+        print("|---|---:|---:|---:|---:|")
+        print("\n".join(halt_rows))
 
     print("\n### Memory (Skein)\n")
     for label in ["rss_idle", "rss_peak_to_5000", "rss_after_max"]:
