@@ -71,6 +71,9 @@ struct Inner {
 #[derive(Default)]
 pub struct Ledger {
     inner: Mutex<Inner>,
+    /// Told when a reservation asks for an early flush, so that the task recording spend need
+    /// not poll for it.
+    flush_waker: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Inner {
@@ -107,6 +110,13 @@ impl Ledger {
     /// Set this node's id (spend batches are recorded under it).
     pub fn set_node(&self, node: u64) {
         self.lock().node = node;
+    }
+
+    /// Call `wake` whenever a reservation asks for an early flush (see
+    /// [`Ledger::take_flush_wanted`]). Set once, by the task that records spend; later calls
+    /// are ignored.
+    pub fn on_flush_wanted(&self, wake: impl Fn() + Send + Sync + 'static) {
+        let _ = self.flush_waker.set(Box::new(wake));
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -153,6 +163,9 @@ impl Ledger {
                 let share_only = remaining >= needed;
                 if share_only {
                     inner.flush_wanted = true;
+                    if let Some(wake) = self.flush_waker.get() {
+                        wake();
+                    }
                 }
                 return Err(BudgetExceeded {
                     budget_id: budget.id.clone(),
@@ -466,6 +479,13 @@ mod tests {
     fn each_of_n_nodes_may_hold_a_share_of_what_remains() {
         let state = state_with_budget(900);
         let ledger = Ledger::new();
+        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        {
+            let woken = woken.clone();
+            ledger.on_flush_wanted(move || {
+                woken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
         // Three nodes: this one may have 300 unrecorded or held.
         let held = ledger
             .reserve(&state, "k", 200, 0, 3)
@@ -475,6 +495,11 @@ mod tests {
             .err()
             .expect("beyond the share");
         assert!(refused.share_only, "the budget itself has room");
+        assert_eq!(
+            woken.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the recording task is told at once"
+        );
         assert!(ledger.take_flush_wanted());
         assert!(!ledger.take_flush_wanted());
         drop(held);

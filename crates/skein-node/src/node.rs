@@ -619,17 +619,33 @@ async fn prune_limits(app: Arc<AppState>) {
 pub const SPEND_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Record settled spend in Raft every `interval`, and at once when a reservation ran into
-/// this node's share of a budget (checked ten times per interval).
+/// this node's share of a budget: the ledger says so, rather than being polled for it, so an
+/// idle node wakes once per interval. Early flushes are at least a tenth of the interval
+/// apart, so refusals that keep coming cannot turn this into a busy loop.
 async fn flush_spend_every(control: ControlPlane, ledger: Arc<Ledger>, interval: Duration) {
-    let mut ticks = tokio::time::interval(interval / 10);
+    let wanted = Arc::new(tokio::sync::Notify::new());
+    {
+        let wanted = wanted.clone();
+        ledger.on_flush_wanted(move || wanted.notify_one());
+    }
+    let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = tokio::time::Instant::now();
     loop {
-        ticks.tick().await;
-        if ledger.take_flush_wanted() || last.elapsed() >= interval {
-            last = tokio::time::Instant::now();
-            flush_spend(&control, &ledger).await;
+        tokio::select! {
+            _ = ticks.tick() => {
+                // This flush covers an early one asked for meanwhile.
+                let _ = ledger.take_flush_wanted();
+            }
+            () = wanted.notified() => {
+                tokio::time::sleep_until(last + interval / 10).await;
+                if !ledger.take_flush_wanted() {
+                    continue;
+                }
+            }
         }
+        last = tokio::time::Instant::now();
+        flush_spend(&control, &ledger).await;
     }
 }
 
