@@ -1,6 +1,7 @@
 # Shared by the benchmark scripts (sourced, not run): the release binaries, a work directory,
 # the processes started (stopped, and the directory removed, on exit), free ports, and waiting
-# for a line in a log.
+# for a line in a log, halt counts, and the figures every script records per run.
+command -v taskset >/dev/null || { echo "taskset is required (util-linux)" >&2; exit 1; }
 cargo build --release -p skein-node -p skein-mock -p skein-benches --bins
 bin="${CARGO_TARGET_DIR:-target}/release"
 
@@ -34,6 +35,14 @@ halts() {
 # The guest's halt polling (the cpuidle haltpoll driver's guest_halt_poll_ns): "off" when the
 # guest has no such driver.
 halt_poll() { if [ -r "$halt_poll_param" ]; then cat "$halt_poll_param"; else echo off; fi; }
+# The first line of a result file: how the machine was set up for the run.
+setup_record() { echo "{\"label\":\"setup\",\"guest_halt_poll_ns\":\"$(halt_poll)\"}"; }
+# Both cores' halts so far, for halts_per_request.
+halts_now() { echo "$(halts 0) $(halts 1)"; }
+# before after requests: halts per request of core 0 and core 1, as a JSON list.
+halts_per_request() {
+  python3 -c "import sys; b, a, n = sys.argv[1].split(), sys.argv[2].split(), max(float(sys.argv[3]), 1); print([round((int(y) - int(x)) / n, 2) for x, y in zip(b, a)])" "$1" "$2" "$3"
+}
 # Sets guest_halt_poll_ns for this run (put back on exit): an idle vCPU then polls up to that
 # many ns before it halts, which takes the hypervisor's wake-up latency out of a measurement.
 set_halt_poll() {
@@ -86,6 +95,7 @@ start_skein() {
 # Sets nginx_url, and nginx_worker (the worker's pid).
 start_nginx() {
   local port mock_hostport
+  command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light; }
   port=$(free_port)
   mock_hostport=${mock_url#http://}
   mkdir -p "$work/nginx/logs"

@@ -25,9 +25,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-for tool in nginx tcpdump; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light tcpdump; }
-done
+command -v tcpdump >/dev/null || { apt-get update -qq && apt-get install -y -qq tcpdump; }
 
 . benches/lib.sh
 [ -n "$poll" ] && set_halt_poll "$poll"
@@ -52,15 +50,15 @@ for round in $(seq 1 "$repeat"); do
     pids+=($capture)
     wait_for_line "$work/tcpdump.log" 'listening on' > /dev/null
     before=$(cpu_ticks "$pid")
-    halts_before="$(halts 0) $(halts 1)"
+    halts_before=$(halts_now)
     line=$(taskset -c 1 "$bin/skein-load" --url "$url/v1/chat/completions" --body "$request_body" \
       --rate "$rate" --duration-secs "$duration" --warmup-secs 0 --connections 64 --label "$target/$mode/$rate")
     after=$(cpu_ticks "$pid")
-    halts_after="$(halts 0) $(halts 1)"
+    halts_after=$(halts_now)
     kill -INT "$capture"; wait "$capture" 2>/dev/null || true
     sent=$(python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(r['ok'] + r['errors'])" "$line")
     cpu_us=$(python3 -c "print(round(($after - $before) / $hz * 1e6 / max($sent, 1), 1))")
-    per_request=$(python3 -c "import sys; b, a = sys.argv[1].split(), sys.argv[2].split(); print([round((int(y) - int(x)) / max($sent, 1), 2) for x, y in zip(b, a)])" "$halts_before" "$halts_after")
+    per_request=$(halts_per_request "$halts_before" "$halts_after" "$sent")
     tcpdump -r "$work/$target.pcap" -n -tt --time-stamp-precision=nano 2>/dev/null > "$work/$target.txt"
     python3 benches/phases.py "$work/$target.txt" "$port" "$mock_port" "$target/$mode/$rate" "$cpu_us" "$line" "$per_request" \
       | tee -a "$results"

@@ -29,11 +29,6 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-command -v taskset >/dev/null || { echo "taskset is required (util-linux)"; exit 1; }
-if ! command -v nginx >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq nginx-light
-fi
-
 . benches/lib.sh
 [ -n "$poll" ] && set_halt_poll "$poll"
 
@@ -58,7 +53,7 @@ load() { # label url body rate
     --duration-secs "$duration" --warmup-secs "$warmup" --connections 64 --label "$1"
 }
 
-echo "{\"label\":\"setup\",\"guest_halt_poll_ns\":\"$(halt_poll)\"}" | tee -a "$results"
+setup_record | tee -a "$results"
 echo "{\"label\":\"rss_idle\",\"skein_rss_kib\":$(rss_kib $skein_pid VmRSS)}" | tee -a "$results"
 for round in $(seq 1 "$repeat"); do
   for rate in 500 2000 5000; do
@@ -67,16 +62,16 @@ for round in $(seq 1 "$repeat"); do
       for mode in unary stream; do
         request_body=$body; [ "$mode" = stream ] && request_body=$stream_body
         before=0; [ -n "$proxy_pid" ] && before=$(cpu_ticks "$proxy_pid")
-        halts_before="$(halts 0) $(halts 1)"
+        halts_before=$(halts_now)
         line=$(load "$target/$mode/$rate" "$url" "$request_body" "$rate")
-        halts_after="$(halts 0) $(halts 1)"
+        halts_after=$(halts_now)
         # The proxy's CPU time per request over the run, warm-up included (ticks of 1/CLK_TCK s).
         cpu="null"
         if [ -n "$proxy_pid" ]; then
           cpu=$(python3 -c "print(round(($(cpu_ticks "$proxy_pid") - $before) / $hz * 1e6 / ($rate * ($duration + $warmup)), 1))")
         fi
         # Halts per request of core 0 (the proxy) and core 1 (the mock and the load generator).
-        per_request=$(python3 -c "import sys; b, a = sys.argv[1].split(), sys.argv[2].split(); print([round((int(y) - int(x)) / ($rate * ($duration + $warmup)), 2) for x, y in zip(b, a)])" "$halts_before" "$halts_after")
+        per_request=$(halts_per_request "$halts_before" "$halts_after" "$((rate * (duration + warmup)))")
         echo "${line%\}},\"proxy_cpu_us_per_request\":$cpu,\"halts_per_request\":$per_request}" | tee -a "$results"
       done
     done

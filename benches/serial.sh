@@ -20,11 +20,6 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-command -v taskset >/dev/null || { echo "taskset is required (util-linux)"; exit 1; }
-if ! command -v nginx >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq nginx-light
-fi
-
 . benches/lib.sh
 [ -n "$poll" ] && set_halt_poll "$poll"
 start_mock
@@ -33,7 +28,7 @@ start_nginx
 
 mkdir -p benches/results
 results="benches/results/serial-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
-echo "{\"label\":\"setup\",\"guest_halt_poll_ns\":\"$(halt_poll)\"}" >> "$results"
+setup_record >> "$results"
 for round in $(seq 1 "$rounds"); do
   for target in direct nginx skein; do
     case $target in
