@@ -55,11 +55,18 @@ struct Args {
     /// A name for this run in the output.
     #[arg(long, default_value = "run")]
     label: String,
+    /// Also write every measured request to this file, one line each: due time (µs after the
+    /// measurement began), service time (µs) and whether it succeeded, for finding when the slow
+    /// ones happened.
+    #[arg(long)]
+    samples: Option<std::path::PathBuf>,
 }
 
 /// One finished request.
 struct Sample {
     measured: bool,
+    /// The scheduled send time, µs after the measurement began (0 for warm-up requests).
+    due_us: u64,
     ok: bool,
     /// From the scheduled send time (includes any delay in sending: no coordinated omission).
     latency_us: u64,
@@ -174,9 +181,20 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
     let mut ttfbs = Vec::new();
     let mut services = Vec::new();
     let mut errors = 0u64;
+    let mut lines = String::new();
     while let Some(sample) = receiver.recv().await {
         if !sample.measured {
             continue;
+        }
+        if args.samples.is_some() {
+            use std::fmt::Write as _;
+            let _ = writeln!(
+                lines,
+                "{} {} {}",
+                sample.due_us,
+                sample.service_us,
+                u8::from(sample.ok)
+            );
         }
         if sample.ok {
             latencies.push(sample.latency_us);
@@ -185,6 +203,10 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         } else {
             errors += 1;
         }
+    }
+    if let Some(path) = &args.samples {
+        std::fs::write(path, lines)
+            .with_context(|| format!("writing the samples to {}", path.display()))?;
     }
     let ok = latencies.len() as u64;
     Ok(json!({
@@ -211,8 +233,14 @@ async fn send(
     measure_from: Instant,
 ) -> Sample {
     let measured = due >= measure_from;
+    let due_us = due
+        .checked_duration_since(measure_from)
+        .map_or(0, |offset| {
+            u64::try_from(offset.as_micros()).unwrap_or(u64::MAX)
+        });
     let failed = Sample {
         measured,
+        due_us,
         ok: false,
         latency_us: 0,
         ttfb_us: 0,
@@ -249,6 +277,7 @@ async fn send(
     let micros = |duration: Duration| u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
     Sample {
         measured,
+        due_us,
         ok,
         latency_us: micros(latency),
         ttfb_us: micros(ttfb.unwrap_or(latency)),
