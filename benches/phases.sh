@@ -29,6 +29,7 @@ command -v tcpdump >/dev/null || { apt-get update -qq && apt-get install -y -qq 
 
 . benches/lib.sh
 [ -n "$poll" ] && set_halt_poll "$poll"
+clear_proxy_core
 start_mock
 start_skein
 start_nginx

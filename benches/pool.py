@@ -21,6 +21,7 @@ TARGETS = ("direct", "nginx", "skein")
 def load(paths):
     """{(target, mode, rate): [service percentiles of each repeat]} over every file."""
     pooled = {}
+    setups = set()
     for path in paths:
         with open(path) as lines:
             for line in lines:
@@ -28,12 +29,17 @@ def load(paths):
                 if not line:
                     continue
                 record = json.loads(line)
-                if record.get("label") == "setup" and record.get("guest_halt_poll_ns") not in (None, "0", "off"):
-                    sys.exit(f"{path} was run with halt polling; pool only runs with the machine as it comes")
+                if record.get("label") == "setup":
+                    if record.get("guest_halt_poll_ns") not in (None, "0", "off"):
+                        sys.exit(f"{path} was run with halt polling; pool only runs with the machine as it comes")
+                    # Runs from before the benchmark kept core 0 clear of kdamond have no such key.
+                    setups.add(record.get("kdamond_kept_off_core0", "not recorded"))
                 if record.get("mode") != "open":
                     continue
                 target, mode, rate = record["label"].split("/")
                 pooled.setdefault((target, mode, int(rate)), []).append(record["service"])
+    if len(setups) > 1:
+        sys.exit("these files mix runs with and without core 0 cleared of kdamond; pool them separately")
     return pooled
 
 

@@ -31,6 +31,7 @@ done
 
 . benches/lib.sh
 [ -n "$poll" ] && set_halt_poll "$poll"
+clear_proxy_core
 
 start_mock
 start_skein

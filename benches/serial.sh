@@ -22,6 +22,7 @@ while [ $# -gt 0 ]; do
 done
 . benches/lib.sh
 [ -n "$poll" ] && set_halt_poll "$poll"
+clear_proxy_core
 start_mock
 start_skein
 start_nginx

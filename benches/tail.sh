@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# When do the slow requests happen? Open-loop load at one rate (64 connections, placed as in
+# benches/run.sh) to the mock directly, through nginx and through Skein, in interleaved rounds,
+# with every request's due time and service time kept (skein-load --samples). benches/tail.py
+# then groups the slow requests into episodes (slow requests less than 5 ms apart) and checks
+# whether they recur with the period of any of Skein's own timers (a 100 ms phase histogram).
+# Usage: benches/tail.sh [--mode unary|stream] [--rate R] [--duration S] [--rounds N]
+#                        [--slow US] [--halt-poll NS]
+# Results: benches/results/tail-<timestamp>.jsonl (one summary per run; the samples themselves
+# are not kept).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=stream; rate=5000; duration=20; rounds=2; slow=500; poll=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --mode) mode=$2; shift ;;
+    --rate) rate=$2; shift ;;
+    --duration) duration=$2; shift ;;
+    --rounds) rounds=$2; shift ;;
+    --slow) slow=$2; shift ;;
+    --halt-poll) poll=$2; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+. benches/lib.sh
+[ -n "$poll" ] && set_halt_poll "$poll"
+clear_proxy_core
+start_mock
+start_skein
+start_nginx
+
+mkdir -p benches/results
+results="benches/results/tail-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
+setup_record >> "$results"
+request_body=$body; [ "$mode" = stream ] && request_body=$stream_body
+for round in $(seq 1 "$rounds"); do
+  for target in direct nginx skein; do
+    case $target in
+      direct) url=$mock_url ;;
+      nginx) url=$nginx_url ;;
+      skein) url=$skein_url ;;
+    esac
+    taskset -c 1 "$bin/skein-load" --url "$url/v1/chat/completions" --body "$request_body" \
+      --rate "$rate" --connections 64 --duration-secs "$duration" --warmup-secs 2 \
+      --label "$target/$mode/$rate" --samples "$work/samples" > "$work/report"
+    python3 benches/tail.py "$work/report" "$work/samples" "$slow" >> "$results"
+  done
+done
+python3 benches/tail.py --table "$results"
+echo "results: $results"
