@@ -41,6 +41,20 @@ setup_record() {
   echo "{\"label\":\"setup\",\"guest_halt_poll_ns\":\"$(halt_poll)\",\"kdamond_kept_off_core0\":${#housekeeping[@]}}"
 }
 
+# Both cores' halts so far, for halts_per_request.
+halts_now() { echo "$(halts 0) $(halts 1)"; }
+# before after requests: halts per request of core 0 and core 1, as a JSON list.
+halts_per_request() {
+  python3 -c "import sys; b, a, n = sys.argv[1].split(), sys.argv[2].split(), max(float(sys.argv[3]), 1); print([round((int(y) - int(x)) / n, 2) for x, y in zip(b, a)])" "$1" "$2" "$3"
+}
+# Sets guest_halt_poll_ns for this run (put back on exit): an idle vCPU then polls up to that
+# many ns before it halts, which takes the hypervisor's wake-up latency out of a measurement.
+set_halt_poll() {
+  [ -w "$halt_poll_param" ] || { echo "no writable $halt_poll_param: --halt-poll needs the haltpoll cpuidle driver, as root" >&2; exit 1; }
+  halt_poll_before=$(cat "$halt_poll_param")
+  echo "$1" > "$halt_poll_param"
+}
+
 # The kernel's DAMON thread (kdamond), when the machine runs one, wakes every half second for
 # about 1 ms and every 5 s for about 20-30 ms, on whichever core is idle when it wakes. On the
 # proxy's core 0 it stalls the proxy (nginx or Skein alike), while the direct baseline, which
