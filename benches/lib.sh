@@ -9,12 +9,15 @@ work=$(mktemp -d)
 pids=()
 halt_poll_param=/sys/module/haltpoll/parameters/guest_halt_poll_ns
 halt_poll_before=""
+housekeeping=()
+# Puts the machine back first (kdamond's affinity, halt polling), so that a failure further
+# down cannot leave it changed.
 cleanup() {
+  restore_housekeeping
+  if [ -n "$halt_poll_before" ]; then echo "$halt_poll_before" > "$halt_poll_param" || true; fi
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$work"
-  if [ -n "$halt_poll_before" ]; then echo "$halt_poll_before" > "$halt_poll_param"; fi
-  restore_housekeeping
+  rm -rf "$work" || true
 }
 trap cleanup EXIT
 
@@ -56,18 +59,21 @@ set_halt_poll() {
 }
 
 # The kernel's DAMON thread (kdamond), when the machine runs one, wakes every half second for
-# about 1 ms and every 5 s for about 20-30 ms, on whichever core is idle when it wakes. On the
-# proxy's core 0 it stalls the proxy (nginx or Skein alike), while the direct baseline, which
-# leaves core 0 idle, never pays for it. clear_proxy_core keeps it on core 1 for the run, where
-# it delays the mock and the load generator in all three setups alike, and gives it back its
-# own affinity on exit. Needs root; without it the run goes on as the machine is.
-housekeeping=()
+# about 1 ms and every 5 s for about 20-30 ms, on whichever core is idle when it wakes; on the
+# proxy's core 0 it stalls the proxy, while the direct baseline, which leaves core 0 idle, does
+# not pay for it. --kdamond-off (a diagnostic, like --halt-poll; the targets are judged without
+# it) keeps it on core 1 for the run and gives it back its affinity on exit. Its stalls then
+# fall on the load generator's core, where the service time mostly does not see them.
 clear_proxy_core() {
-  local pid mask
+  local pid mask all
+  all=$(printf '%x' $(( (1 << $(nproc)) - 1 )))
   for pid in $(pgrep '^kdamond' || true); do
     mask=$(taskset -p "$pid" 2>/dev/null | awk '{print $NF}') || continue
+    # A mask of 2 is most likely left over from a run that was killed: give back all cores.
+    [ "$mask" = 2 ] && mask=$all
     if taskset -p 2 "$pid" > /dev/null 2>&1; then housekeeping+=("$pid:$mask"); fi
   done
+  [ ${#housekeeping[@]} -gt 0 ] || echo "--kdamond-off: no kdamond thread moved (none running, or not root)" >&2
 }
 restore_housekeeping() {
   local entry

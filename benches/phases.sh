@@ -8,12 +8,12 @@
 # It also reports the proxy's CPU time per request during the run (from /proc), and the load
 # generator's own service latency p50/p99 over the same run (every request, from the client).
 # And it counts the halts per request of each core (see benches/README.md, "Halts").
-# Usage: benches/phases.sh [--rate R] [--unary] [--repeat N] [--duration S] [--halt-poll NS]
+# Usage: benches/phases.sh [--rate R] [--unary] [--repeat N] [--duration S] [--halt-poll NS] [--kdamond-off]
 # Needs: taskset, nginx and tcpdump (installed if missing, as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-rate=500; mode=stream; repeat=3; duration=5; poll=""
+rate=500; mode=stream; repeat=3; duration=5; poll=""; kdamond_off=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rate) rate=$2; shift ;;
@@ -21,6 +21,7 @@ while [ $# -gt 0 ]; do
     --repeat) repeat=$2; shift ;;
     --duration) duration=$2; shift ;;
     --halt-poll) poll=$2; shift ;;
+    --kdamond-off) kdamond_off=1 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -29,7 +30,7 @@ command -v tcpdump >/dev/null || { apt-get update -qq && apt-get install -y -qq 
 
 . benches/lib.sh
 [ -n "$poll" ] && set_halt_poll "$poll"
-clear_proxy_core
+[ -n "$kdamond_off" ] && clear_proxy_core
 start_mock
 start_skein
 start_nginx

@@ -1,10 +1,12 @@
-"""Pool the open-loop runs of several benches/run.sh result files (the same proxy, the machine
-as it comes) and estimate each latency target from all their repeats together.
+"""Pool the open-loop runs of several benches/run.sh result files (the same proxy, the same
+setup) and estimate each latency target from all their repeats together.
 
 One run's verdict on a latency point rests on the median of a few 10 s repeats, and on this VM
 a single repeat's p99 can double when the host stalls a vCPU for a few tens of milliseconds.
-Pooling the repeats of many runs gives a steadier estimate of the ratio the target is about,
-and a bootstrap interval shows how far sampling noise alone moves it.
+Pooling the repeats of many runs gives a steadier estimate of the ratio the target is about.
+The interval is a bootstrap over rounds: round k of a file holds the k-th direct, nginx and
+Skein repeat of a point, run one after the other, and is resampled as a whole so the three
+stay paired.
 
 Usage: python3 benches/pool.py benches/results/A.jsonl benches/results/B.jsonl ...
 """
@@ -18,73 +20,77 @@ KEYS = {"p50": ("p50_us", 1.5), "p99": ("p99_us", 2.0)}
 TARGETS = ("direct", "nginx", "skein")
 
 
-def load(paths):
-    """{(target, mode, rate): [service percentiles of each repeat]} over every file."""
-    pooled = {}
-    setups = set()
-    for path in paths:
-        with open(path) as lines:
-            for line in lines:
-                line = line.strip()
-                if not line:
-                    continue
-                record = json.loads(line)
-                if record.get("label") == "setup":
-                    if record.get("guest_halt_poll_ns") not in (None, "0", "off"):
-                        sys.exit(f"{path} was run with halt polling; pool only runs with the machine as it comes")
-                    # Runs from before the benchmark kept core 0 clear of kdamond have no such key.
-                    setups.add(record.get("kdamond_kept_off_core0", "not recorded"))
-                if record.get("mode") != "open":
-                    continue
+def setup_of(record):
+    if record.get("guest_halt_poll_ns") not in (None, "0", "off"):
+        return "halt polling"
+    return "kdamond off core 0" if record.get("kdamond_kept_off_core0", 0) else "as the machine runs"
+
+
+def load(path):
+    """({(mode, rate): [(direct, nginx, skein) service percentiles of round k]}, setup)."""
+    setup = "as the machine runs"
+    repeats = {}
+    with open(path) as lines:
+        for line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            record = json.loads(line)
+            if record.get("label") == "setup":
+                setup = setup_of(record)
+            elif record.get("mode") == "open":
                 target, mode, rate = record["label"].split("/")
-                pooled.setdefault((target, mode, int(rate)), []).append(record["service"])
-    if len(setups) > 1:
-        sys.exit("these files mix runs with and without core 0 cleared of kdamond; pool them separately")
-    return pooled
+                repeats.setdefault((mode, int(rate)), {}).setdefault(target, []).append(record["service"])
+    rounds = {}
+    for point, by_target in repeats.items():
+        if all(target in by_target for target in TARGETS):
+            rounds[point] = list(zip(*(by_target[target] for target in TARGETS)))
+    return rounds, setup
 
 
-def ratio(direct, nginx, skein, key):
-    """Skein's added latency over nginx's, from the medians of the given repeats."""
-    d = statistics.median(run[key] for run in direct)
-    n = statistics.median(run[key] for run in nginx) - d
-    s = statistics.median(run[key] for run in skein) - d
-    return (s / n if n > 0 else float("inf")), n, s
+def figures(rounds, key):
+    """Added latency of nginx and Skein and Skein's ratio, from the medians over the rounds."""
+    d, n, s = (statistics.median(r[i][key] for r in rounds) for i in range(3))
+    added_n, added_s = max(n - d, 0), max(s - d, 0)
+    ratio = added_s / added_n if added_n > 0 else float("inf")
+    return ratio, added_n, added_s, n, s
+
+
+def met(rounds, key, factor):
+    """The rule summarize.py applies: Skein adds at most factor × what nginx adds, or Skein's
+    own percentile is no worse than nginx's."""
+    _, added_n, added_s, n, s = figures(rounds, key)
+    return round(added_s) <= factor * round(added_n) or round(s) <= round(n)
 
 
 def main(paths):
-    pooled = load(paths)
+    files = [load(path) for path in paths]
+    setups = {setup for _, setup in files}
+    if len(setups) > 1:
+        sys.exit(f"these files mix setups ({', '.join(sorted(setups))}); pool them separately")
     rng = random.Random(7)
-    print(f"Pooled over {len(paths)} result files.\n")
-    print("| mode | req/s | repeats | percentile | nginx added | skein added | ratio | 90% bootstrap interval | target | runs meeting it alone |")
+    print(f"Pooled over {len(paths)} result files ({setups.pop()}).\n")
+    print("| mode | req/s | rounds | percentile | nginx added | skein added | ratio | 90% bootstrap interval | verdict | runs meeting it alone |")
     print("|---|---:|---:|---|---:|---:|---:|---|---|---|")
     for mode in ("unary", "stream"):
         for rate in (500, 2000, 5000):
-            runs = [pooled.get((target, mode, rate), []) for target in TARGETS]
-            if not all(runs):
+            per_file = [rounds[(mode, rate)] for rounds, _ in files if (mode, rate) in rounds]
+            pooled = [r for rounds in per_file for r in rounds]
+            if not pooled:
                 continue
             for name, (key, factor) in KEYS.items():
-                point, n, s = ratio(*runs, key)
-                draws = sorted(
-                    ratio(*[[rng.choice(r) for _ in r] for r in runs], key)[0] for _ in range(2000)
-                )
+                ratio, added_n, added_s, _, _ = figures(pooled, key)
+                draws = sorted(figures([rng.choice(pooled) for _ in pooled], key)[0] for _ in range(2000))
                 low, high = draws[int(0.05 * len(draws))], draws[int(0.95 * len(draws)) - 1]
-                verdict = "met" if point <= factor else "NOT met"
-                alone = per_file(paths, mode, rate, key, factor)
-                print(f"| {mode} | {rate} | {len(runs[2])} | {name} | {n:.0f} | {s:.0f} | {point:.2f}× | {low:.2f}–{high:.2f}× | ≤{factor}× {verdict} | {alone} |")
-
-
-def per_file(paths, mode, rate, key, factor):
-    """In how many of the files the point was met on its own (as summarize.py judges it)."""
-    met = 0
-    for path in paths:
-        runs = load([path])
-        sets = [runs.get((target, mode, rate), []) for target in TARGETS]
-        if not all(sets):
-            continue
-        point, _, _ = ratio(*sets, key)
-        own_ok = statistics.median(r[key] for r in sets[2]) <= statistics.median(r[key] for r in sets[1])
-        met += point <= factor or own_ok
-    return f"{met} of {len(paths)}"
+                if not met(pooled, key, factor):
+                    verdict = f"NOT met (≤{factor}×)"
+                elif high <= factor:
+                    verdict = f"met (≤{factor}×), interval inside"
+                else:
+                    verdict = f"met (≤{factor}×), interval crosses"
+                alone = sum(met(rounds, key, factor) for rounds in per_file)
+                print(f"| {mode} | {rate} | {len(pooled)} | {name} | {added_n:.0f} | {added_s:.0f} | {ratio:.2f}× | "
+                      f"{low:.2f}–{high:.2f}× | {verdict} | {alone} of {len(per_file)} |")
 
 
 if __name__ == "__main__":

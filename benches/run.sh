@@ -9,7 +9,7 @@
 #   - Skein's RSS idle, and its peak up to 5000 req/s;
 #   - for every open-loop run, the halts per request of each core (a halted vCPU of a VM waits
 #     for the hypervisor to wake it).
-# Usage: benches/run.sh [--quick] [--repeat N] [--halt-poll NS]   (results: benches/results/<timestamp>.jsonl
+# Usage: benches/run.sh [--quick] [--repeat N] [--halt-poll NS] [--kdamond-off]   (results: benches/results/<timestamp>.jsonl
 # and Markdown tables; with --repeat, every run is repeated N times, interleaved, and
 # the tables show the median of each figure, which steadies the noise of a shared VM; with
 # --halt-poll, an idle vCPU polls up to NS ns before halting, for this run only: see
@@ -18,12 +18,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-duration=10; warmup=2; repeat=1; poll=""
+duration=10; warmup=2; repeat=1; poll=""; kdamond_off=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) duration=3; warmup=1 ;;
     --repeat) repeat=$2; shift ;;
     --halt-poll) poll=$2; shift ;;
+    --kdamond-off) kdamond_off=1 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -31,7 +32,7 @@ done
 
 . benches/lib.sh
 [ -n "$poll" ] && set_halt_poll "$poll"
-clear_proxy_core
+[ -n "$kdamond_off" ] && clear_proxy_core
 
 start_mock
 start_skein

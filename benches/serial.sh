@@ -5,24 +5,25 @@
 # latency is each proxy's own pass in and pass out. With --halt-poll NS (as root, on a guest
 # with the haltpoll cpuidle driver), an idle vCPU polls up to NS ns before it halts, which
 # takes the hypervisor's wake-ups out of the figures (see benches/README.md, "Halts").
-# Usage: benches/serial.sh [--rounds N] [--duration S] [--halt-poll NS]
+# Usage: benches/serial.sh [--rounds N] [--duration S] [--halt-poll NS] [--kdamond-off]
 # Results: benches/results/serial-<timestamp>.jsonl and a Markdown table of medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-rounds=5; duration=4; poll=""
+rounds=5; duration=4; poll=""; kdamond_off=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift ;;
     --duration) duration=$2; shift ;;
     --halt-poll) poll=$2; shift ;;
+    --kdamond-off) kdamond_off=1 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
 done
 . benches/lib.sh
 [ -n "$poll" ] && set_halt_poll "$poll"
-clear_proxy_core
+[ -n "$kdamond_off" ] && clear_proxy_core
 start_mock
 start_skein
 start_nginx

@@ -5,13 +5,13 @@
 # then groups the slow requests into episodes (slow requests less than 5 ms apart) and checks
 # whether they recur with the period of any of Skein's own timers (a 100 ms phase histogram).
 # Usage: benches/tail.sh [--mode unary|stream] [--rate R] [--duration S] [--rounds N]
-#                        [--slow US] [--halt-poll NS]
+#                        [--slow US] [--halt-poll NS] [--kdamond-off] [--kdamond-off]
 # Results: benches/results/tail-<timestamp>.jsonl (one summary per run; the samples themselves
 # are not kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-mode=stream; rate=5000; duration=20; rounds=2; slow=500; poll=""
+mode=stream; rate=5000; duration=20; rounds=2; slow=500; poll=""; kdamond_off=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --mode) mode=$2; shift ;;
@@ -20,13 +20,14 @@ while [ $# -gt 0 ]; do
     --rounds) rounds=$2; shift ;;
     --slow) slow=$2; shift ;;
     --halt-poll) poll=$2; shift ;;
+    --kdamond-off) kdamond_off=1 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
 done
 . benches/lib.sh
 [ -n "$poll" ] && set_halt_poll "$poll"
-clear_proxy_core
+[ -n "$kdamond_off" ] && clear_proxy_core
 start_mock
 start_skein
 start_nginx
