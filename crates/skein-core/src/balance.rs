@@ -86,10 +86,16 @@ pub fn order_deployments(route: &RouteRuntime) -> Vec<Arc<DeploymentRuntime>> {
     }
 }
 
+/// Latency differences this small are noise for a model call, not speed: the speed factor
+/// compares latencies with this much added to both, so two healthy deployments at 0.3 and 1 ms
+/// still share traffic about evenly, while one 40 ms slower than the other gets little.
+const LATENCY_SLACK_US: f64 = 2_000.0;
+
 /// A deployment's share under the adaptive strategy: its weight, times the square of the
-/// cluster's success rate on it, times how close its latency is to the route's fastest, times
-/// 1/20 when every key of its provider is nearly out of upstream quota. Never zero, so a
-/// deployment that recovers gets traffic again (and its error rate fades meanwhile).
+/// cluster's success rate on it, times how close its latency is to the route's fastest (with
+/// [`LATENCY_SLACK_US`] added to both), times 1/20 when every key of its provider is nearly
+/// out of upstream quota. Never zero, so a deployment that recovers gets traffic again (and its
+/// error rate fades meanwhile).
 pub fn adaptive_score(
     deployment: &DeploymentRuntime,
     best_latency_us: Option<u64>,
@@ -99,7 +105,9 @@ pub fn adaptive_score(
         .clamp(0.0, 1.0)
         .powi(2);
     let speed = match (best_latency_us, deployment.cluster_latency_us()) {
-        (Some(best), latency) if latency > 0 => best as f64 / latency as f64,
+        (Some(best), latency) if latency > 0 => {
+            (best as f64 + LATENCY_SLACK_US) / (latency as f64 + LATENCY_SLACK_US)
+        }
         _ => 1.0,
     };
     let quota = if deployment

@@ -461,11 +461,18 @@ mod tests {
             },
         ]);
         assert!(adaptive_score(deployment, None, now) <= 20);
-        // Healthy again, but four times slower than the route's fastest deployment.
+        // Healthy again, but 30 ms slower than the route's fastest deployment (with the 2 ms
+        // slack: 12 / 42 of the score).
         deployment.remote.set(&[DeploymentReport {
             error_ppm: 0,
-            latency_us: 4_000,
+            latency_us: 40_000,
         }]);
-        assert_eq!(adaptive_score(deployment, Some(1_000), now), 250);
+        assert_eq!(adaptive_score(deployment, Some(10_000), now), 286);
+        // A sub-millisecond difference hardly counts: 1 ms against the fastest's 0.3 ms.
+        deployment.remote.set(&[DeploymentReport {
+            error_ppm: 0,
+            latency_us: 1_000,
+        }]);
+        assert_eq!(adaptive_score(deployment, Some(300), now), 767);
     }
 }
