@@ -82,6 +82,16 @@ restore_housekeeping() {
   done
 }
 
+# What every comparison script does after parsing its options: set up the machine as asked
+# (--halt-poll NS in $poll, --kdamond-off in $kdamond_off), then start the mock, Skein and nginx.
+prepare_and_start() {
+  if [ -n "${poll:-}" ]; then set_halt_poll "$poll"; fi
+  if [ -n "${kdamond_off:-}" ]; then clear_proxy_core; fi
+  start_mock
+  start_skein
+  start_nginx
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_for_line() { # file, regex: prints the first match; waits up to 30 s
   for _ in $(seq 1 1500); do

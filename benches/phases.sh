@@ -29,11 +29,7 @@ done
 command -v tcpdump >/dev/null || { apt-get update -qq && apt-get install -y -qq tcpdump; }
 
 . benches/lib.sh
-[ -n "$poll" ] && set_halt_poll "$poll"
-[ -n "$kdamond_off" ] && clear_proxy_core
-start_mock
-start_skein
-start_nginx
+prepare_and_start
 mock_port=${mock_url##*:}
 request_body=$stream_body; [ "$mode" = unary ] && request_body=$body
 

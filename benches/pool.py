@@ -11,10 +11,11 @@ stay paired.
 Usage: python3 benches/pool.py benches/results/A.jsonl benches/results/B.jsonl ...
 """
 
-import json
 import random
 import statistics
 import sys
+
+from summarize import records
 
 KEYS = {"p50": ("p50_us", 1.5), "p99": ("p99_us", 2.0)}
 TARGETS = ("direct", "nginx", "skein")
@@ -30,17 +31,12 @@ def load(path):
     """({(mode, rate): [(direct, nginx, skein) service percentiles of round k]}, setup)."""
     setup = "as the machine runs"
     repeats = {}
-    with open(path) as lines:
-        for line in lines:
-            line = line.strip()
-            if not line:
-                continue
-            record = json.loads(line)
-            if record.get("label") == "setup":
-                setup = setup_of(record)
-            elif record.get("mode") == "open":
-                target, mode, rate = record["label"].split("/")
-                repeats.setdefault((mode, int(rate)), {}).setdefault(target, []).append(record["service"])
+    for record in records(path):
+        if record.get("label") == "setup":
+            setup = setup_of(record)
+        elif record.get("mode") == "open":
+            target, mode, rate = record["label"].split("/")
+            repeats.setdefault((mode, int(rate)), {}).setdefault(target, []).append(record["service"])
     rounds = {}
     for point, by_target in repeats.items():
         if all(target in by_target for target in TARGETS):

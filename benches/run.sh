@@ -31,12 +31,7 @@ while [ $# -gt 0 ]; do
 done
 
 . benches/lib.sh
-[ -n "$poll" ] && set_halt_poll "$poll"
-[ -n "$kdamond_off" ] && clear_proxy_core
-
-start_mock
-start_skein
-start_nginx
+prepare_and_start
 
 rss_kib() { awk "/^$2:/ {print \$2}" "/proc/$1/status"; }
 # Sets url and proxy_pid (empty for direct) of a target.

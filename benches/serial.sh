@@ -22,11 +22,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 . benches/lib.sh
-[ -n "$poll" ] && set_halt_poll "$poll"
-[ -n "$kdamond_off" ] && clear_proxy_core
-start_mock
-start_skein
-start_nginx
+prepare_and_start
 
 mkdir -p benches/results
 results="benches/results/serial-$(date -u +%Y%m%dT%H%M%SZ).jsonl"

@@ -29,23 +29,26 @@ def median_run(records):
     return merged
 
 
+def records(path):
+    """The JSON records of a result file, one per non-empty line."""
+    with open(path) as lines:
+        for line in lines:
+            if line.strip():
+                yield json.loads(line)
+
+
 def main(path):
     grouped = {}
     extra = {}
     setup = {}
-    with open(path) as lines:
-        for line in lines:
-            line = line.strip()
-            if not line:
-                continue
-            record = json.loads(line)
-            if record.get("label") == "setup":
-                setup = record
-            elif "skein_rss_kib" in record:
-                extra[record["label"]] = record["skein_rss_kib"]
-            else:
-                grouped.setdefault(record["label"], []).append(record)
-    runs = {label: median_run(records) for label, records in grouped.items()}
+    for record in records(path):
+        if record.get("label") == "setup":
+            setup = record
+        elif "skein_rss_kib" in record:
+            extra[record["label"]] = record["skein_rss_kib"]
+        else:
+            grouped.setdefault(record["label"], []).append(record)
+    runs = {label: median_run(group) for label, group in grouped.items()}
     repeats = max(len(records) for records in grouped.values()) if grouped else 0
     print(f"\nFigures are medians over {repeats} interleaved run(s) of each.")
     if setup.get("guest_halt_poll_ns") not in (None, "off"):
