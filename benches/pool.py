@@ -5,8 +5,8 @@ One run's verdict on a latency point rests on the median of a few 10 s repeats, 
 a single repeat's p99 can double when the host stalls a vCPU for a few tens of milliseconds.
 Pooling the repeats of many runs gives a steadier estimate of the ratio the target is about.
 The interval is a bootstrap over rounds: round k of a file holds the k-th direct, nginx and
-Skein repeat of a point, run one after the other, and is resampled as a whole so the three
-stay paired.
+Skein repeat of a point (interleaved in one skein-load call since run.sh interleaves; run one
+after the other before), and is resampled as a whole so the three stay paired.
 
 Usage: python3 benches/pool.py benches/results/A.jsonl benches/results/B.jsonl ...
 """
@@ -23,13 +23,18 @@ TARGETS = ("direct", "nginx", "skein")
 
 def setup_of(record):
     if record.get("guest_halt_poll_ns") not in (None, "0", "off"):
-        return "halt polling"
-    return "kdamond off core 0" if record.get("kdamond_kept_off_core0", 0) else "as the machine runs"
+        machine = "halt polling"
+    else:
+        machine = "kdamond off core 0" if record.get("kdamond_kept_off_core0", 0) else "as the machine runs"
+    if "slice_secs" not in record:
+        return f"{machine}, separate runs (before interleaving)"
+    slice_secs = record["slice_secs"]
+    return f"{machine}, turns of {slice_secs} s" if slice_secs else f"{machine}, one after the other"
 
 
 def load(path):
     """({(mode, rate): [(direct, nginx, skein) service percentiles of round k]}, setup)."""
-    setup = "as the machine runs"
+    setup = setup_of({})
     repeats = {}
     for record in records(path):
         if record.get("label") == "setup":

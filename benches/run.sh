@@ -5,24 +5,30 @@
 #     to core 0; the mock provider and the load generator share core 1;
 #   - open-loop runs at 500, 2000 and 5000 req/s, non-streaming and streaming, with latency
 #     measured from each request's scheduled send time and the proxy's CPU time per request;
-#     then max requests/s (closed loop, 64 connections);
+#     in each, the three targets (direct, nginx, Skein) take turns of 1 s (--slice-secs) until
+#     each has had 10 s measured, so that what the machine does over time falls on all three
+#     alike (benches/README.md, "How it runs"); then max requests/s (closed loop, 64
+#     connections);
 #   - Skein's RSS idle, and its peak up to 5000 req/s;
 #   - for every open-loop run, the halts per request of each core (a halted vCPU of a VM waits
 #     for the hypervisor to wake it).
-# Usage: benches/run.sh [--quick] [--repeat N] [--halt-poll NS] [--kdamond-off]   (results: benches/results/<timestamp>.jsonl
-# and Markdown tables; with --repeat, every run is repeated N times, interleaved, and
-# the tables show the median of each figure, which steadies the noise of a shared VM; with
+# Usage: benches/run.sh [--quick] [--repeat N] [--slice-secs S] [--halt-poll NS] [--kdamond-off]
+# (results: benches/results/<timestamp>.jsonl and Markdown tables; with --repeat, every run is
+# repeated N times and the tables show the median of each figure, which steadies the noise of
+# a shared VM; --slice-secs 0 runs the three one after the other instead, each warmed up then
+# measured for 10 s, as run.sh did before the interleaving; with
 # --halt-poll, an idle vCPU polls up to NS ns before halting, for this run only: see
 # benches/README.md, "Halts")
 # Needs: taskset (util-linux) and nginx (Debian nginx-light; installed if missing, as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-duration=10; warmup=2; repeat=1; poll=""; kdamond_off=""
+duration=10; warmup=2; repeat=1; slice=1; poll=""; kdamond_off=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) duration=3; warmup=1 ;;
     --repeat) repeat=$2; shift ;;
+    --slice-secs) slice=$(printf %g "$2"); shift ;;
     --halt-poll) poll=$2; shift ;;
     --kdamond-off) kdamond_off=1 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -50,27 +56,21 @@ load() { # label url body rate
     --duration-secs "$duration" --warmup-secs "$warmup" --connections 64 --label "$1"
 }
 
-setup_record | tee -a "$results"
+setup_record | sed "s/}\$/,\"slice_secs\":$slice}/" | tee -a "$results"
 echo "{\"label\":\"rss_idle\",\"skein_rss_kib\":$(rss_kib $skein_pid VmRSS)}" | tee -a "$results"
 for round in $(seq 1 "$repeat"); do
   for rate in 500 2000 5000; do
-    for target in direct nginx skein; do
-      select_target "$target"
-      for mode in unary stream; do
-        request_body=$body; [ "$mode" = stream ] && request_body=$stream_body
-        before=0; [ -n "$proxy_pid" ] && before=$(cpu_ticks "$proxy_pid")
-        halts_before=$(halts_now)
-        line=$(load "$target/$mode/$rate" "$url" "$request_body" "$rate")
-        halts_after=$(halts_now)
-        # The proxy's CPU time per request over the run, warm-up included (ticks of 1/CLK_TCK s).
-        cpu="null"
-        if [ -n "$proxy_pid" ]; then
-          cpu=$(python3 -c "print(round(($(cpu_ticks "$proxy_pid") - $before) / $hz * 1e6 / ($rate * ($duration + $warmup)), 1))")
-        fi
-        # Halts per request of core 0 (the proxy) and core 1 (the mock and the load generator).
-        per_request=$(halts_per_request "$halts_before" "$halts_after" "$((rate * (duration + warmup)))")
-        echo "${line%\}},\"proxy_cpu_us_per_request\":$cpu,\"halts_per_request\":$per_request}" | tee -a "$results"
-      done
+    for mode in unary stream; do
+      request_body=$body; [ "$mode" = stream ] && request_body=$stream_body
+      # The three targets take turns of $slice s until each has had $duration s measured;
+      # skein-load reports each one's latencies, its proxy's CPU time per request (over the
+      # measured turns) and the halts per request of core 0 (the proxy) and core 1 (the mock
+      # and the load generator).
+      taskset -c 1 "$bin/skein-load" --body "$request_body" --rate "$rate" --duration-secs "$duration" \
+        --warmup-secs "$warmup" --slice-secs "$slice" --connections 64 --halts \
+        --url "$mock_url/v1/chat/completions" --label "direct/$mode/$rate" --cpu-pid 0 \
+        --url "$nginx_url/v1/chat/completions" --label "nginx/$mode/$rate" --cpu-pid "$nginx_worker" \
+        --url "$skein_url/v1/chat/completions" --label "skein/$mode/$rate" --cpu-pid "$skein_pid" | tee -a "$results"
     done
   done
 done

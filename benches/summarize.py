@@ -50,7 +50,12 @@ def main(path):
             grouped.setdefault(record["label"], []).append(record)
     runs = {label: median_run(group) for label, group in grouped.items()}
     repeats = max(len(records) for records in grouped.values()) if grouped else 0
-    print(f"\nFigures are medians over {repeats} interleaved run(s) of each.")
+    print(f"\nFigures are medians over {repeats} repeat(s) of each.")
+    slice_secs = setup.get("slice_secs")
+    if slice_secs:
+        print(f"In each open-loop run, direct, nginx and Skein took turns of {slice_secs} s until each had its measured time.")
+    else:
+        print("In each open-loop run, direct, nginx and Skein ran one after the other, each warmed up then measured.")
     if setup.get("guest_halt_poll_ns") not in (None, "off"):
         print(f"The guest's halt polling (guest_halt_poll_ns) was {setup['guest_halt_poll_ns']} ns.")
 
@@ -119,7 +124,7 @@ def main(path):
                 n, s_ = nginx["proxy_cpu_us_per_request"], skein["proxy_cpu_us_per_request"]
                 cpu_rows.append(f"| {mode} | {rate} | {n:.1f} | {s_:.1f} | {s_ / n:.2f} |")
     if cpu_rows:
-        print("\n### The proxy's CPU time per request (µs; open loop, from /proc over each run)\n")
+        print("\n### The proxy's CPU time per request (µs; open loop, from /proc over its measured turns or run)\n")
         print("| mode | req/s | nginx | skein | skein ÷ nginx |")
         print("|---|---:|---:|---:|---:|")
         print("\n".join(cpu_rows))
