@@ -40,8 +40,9 @@ halts() {
 # guest has no such driver.
 halt_poll() { if [ -r "$halt_poll_param" ]; then cat "$halt_poll_param"; else echo off; fi; }
 # The first line of a result file: how the machine was set up for the run.
+# Extra fields, if given, are appended as they are (e.g. '"slice_secs":1').
 setup_record() {
-  echo "{\"label\":\"setup\",\"guest_halt_poll_ns\":\"$(halt_poll)\",\"kdamond_kept_off_core0\":${#housekeeping[@]}}"
+  echo "{\"label\":\"setup\",\"guest_halt_poll_ns\":\"$(halt_poll)\",\"kdamond_kept_off_core0\":${#housekeeping[@]}${1:+,$1}}"
 }
 
 # Both cores' halts so far, for halts_per_request.

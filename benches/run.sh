@@ -56,7 +56,7 @@ load() { # label url body rate
     --duration-secs "$duration" --warmup-secs "$warmup" --connections 64 --label "$1"
 }
 
-setup_record | sed "s/}\$/,\"slice_secs\":$slice}/" | tee -a "$results"
+setup_record "\"slice_secs\":$slice" | tee -a "$results"
 echo "{\"label\":\"rss_idle\",\"skein_rss_kib\":$(rss_kib $skein_pid VmRSS)}" | tee -a "$results"
 for round in $(seq 1 "$repeat"); do
   for rate in 500 2000 5000; do

@@ -251,11 +251,11 @@ async fn run(args: Args) -> anyhow::Result<Vec<serde_json::Value>> {
             // lands on each target in turn.
             let origin = Instant::now();
             let count = targets.len() as u32;
-            let mut turn = 0u32;
             // Whole cycles until every target has its measured time (a turn that began late is
-            // shorter), within a bound.
-            while turn
-                < 4 * count * (measured.as_secs_f64() / args.slice_secs).ceil() as u32 + 2 * count
+            // shorter), within a bound: four times the turns that would normally do.
+            let max_turns = 4 * count * (measured.as_secs_f64() / args.slice_secs).ceil() as u32;
+            let mut turn = 0u32;
+            while turn < max_turns.max(count)
                 && (!turn.is_multiple_of(count)
                     || targets.iter().any(|target| target.measured < measured))
             {
@@ -404,9 +404,7 @@ async fn closed_loop(
         workers.push(tokio::spawn(async move {
             while Instant::now() < end {
                 let due = Instant::now();
-                let measured = due >= measure_from;
-                let mut sample = send(&client, &uri, &body, due, measure_from).await;
-                sample.measured = measured;
+                let sample = send(&client, &uri, &body, due, measure_from, 0).await;
                 if sender.send(sample).is_err() {
                     break;
                 }
@@ -471,8 +469,7 @@ async fn open_loop_turn(run: &Run, targets: &mut [Target], index: usize, turn: T
             turn.origin,
         );
         tokio::spawn(async move {
-            let mut sample = send(&client, &uri, &body, due, origin).await;
-            sample.target = index;
+            let mut sample = send(&client, &uri, &body, due, origin, index).await;
             sample.measured = measure.is_some_and(|(from, until)| due >= from && due < until);
             in_flight.fetch_sub(1, Ordering::Relaxed);
             let _ = sender.send(sample);
@@ -559,16 +556,16 @@ async fn send(
     uri: &hyper::Uri,
     body: &Bytes,
     due: Instant,
-    measure_from: Instant,
+    origin: Instant,
+    target: usize,
 ) -> Sample {
-    let measured = due >= measure_from;
-    let due_us = due
-        .checked_duration_since(measure_from)
-        .map_or(0, |offset| {
-            u64::try_from(offset.as_micros()).unwrap_or(u64::MAX)
-        });
+    // Measured when due from the origin on (a turn narrows that down itself).
+    let measured = due >= origin;
+    let due_us = due.checked_duration_since(origin).map_or(0, |offset| {
+        u64::try_from(offset.as_micros()).unwrap_or(u64::MAX)
+    });
     let failed = Sample {
-        target: 0,
+        target,
         measured,
         due_us,
         ok: false,
@@ -606,7 +603,7 @@ async fn send(
     let latency = due.elapsed();
     let micros = |duration: Duration| u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
     Sample {
-        target: 0,
+        target,
         measured,
         due_us,
         ok,
