@@ -5,7 +5,7 @@
 # then groups the slow requests into episodes (slow requests less than 5 ms apart) and checks
 # whether they recur with the period of any of Skein's own timers (a 100 ms phase histogram).
 # Usage: benches/tail.sh [--mode unary|stream] [--rate R] [--duration S] [--rounds N]
-#                        [--slow US] [--halt-poll NS] [--kdamond-off] [--kdamond-off]
+#                        [--slow US] [--halt-poll NS] [--kdamond-off]
 # Results: benches/results/tail-<timestamp>.jsonl (one summary per run; the samples themselves
 # are not kept).
 set -euo pipefail
