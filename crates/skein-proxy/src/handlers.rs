@@ -1215,3 +1215,38 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
         .with_detail_code("method_not_allowed")
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `handler` returns, without calling it.
+    fn future_size<H, A, B, C, D, F>(_: &H) -> usize
+    where
+        H: Fn(A, B, C, D) -> F,
+    {
+        std::mem::size_of::<F>()
+    }
+
+    /// The same for an axum handler's two extractors.
+    fn handler_size<H, A, B, F>(_: &H) -> usize
+    where
+        H: Fn(A, B) -> F,
+    {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every request's future is allocated and moved on each request, so it is kept small:
+    /// rare paths (opening an upstream connection) are boxed rather than nested in it.
+    #[test]
+    fn request_futures_stay_small() {
+        let sizes = [
+            ("openai_endpoint", future_size(&openai_endpoint)),
+            ("messages", handler_size(&messages)),
+            ("count_tokens", handler_size(&count_tokens)),
+        ];
+        for (name, size) in sizes {
+            assert!(size <= 4096, "the future of {name} is {size} bytes");
+        }
+    }
+}

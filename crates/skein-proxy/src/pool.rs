@@ -137,7 +137,9 @@ impl UpstreamPool {
             }
             reused = self.checkout(&key)?.0;
         }
-        let mut sender = self.connect(&key).await?;
+        // Boxed: opening a connection is the rare path, and its future (TCP, TLS and the
+        // handshake, over 2 KiB) would otherwise be part of every request's future.
+        let mut sender = Box::pin(self.connect(&key)).await?;
         match sender.try_send_request(request).await {
             Ok(response) => Ok(self.pooled(response, key, sender)),
             Err(error) => Err(SendError::Http(error.into_error())),
