@@ -84,13 +84,15 @@ restore_housekeeping() {
 }
 
 # What every comparison script does after parsing its options: set up the machine as asked
-# (--halt-poll NS in $poll, --kdamond-off in $kdamond_off), then start the mock, Skein and nginx.
+# (--halt-poll NS in $poll, --kdamond-off in $kdamond_off), then start the mock, Skein and nginx
+# (and a second nginx, the A/A control, when $control is set).
 prepare_and_start() {
   if [ -n "${poll:-}" ]; then set_halt_poll "$poll"; fi
   if [ -n "${kdamond_off:-}" ]; then clear_proxy_core; fi
   start_mock
   start_skein
   start_nginx
+  if [ -n "${control:-}" ]; then start_nginx control; fi
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
@@ -134,23 +136,25 @@ start_skein() {
 }
 
 # nginx: one worker on core 0, keepalive to the mock, no buffering (SSE passes through).
-# Sets nginx_url, and nginx_worker (the worker's pid).
+# Sets nginx_url, and nginx_worker (the worker's pid). `start_nginx control` starts a second,
+# identical one (the A/A control of `run.sh --control`) and sets control_url and control_worker.
 start_nginx() {
-  local port mock_hostport
+  local name=${1:-nginx} port mock_hostport url dir
   command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light; }
   port=$(free_port)
   mock_hostport=${mock_url#http://}
-  mkdir -p "$work/nginx/logs"
-  cat > "$work/nginx/nginx.conf" <<NGINX
+  dir="$work/$name"
+  mkdir -p "$dir/logs"
+  cat > "$dir/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/logs/error.log warn;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
 events { worker_connections 8192; }
 http {
   access_log off;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
+  client_body_temp_path $dir/body;
+  proxy_temp_path $dir/proxy;
   upstream mock { server $mock_hostport; keepalive 256; }
   server {
     listen 127.0.0.1:$port backlog=4096;
@@ -163,11 +167,12 @@ http {
   }
 }
 NGINX
-  taskset -c 0 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" &
+  taskset -c 0 nginx -p "$dir" -c "$dir/nginx.conf" &
   pids+=($!)
-  nginx_url="http://127.0.0.1:$port"
-  for _ in $(seq 1 500); do curl -s -o /dev/null "$nginx_url/v1/models" && break; sleep 0.02; done
-  nginx_worker=$(pgrep -P "$(cat "$work/nginx/nginx.pid")" | head -1)
+  url="http://127.0.0.1:$port"
+  for _ in $(seq 1 500); do curl -s -o /dev/null "$url/v1/models" && break; sleep 0.02; done
+  printf -v "${name}_url" %s "$url"
+  printf -v "${name}_worker" %s "$(pgrep -P "$(cat "$dir/nginx.pid")" | head -1)"
 }
 
 body='{"model":"bench","messages":[{"role":"user","content":"hello world"}]}'

@@ -6,7 +6,9 @@ a single repeat's p99 can double when the host stalls a vCPU for a few tens of m
 Pooling the repeats of many runs gives a steadier estimate of the ratio the target is about.
 The interval is a bootstrap over rounds: round k of a file holds the k-th direct, nginx and
 Skein repeat of a point (interleaved in one skein-load call since run.sh interleaves; run one
-after the other before), and is resampled as a whole so the three stay paired.
+after the other before), and is resampled as a whole so the three stay paired. Files from
+`run.sh --control` get a second table: the A/A control (a second, identical nginx) judged by
+the same rule, which shows how often the method alone fails a proxy that is as fast as nginx.
 
 Usage: python3 benches/pool.py benches/results/A.jsonl benches/results/B.jsonl ...
 """
@@ -15,10 +17,12 @@ import random
 import statistics
 import sys
 
-from summarize import records
+from summarize import judge, records
 
 KEYS = {"p50": ("p50_us", 1.5), "p99": ("p99_us", 2.0)}
-TARGETS = ("direct", "nginx", "skein")
+# The proxies judged against nginx: Skein, and the A/A control of `run.sh --control` (a
+# second nginx) when the files have it.
+JUDGED = ("skein", "control")
 
 
 def setup_of(record):
@@ -29,11 +33,13 @@ def setup_of(record):
     if "slice_secs" not in record:
         return f"{machine}, separate runs (before interleaving)"
     slice_secs = record["slice_secs"]
-    return f"{machine}, turns of {slice_secs} s" if slice_secs else f"{machine}, one after the other"
+    method = f"turns of {slice_secs} s" if slice_secs else "one after the other"
+    control = ", with the A/A control" if record.get("control") else ""
+    return f"{machine}, {method}{control}"
 
 
-def load(path):
-    """({(mode, rate): [(direct, nginx, skein) service percentiles of round k]}, setup)."""
+def load(path, judged="skein"):
+    """({(mode, rate): [(direct, nginx, judged) service percentiles of round k]}, setup)."""
     setup = setup_of({})
     repeats = {}
     for record in records(path):
@@ -44,8 +50,9 @@ def load(path):
             repeats.setdefault((mode, int(rate)), {}).setdefault(target, []).append(record["service"])
     rounds = {}
     for point, by_target in repeats.items():
-        if all(target in by_target for target in TARGETS):
-            rounds[point] = list(zip(*(by_target[target] for target in TARGETS)))
+        targets = ("direct", "nginx", judged)
+        if all(target in by_target for target in targets):
+            rounds[point] = list(zip(*(by_target[target] for target in targets)))
     return rounds, setup
 
 
@@ -58,24 +65,31 @@ def figures(rounds, key):
 
 
 def met(rounds, key, factor):
-    """The rule summarize.py applies: Skein adds at most factor × what nginx adds, or Skein's
-    own percentile is no worse than nginx's."""
+    """The rule summarize.py applies (`judge`): True, False, or None when not judged."""
     _, added_n, added_s, n, s = figures(rounds, key)
-    return round(added_s) <= factor * round(added_n) or round(s) <= round(n)
+    return judge(round(added_s), round(added_n), round(s), round(n), factor)
 
 
 def main(paths):
-    files = [load(path) for path in paths]
-    setups = {setup for _, setup in files}
+    setups = {load(path)[1] for path in paths}
     if len(setups) > 1:
         sys.exit(f"these files mix setups ({', '.join(sorted(setups))}); pool them separately")
+    print(f"Pooled over {len(paths)} result files ({setups.pop()}).")
+    for judged in JUDGED:
+        files = [load(path, judged)[0] for path in paths]
+        if any(files):
+            table(judged, [rounds for rounds in files if rounds])
+
+
+def table(judged, files):
     rng = random.Random(7)
-    print(f"Pooled over {len(paths)} result files ({setups.pop()}).\n")
-    print("| mode | req/s | rounds | percentile | nginx added | skein added | ratio | 90% bootstrap interval | verdict | runs meeting it alone |")
+    name = "Skein" if judged == "skein" else "the A/A control (a second nginx)"
+    print(f"\n{name}, from {len(files)} of the files:\n")
+    print(f"| mode | req/s | rounds | percentile | nginx added | {judged} added | ratio | 90% bootstrap interval | verdict | runs meeting it alone |")
     print("|---|---:|---:|---|---:|---:|---:|---|---|---|")
     for mode in ("unary", "stream"):
         for rate in (500, 2000, 5000):
-            per_file = [rounds[(mode, rate)] for rounds, _ in files if (mode, rate) in rounds]
+            per_file = [rounds[(mode, rate)] for rounds in files if (mode, rate) in rounds]
             pooled = [r for rounds in per_file for r in rounds]
             if not pooled:
                 continue
@@ -83,13 +97,16 @@ def main(paths):
                 ratio, added_n, added_s, _, _ = figures(pooled, key)
                 draws = sorted(figures([rng.choice(pooled) for _ in pooled], key)[0] for _ in range(2000))
                 low, high = draws[int(0.05 * len(draws))], draws[int(0.95 * len(draws)) - 1]
-                if not met(pooled, key, factor):
+                verdict_pooled = met(pooled, key, factor)
+                if verdict_pooled is None:
+                    verdict = "not judged (direct's own was higher)"
+                elif not verdict_pooled:
                     verdict = f"NOT met (≤{factor}×)"
                 elif high <= factor:
                     verdict = f"met (≤{factor}×), interval inside"
                 else:
                     verdict = f"met (≤{factor}×), interval crosses"
-                alone = sum(met(rounds, key, factor) for rounds in per_file)
+                alone = sum(met(rounds, key, factor) is True for rounds in per_file)
                 print(f"| {mode} | {rate} | {len(pooled)} | {name} | {added_n:.0f} | {added_s:.0f} | {ratio:.2f}× | "
                       f"{low:.2f}–{high:.2f}× | {verdict} | {alone} of {len(per_file)} |")
 

@@ -12,18 +12,21 @@
 #   - Skein's RSS idle, and its peak up to 5000 req/s;
 #   - for every open-loop run, the halts per request of each core (a halted vCPU of a VM waits
 #     for the hypervisor to wake it).
-# Usage: benches/run.sh [--quick] [--repeat N] [--slice-secs S] [--halt-poll NS] [--kdamond-off]
+# Usage: benches/run.sh [--quick] [--repeat N] [--slice-secs S] [--control] [--halt-poll NS]
+#                       [--kdamond-off]
 # (results: benches/results/<timestamp>.jsonl and Markdown tables; with --repeat, every run is
 # repeated N times and the tables show the median of each figure, which steadies the noise of
 # a shared VM; --slice-secs 0 runs the three one after the other instead, each warmed up then
-# measured for 10 s, as run.sh did before the interleaving; with
+# measured for 10 s, as run.sh did before the interleaving; --control adds a second, identical
+# nginx as a fourth target (an A/A control, judged against the first by the same rule as
+# Skein, which shows how often the method alone fails a proxy as fast as nginx); with
 # --halt-poll, an idle vCPU polls up to NS ns before halting, for this run only: see
 # benches/README.md, "Halts")
 # Needs: taskset (util-linux) and nginx (Debian nginx-light; installed if missing, as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-duration=10; warmup=2; repeat=1; slice=1; poll=""; kdamond_off=""
+duration=10; warmup=2; repeat=1; slice=1; poll=""; kdamond_off=""; control=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) duration=3; warmup=1 ;;
@@ -31,6 +34,7 @@ while [ $# -gt 0 ]; do
     --slice-secs) slice=$(printf %g "$2"); shift ;;
     --halt-poll) poll=$2; shift ;;
     --kdamond-off) kdamond_off=1 ;;
+    --control) control=1 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -56,12 +60,18 @@ load() { # label url body rate
     --duration-secs "$duration" --warmup-secs "$warmup" --connections 64 --label "$1"
 }
 
-setup_record "\"slice_secs\":$slice" | tee -a "$results"
+setup_record "\"slice_secs\":$slice,\"control\":${control:-0}" | tee -a "$results"
 echo "{\"label\":\"rss_idle\",\"skein_rss_kib\":$(rss_kib $skein_pid VmRSS)}" | tee -a "$results"
 for round in $(seq 1 "$repeat"); do
   for rate in 500 2000 5000; do
     for mode in unary stream; do
       request_body=$body; [ "$mode" = stream ] && request_body=$stream_body
+      # The control goes between nginx and Skein: the turn order alternates (d n c s, d s c n),
+      # so nginx and Skein still trade places from cycle to cycle.
+      control_target=()
+      if [ -n "$control" ]; then
+        control_target=(--url "$control_url/v1/chat/completions" --label "control/$mode/$rate" --cpu-pid "$control_worker")
+      fi
       # The three targets take turns of $slice s until each has had $duration s measured;
       # skein-load reports each one's latencies, its proxy's CPU time per request (over the
       # measured turns) and the halts per request of core 0 (the proxy) and core 1 (the mock
@@ -70,6 +80,7 @@ for round in $(seq 1 "$repeat"); do
         --warmup-secs "$warmup" --slice-secs "$slice" --connections 64 --halts \
         --url "$mock_url/v1/chat/completions" --label "direct/$mode/$rate" --cpu-pid 0 \
         --url "$nginx_url/v1/chat/completions" --label "nginx/$mode/$rate" --cpu-pid "$nginx_worker" \
+        "${control_target[@]}" \
         --url "$skein_url/v1/chat/completions" --label "skein/$mode/$rate" --cpu-pid "$skein_pid" | tee -a "$results"
     done
   done

@@ -37,6 +37,51 @@ def records(path):
                 yield json.loads(line)
 
 
+def judge(skein_added, nginx_added, skein_total, nginx_total, factor):
+    """A latency target: met when Skein adds at most `factor` times what nginx adds, or when
+    Skein's own percentile is no worse than nginx's (nginx's added latency can be within noise
+    of zero, which makes a ratio meaningless). None (not judged) when the direct target's own
+    percentile was above both proxies': the machine stalled during direct's turns, so nothing
+    was measured as added, and "0 ≤ 2 × 0" would pass vacuously."""
+    if skein_total <= nginx_total:
+        return True
+    if nginx_added <= 0 and skein_added <= 0:
+        return None
+    return skein_added <= factor * nginx_added
+
+
+KEYS = ("p50_us", "p99_us", "p999_us")
+
+
+def added_and_verdicts(direct, nginx, proxy):
+    """What nginx and `proxy` added over direct at each percentile (0 when below), and the
+    p50 and p99 verdicts with their table text."""
+    n = [round(max(nginx["service"][key] - direct["service"][key], 0)) for key in KEYS]
+    p = [round(max(proxy["service"][key] - direct["service"][key], 0)) for key in KEYS]
+
+    def verdict(index, factor):
+        proxy_total = round(proxy["service"][KEYS[index]])
+        nginx_total = round(nginx["service"][KEYS[index]])
+        met = judge(p[index], n[index], proxy_total, nginx_total, factor)
+        shown = f"{p[index] / n[index]:.2f}×" if n[index] else "n/a"
+        word = {True: "met", False: "NOT met", None: "not judged (direct's own was higher)"}[met]
+        return met, f"{shown}, {proxy_total} vs {nginx_total} → {word}"
+
+    met50, text50 = verdict(0, 1.5)
+    met99, text99 = verdict(1, 2.0)
+    return n, p, met50, text50, met99, text99
+
+
+def print_latency_targets(what, checks):
+    for name, index in (("p50 ≤ 1.5×", 2), ("p99 ≤ 2×", 3)):
+        failed = [f"{check[0]}@{check[1]}" for check in checks if check[index] is False]
+        unjudged = [f"{check[0]}@{check[1]}" for check in checks if check[index] is None]
+        parts = ["met" if not failed else "NOT met at " + ", ".join(failed)]
+        if unjudged:
+            parts.append("not judged at " + ", ".join(unjudged) + " (direct's own percentile was higher than both proxies')")
+        print(f"- {what} {name} nginx at every rate and mode: {'; '.join(parts)}")
+
+
 def main(path):
     grouped = {}
     extra = {}
@@ -53,7 +98,8 @@ def main(path):
     print(f"\nFigures are medians over {repeats} repeat(s) of each.")
     slice_secs = setup.get("slice_secs")
     if slice_secs:
-        print(f"In each open-loop run, direct, nginx and Skein took turns of {slice_secs} s until each had its measured time.")
+        who = "direct, nginx, the A/A control (a second nginx) and Skein" if setup.get("control") else "direct, nginx and Skein"
+        print(f"In each open-loop run, {who} took turns of {slice_secs} s until each had its measured time.")
     else:
         print("In each open-loop run, direct, nginx and Skein ran one after the other, each warmed up then measured.")
     if setup.get("guest_halt_poll_ns") not in (None, "off"):
@@ -74,7 +120,7 @@ def main(path):
     print("| mode | req/s | direct p50 / p99 / p99.9 | nginx added p50 / p99 / p99.9 | skein added p50 / p99 / p99.9 | p50 target (≤1.5×) | p99 target (≤2×) | errors+dropped nginx/skein |")
     print("|---|---:|---|---|---|---|---|---|")
     checks = []
-    keys = ("p50_us", "p99_us", "p999_us")
+    keys = KEYS
     for mode in ["unary", "stream"]:
         for rate in [500, 2000, 5000]:
             direct = runs.get(f"direct/{mode}/{rate}")
@@ -82,27 +128,27 @@ def main(path):
             skein = runs.get(f"skein/{mode}/{rate}")
             if not (direct and nginx and skein):
                 continue
-            metric = "service"
-            d = [round(direct[metric][key]) for key in keys]
-            n = [round(max(nginx[metric][key] - direct[metric][key], 0)) for key in keys]
-            s_ = [round(max(skein[metric][key] - direct[metric][key], 0)) for key in keys]
-
-            def verdict(index, factor):
-                # Met when Skein adds at most `factor` times what nginx adds, or when Skein's
-                # own latency at that percentile is no worse than nginx's (nginx's added
-                # latency can be within noise of zero, which makes a ratio meaningless).
-                skein_total = round(skein[metric][keys[index]])
-                nginx_total = round(nginx[metric][keys[index]])
-                ratio = s_[index] / n[index] if n[index] else float("inf")
-                met = s_[index] <= factor * n[index] or skein_total <= nginx_total
-                shown = f"{ratio:.2f}×" if n[index] else "n/a"
-                return met, f"{shown}, {skein_total} vs {nginx_total} → {'met' if met else 'NOT met'}"
-
-            met50, text50 = verdict(0, 1.5)
-            met99, text99 = verdict(1, 2.0)
+            d = [round(direct["service"][key]) for key in KEYS]
+            n, s_, met50, text50, met99, text99 = added_and_verdicts(direct, nginx, skein)
             errors = f"{nginx['errors'] + nginx['dropped']}/{skein['errors'] + skein['dropped']}"
             print(f"| {mode} | {rate} | {d[0]} / {d[1]} / {d[2]} | {n[0]} / {n[1]} / {n[2]} | {s_[0]} / {s_[1]} / {s_[2]} | {text50} | {text99} | {errors} |")
             checks.append((mode, rate, met50, met99))
+
+    control_checks = []
+    control_rows = []
+    for mode in ["unary", "stream"]:
+        for rate in [500, 2000, 5000]:
+            row = [runs.get(f"{target}/{mode}/{rate}") for target in ("direct", "nginx", "control")]
+            if not all(row):
+                continue
+            n, c, met50, text50, met99, text99 = added_and_verdicts(*row)
+            control_rows.append(f"| {mode} | {rate} | {n[0]} / {n[1]} / {n[2]} | {c[0]} / {c[1]} / {c[2]} | {text50} | {text99} |")
+            control_checks.append((mode, rate, met50, met99))
+    if control_rows:
+        print("\n### A/A control: a second, identical nginx judged by the same rule as Skein (µs added)\n")
+        print("| mode | req/s | nginx added p50 / p99 / p99.9 | control added p50 / p99 / p99.9 | p50 (≤1.5×) | p99 (≤2×) |")
+        print("|---|---:|---|---|---|---|")
+        print("\n".join(control_rows))
 
     print("\n### Latency from the scheduled send time (µs; includes any delay in the load generator and any queueing)\n")
     print("| mode | req/s | direct p50 / p99 / p99.9 | nginx p50 / p99 / p99.9 | skein p50 / p99 / p99.9 | skein TTFB p50 / p99 |")
@@ -117,16 +163,25 @@ def main(path):
             print(f"| {mode} | {rate} | {cells[0]} | {cells[1]} | {cells[2]} | {ttfb} |")
 
     cpu_rows = []
+    with_control = any(label.startswith("control/") for label in runs)
     for mode in ["unary", "stream"]:
         for rate in [500, 2000, 5000]:
             nginx, skein = runs.get(f"nginx/{mode}/{rate}"), runs.get(f"skein/{mode}/{rate}")
             if nginx and skein and nginx.get("proxy_cpu_us_per_request") and skein.get("proxy_cpu_us_per_request"):
                 n, s_ = nginx["proxy_cpu_us_per_request"], skein["proxy_cpu_us_per_request"]
-                cpu_rows.append(f"| {mode} | {rate} | {n:.1f} | {s_:.1f} | {s_ / n:.2f} |")
+                row = f"| {mode} | {rate} | {n:.1f} | {s_:.1f} | {s_ / n:.2f} |"
+                if with_control:
+                    c = runs.get(f"control/{mode}/{rate}", {}).get("proxy_cpu_us_per_request")
+                    row += f" {c:.1f} | {c / n:.2f} |" if c else " – | – |"
+                cpu_rows.append(row)
     if cpu_rows:
         print("\n### The proxy's CPU time per request (µs; open loop, from /proc over its measured turns or run)\n")
-        print("| mode | req/s | nginx | skein | skein ÷ nginx |")
-        print("|---|---:|---:|---:|---:|")
+        if with_control:
+            print("| mode | req/s | nginx | skein | skein ÷ nginx | control | control ÷ nginx |")
+            print("|---|---:|---:|---:|---:|---:|---:|")
+        else:
+            print("| mode | req/s | nginx | skein | skein ÷ nginx |")
+            print("|---|---:|---:|---:|---:|")
         print("\n".join(cpu_rows))
 
     halt_rows = []
@@ -153,10 +208,9 @@ def main(path):
     if nginx_max and skein_max:
         share = skein_max / nginx_max
         print(f"- max req/s on one core ≥ 70% of nginx: {share:.0%} → {'met' if share >= 0.7 else 'NOT met'}")
-    failed50 = [f"{mode}@{rate}" for mode, rate, met50, _ in checks if not met50]
-    failed99 = [f"{mode}@{rate}" for mode, rate, _, met99 in checks if not met99]
-    print(f"- added p50 ≤ 1.5× nginx at every rate and mode: {'met' if not failed50 else 'NOT met at ' + ', '.join(failed50)}")
-    print(f"- added p99 ≤ 2× nginx at every rate and mode: {'met' if not failed99 else 'NOT met at ' + ', '.join(failed99)}")
+    print_latency_targets("added", checks)
+    if control_checks:
+        print_latency_targets("A/A control (a second nginx, the same rule): added", control_checks)
     if "rss_idle" in extra:
         idle = extra["rss_idle"] / 1024
         print(f"- RSS idle ≤ 30 MiB: {idle:.1f} MiB → {'met' if idle <= 30 else 'NOT met'}")
