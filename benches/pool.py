@@ -83,7 +83,7 @@ def main(paths):
 
 def table(judged, files):
     rng = random.Random(7)
-    name = "Skein" if judged == "skein" else "the A/A control (a second nginx)"
+    name = "Skein" if judged == "skein" else "The A/A control (a second nginx)"
     print(f"\n{name}, from {len(files)} of the files:\n")
     print(f"| mode | req/s | rounds | percentile | nginx added | {judged} added | ratio | 90% bootstrap interval | verdict | runs meeting it alone |")
     print("|---|---:|---:|---|---:|---:|---:|---|---|---|")
