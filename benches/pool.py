@@ -38,8 +38,8 @@ def setup_of(record):
     return f"{machine}, {method}{control}"
 
 
-def load(path, judged="skein"):
-    """({(mode, rate): [(direct, nginx, judged) service percentiles of round k]}, setup)."""
+def load(path):
+    """({(mode, rate): {target: [service percentiles, one per round]}}, setup)."""
     setup = setup_of({})
     repeats = {}
     for record in records(path):
@@ -48,12 +48,17 @@ def load(path, judged="skein"):
         elif record.get("mode") == "open":
             target, mode, rate = record["label"].split("/")
             repeats.setdefault((mode, int(rate)), {}).setdefault(target, []).append(record["service"])
-    rounds = {}
-    for point, by_target in repeats.items():
-        targets = ("direct", "nginx", judged)
-        if all(target in by_target for target in targets):
-            rounds[point] = list(zip(*(by_target[target] for target in targets)))
-    return rounds, setup
+    return repeats, setup
+
+
+def rounds_of(repeats, judged):
+    """{(mode, rate): [(direct, nginx, judged) service percentiles of round k]}."""
+    targets = ("direct", "nginx", judged)
+    return {
+        point: list(zip(*(by_target[target] for target in targets)))
+        for point, by_target in repeats.items()
+        if all(target in by_target for target in targets)
+    }
 
 
 def figures(rounds, key):
@@ -71,12 +76,13 @@ def met(rounds, key, factor):
 
 
 def main(paths):
-    setups = {load(path)[1] for path in paths}
+    loaded = [load(path) for path in paths]
+    setups = {setup for _, setup in loaded}
     if len(setups) > 1:
         sys.exit(f"these files mix setups ({', '.join(sorted(setups))}); pool them separately")
     print(f"Pooled over {len(paths)} result files ({setups.pop()}).")
     for judged in JUDGED:
-        files = [load(path, judged)[0] for path in paths]
+        files = [rounds_of(repeats, judged) for repeats, _ in loaded]
         if any(files):
             table(judged, [rounds for rounds in files if rounds])
 

@@ -72,10 +72,10 @@ for round in $(seq 1 "$repeat"); do
       if [ -n "$control" ]; then
         control_target=(--url "$control_url/v1/chat/completions" --label "control/$mode/$rate" --cpu-pid "$control_worker")
       fi
-      # The three targets take turns of $slice s until each has had $duration s measured;
-      # skein-load reports each one's latencies, its proxy's CPU time per request (over the
-      # measured turns) and the halts per request of core 0 (the proxy) and core 1 (the mock
-      # and the load generator).
+      # The targets (three, or four with the control) take turns of $slice s until each has had
+      # $duration s measured; skein-load reports each one's latencies, its proxy's CPU time per
+      # request (over the measured turns) and the halts per request of core 0 (the proxy) and
+      # core 1 (the mock and the load generator).
       taskset -c 1 "$bin/skein-load" --body "$request_body" --rate "$rate" --duration-secs "$duration" \
         --warmup-secs "$warmup" --slice-secs "$slice" --connections 64 --halts \
         --url "$mock_url/v1/chat/completions" --label "direct/$mode/$rate" --cpu-pid 0 \

@@ -37,17 +37,18 @@ def records(path):
                 yield json.loads(line)
 
 
-def judge(skein_added, nginx_added, skein_total, nginx_total, factor):
-    """A latency target: met when Skein adds at most `factor` times what nginx adds, or when
-    Skein's own percentile is no worse than nginx's (nginx's added latency can be within noise
-    of zero, which makes a ratio meaningless). None (not judged) when the direct target's own
-    percentile was above both proxies': the machine stalled during direct's turns, so nothing
-    was measured as added, and "0 ≤ 2 × 0" would pass vacuously."""
-    if skein_total <= nginx_total:
+def judge(proxy_added, nginx_added, proxy_total, nginx_total, factor):
+    """A latency target for a proxy (Skein, or the A/A control): met when it adds at most
+    `factor` times what nginx adds, or when its own percentile is no worse than nginx's
+    (nginx's added latency can be within noise of zero, which makes a ratio meaningless).
+    None (not judged) when the direct target's own percentile was above both proxies': the
+    machine stalled during direct's turns, so nothing was measured as added, and "0 ≤ 2 × 0"
+    would pass vacuously."""
+    if proxy_total <= nginx_total:
         return True
-    if nginx_added <= 0 and skein_added <= 0:
+    if nginx_added <= 0 and proxy_added <= 0:
         return None
-    return skein_added <= factor * nginx_added
+    return proxy_added <= factor * nginx_added
 
 
 KEYS = ("p50_us", "p99_us", "p999_us")
@@ -120,7 +121,6 @@ def main(path):
     print("| mode | req/s | direct p50 / p99 / p99.9 | nginx added p50 / p99 / p99.9 | skein added p50 / p99 / p99.9 | p50 target (≤1.5×) | p99 target (≤2×) | errors+dropped nginx/skein |")
     print("|---|---:|---|---|---|---|---|---|")
     checks = []
-    keys = KEYS
     for mode in ["unary", "stream"]:
         for rate in [500, 2000, 5000]:
             direct = runs.get(f"direct/{mode}/{rate}")
@@ -158,7 +158,7 @@ def main(path):
             row = [runs.get(f"{target}/{mode}/{rate}") for target in ("direct", "nginx", "skein")]
             if not all(row):
                 continue
-            cells = [" / ".join(str(round(run["latency"][key])) for key in keys) for run in row]
+            cells = [" / ".join(str(round(run["latency"][key])) for key in KEYS) for run in row]
             ttfb = f"{round(row[2]['ttfb']['p50_us'])} / {round(row[2]['ttfb']['p99_us'])}"
             print(f"| {mode} | {rate} | {cells[0]} | {cells[1]} | {cells[2]} | {ttfb} |")
 
