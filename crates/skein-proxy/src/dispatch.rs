@@ -287,47 +287,25 @@ fn deadline_error() -> ApiError {
 /// Events taken ahead of the client's first write, at most.
 const READ_AHEAD_EVENTS: usize = 256;
 
-/// Take the events that have already arrived after the first one, letting the upstream
-/// connection deliver once more, and say whether the stream has ended. A fast upstream's whole
-/// stream, end included, then reaches the client in one write: without this, the end of the
-/// body would follow in a write of its own.
-async fn read_ahead<S>(events: &mut S) -> (Vec<S::Item>, bool)
+/// Take the events that have already arrived after the first one, and say whether the stream
+/// has ended. A fast upstream's whole stream, end included, then reaches the client in one
+/// write: without this, the end of the body would follow in a write of its own. (Each poll
+/// drives the upstream connection too, so what has reached its socket is read here.)
+fn read_ahead<S>(events: &mut S) -> (Vec<S::Item>, bool)
 where
     S: Stream + Unpin,
 {
     use futures_util::FutureExt;
     // Most streams' events after the first, in one allocation.
     let mut ready = Vec::with_capacity(16);
-    for pass in 0..2 {
-        while ready.len() < READ_AHEAD_EVENTS {
-            match events.next().now_or_never() {
-                Some(Some(item)) => ready.push(item),
-                Some(None) => return (ready, true),
-                None => break,
-            }
-        }
-        if pass == 0 && ready.len() < READ_AHEAD_EVENTS {
-            // Polling the body woke its connection task; let it run once.
-            run_ready_tasks_once().await;
+    while ready.len() < READ_AHEAD_EVENTS {
+        match events.next().now_or_never() {
+            Some(Some(item)) => ready.push(item),
+            Some(None) => return (ready, true),
+            None => break,
         }
     }
     (ready, false)
-}
-
-/// Let the tasks that are ready run, then resume. Unlike `tokio::task::yield_now`, this does
-/// not make the runtime poll for I/O first: on one worker thread that poll was an extra
-/// `epoll_wait` on every stream, with nothing to find (the connection task only needs to run).
-fn run_ready_tasks_once() -> impl std::future::Future<Output = ()> {
-    let mut requeued = false;
-    std::future::poll_fn(move |context| {
-        if requeued {
-            return std::task::Poll::Ready(());
-        }
-        requeued = true;
-        // Waking itself puts the task behind the ones already queued.
-        context.waker().wake_by_ref();
-        std::task::Poll::Pending
-    })
 }
 
 /// One upstream attempt, up to the full body (unary) or the first event (stream).
@@ -374,7 +352,7 @@ async fn attempt(
             let mut events = UpstreamEvents::new(BodyDataStream::new(response.into_body())).fuse();
             match events.next().await {
                 Some(Ok(first)) => {
-                    let (ready, ended) = read_ahead(&mut events).await;
+                    let (ready, ended) = read_ahead(&mut events);
                     let ready = futures_util::stream::iter(ready);
                     let rest: EventStream = if ended {
                         Box::pin(ready)
@@ -440,16 +418,16 @@ mod stream_tests {
         ));
     }
 
-    #[tokio::test]
-    async fn takes_what_has_arrived_and_sees_the_end() {
+    #[test]
+    fn takes_what_has_arrived_and_sees_the_end() {
         let mut ended = futures_util::stream::iter([1, 2, 3]).fuse();
-        assert_eq!(read_ahead(&mut ended).await, (vec![1, 2, 3], true));
+        assert_eq!(read_ahead(&mut ended), (vec![1, 2, 3], true));
 
         let mut open = futures_util::stream::iter([1, 2]).chain(futures_util::stream::pending());
-        assert_eq!(read_ahead(&mut open).await, (vec![1, 2], false));
+        assert_eq!(read_ahead(&mut open), (vec![1, 2], false));
 
         let mut long = futures_util::stream::iter(0..1000);
-        let (ready, ended) = read_ahead(&mut long).await;
+        let (ready, ended) = read_ahead(&mut long);
         assert_eq!((ready.len(), ended), (READ_AHEAD_EVENTS, false));
     }
 }

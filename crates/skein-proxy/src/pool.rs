@@ -15,12 +15,20 @@
 //! It does less per request than hyper-util's pooled client: no connect raced against the
 //! checkout, no task spawned per response to wait for the connection to become idle, and the
 //! `Host` header of each host built once.
+//!
+//! No connection has a task of its own either. The request that holds a connection drives it,
+//! in its own task: the request is written in the same poll that hands it over, and the
+//! response's bytes wake the request's task directly, with no second task scheduled in
+//! between on either pass. An idle connection is driven by nobody; it is looked at (polled
+//! once, without a waker) when it is taken, returned or swept, which is when a connection the
+//! upstream closed is noticed.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,11 +38,13 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use tower_service::Service;
 
 type Sender = http1::SendRequest<Full<Bytes>>;
+type Connection = http1::Connection<MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>, Full<Bytes>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The connector: TCP with the configured connect timeout, then TLS for `https`.
@@ -52,6 +62,9 @@ pub enum SendError {
     /// The connection broke while the request was sent or the response head awaited.
     #[error("the upstream connection failed: {0}")]
     Http(#[from] hyper::Error),
+    /// The connection ended without answering, and without saying why.
+    #[error("the upstream connection closed before answering")]
+    Closed,
 }
 
 impl SendError {
@@ -75,8 +88,83 @@ struct Host {
 }
 
 struct Idle {
-    sender: Sender,
+    upstream: Box<Upstream>,
     since: Instant,
+}
+
+/// One HTTP/1.1 connection: the half that sends requests, and the half that does the I/O,
+/// which only makes progress while someone polls it.
+struct Upstream {
+    sender: Sender,
+    /// `None` once the connection has ended.
+    connection: Option<Connection>,
+}
+
+/// How one exchange on a connection went, short of a response.
+enum Exchange {
+    /// The connection never sent the request (it had closed while idle): it can go out on
+    /// another.
+    Unsent(Box<Request<Full<Bytes>>>),
+    Failed(SendError),
+}
+
+impl Upstream {
+    /// Let the connection do what it can (write the request, read the response, hand over
+    /// the body), with `context` woken when it can do more. Says whether it is still open.
+    fn drive(&mut self, context: &mut Context<'_>) -> bool {
+        let Some(connection) = self.connection.as_mut() else {
+            return false;
+        };
+        match Pin::new(connection).poll(context) {
+            Poll::Pending => true,
+            Poll::Ready(result) => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "upstream connection closed with an error");
+                }
+                // Dropping it resolves whatever still waits on it: the response future and
+                // the body end, with an error if they had not ended.
+                self.connection = None;
+                false
+            }
+        }
+    }
+
+    /// Whether the connection can take a request now: driven once, without a waker, it is
+    /// still open and waiting for one. (An upstream that closed it while it sat idle is
+    /// noticed here.)
+    fn ready_for_next(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
+    }
+
+    /// Send the request and drive the connection until the response head arrives.
+    async fn exchange(
+        &mut self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, Exchange> {
+        let mut response = std::pin::pin!(self.sender.try_send_request(request));
+        let result = std::future::poll_fn(|context| {
+            let open = self.drive(context);
+            // Only the connection completes the response, and it ran just now: the response
+            // is polled without a waker, so that handing it over does not wake this task.
+            let mut quiet = Context::from_waker(Waker::noop());
+            match response.as_mut().poll(&mut quiet) {
+                Poll::Ready(result) => Poll::Ready(Some(result)),
+                Poll::Pending if open => Poll::Pending,
+                // Ended and dropped, the connection has resolved the response; if not,
+                // nothing will.
+                Poll::Pending => Poll::Ready(None),
+            }
+        })
+        .await;
+        match result {
+            Some(Ok(response)) => Ok(response),
+            Some(Err(mut error)) => match error.take_message() {
+                Some(unsent) => Err(Exchange::Unsent(Box::new(unsent))),
+                None => Err(Exchange::Failed(SendError::Http(error.into_error()))),
+            },
+            None => Err(Exchange::Failed(SendError::Closed)),
+        }
+    }
 }
 
 /// Upstream connections, shared by every request of the node.
@@ -125,24 +213,23 @@ impl UpstreamPool {
             .or_insert(host_header);
         // Reused connections first. One that turns out closed before it sent the request
         // hands the request back, and the next one (or a new one) takes it.
-        while let Some(mut sender) = reused {
-            if sender.ready().await.is_ok() {
-                match sender.try_send_request(request).await {
-                    Ok(response) => return Ok(self.pooled(response, key, sender)),
-                    Err(mut error) => match error.take_message() {
-                        Some(unsent) => request = unsent,
-                        None => return Err(SendError::Http(error.into_error())),
-                    },
+        while let Some(mut upstream) = reused {
+            if upstream.ready_for_next() {
+                match upstream.exchange(request).await {
+                    Ok(response) => return Ok(self.pooled(response, key, upstream)),
+                    Err(Exchange::Unsent(unsent)) => request = *unsent,
+                    Err(Exchange::Failed(error)) => return Err(error),
                 }
             }
             reused = self.checkout(&key)?.0;
         }
         // Boxed: opening a connection is the rare path, and its future (TCP, TLS and the
         // handshake, over 2 KiB) would otherwise be part of every request's future.
-        let mut sender = Box::pin(self.connect(&key)).await?;
-        match sender.try_send_request(request).await {
-            Ok(response) => Ok(self.pooled(response, key, sender)),
-            Err(error) => Err(SendError::Http(error.into_error())),
+        let mut upstream = Box::pin(self.connect(&key)).await?;
+        match upstream.exchange(request).await {
+            Ok(response) => Ok(self.pooled(response, key, upstream)),
+            Err(Exchange::Unsent(_)) => Err(SendError::Closed),
+            Err(Exchange::Failed(error)) => Err(error),
         }
     }
 
@@ -155,8 +242,9 @@ impl UpstreamPool {
         self.hosts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The most recently returned live connection of the host, if any, and its `Host` header.
-    fn checkout(&self, key: &HostKey) -> Result<(Option<Sender>, HeaderValue), SendError> {
+    /// The most recently returned connection of the host, if any, and its `Host` header. The
+    /// caller checks that it is still open, outside the lock.
+    fn checkout(&self, key: &HostKey) -> Result<(Option<Box<Upstream>>, HeaderValue), SendError> {
         let mut hosts = self.lock();
         let host = match hosts.get_mut(key) {
             Some(host) => host,
@@ -168,15 +256,10 @@ impl UpstreamPool {
         let host_header = host.host_header.clone();
         // Connections past the idle timeout are closed by `put_back` and the sweeper; one
         // that outlived it by less than a sweep is still fine to use.
-        while let Some(idle) = host.idle.pop() {
-            if !idle.sender.is_closed() {
-                return Ok((Some(idle.sender), host_header));
-            }
-        }
-        Ok((None, host_header))
+        Ok((host.idle.pop().map(|idle| idle.upstream), host_header))
     }
 
-    async fn connect(&self, key: &HostKey) -> Result<Sender, SendError> {
+    async fn connect(&self, key: &HostKey) -> Result<Box<Upstream>, SendError> {
         let uri = Uri::builder()
             .scheme(key.scheme.clone())
             .authority(key.authority.clone())
@@ -191,30 +274,33 @@ impl UpstreamPool {
         let (sender, connection) = http1::handshake(io)
             .await
             .map_err(|error| SendError::Connect(error.into()))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection closed with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Box::new(Upstream {
+            sender,
+            connection: Some(connection),
+        }))
     }
 
     fn pooled(
         self: &Arc<Self>,
         response: Response<Incoming>,
         key: HostKey,
-        sender: Sender,
+        upstream: Box<Upstream>,
     ) -> Response<PooledBody> {
         let pool = Arc::clone(self);
         response.map(|body| PooledBody {
             body,
-            connection: Some(Checkout { pool, key, sender }),
+            connection: Some(Checkout {
+                pool,
+                key,
+                upstream,
+            }),
         })
     }
 
     /// Take back a connection whose response was read to its end.
-    fn put_back(self: &Arc<Self>, key: HostKey, sender: Sender) {
-        if sender.is_closed() {
+    fn put_back(self: &Arc<Self>, key: HostKey, mut upstream: Box<Upstream>) {
+        // Driven once more, it finishes the exchange and waits for the next request.
+        if !upstream.ready_for_next() {
             return;
         }
         let now = Instant::now();
@@ -231,7 +317,10 @@ impl UpstreamPool {
                 .count();
             host.idle.drain(..expired);
             if host.idle.len() < self.max_idle_per_host {
-                host.idle.push(Idle { sender, since: now });
+                host.idle.push(Idle {
+                    upstream,
+                    since: now,
+                });
             }
         }
         self.start_sweeper();
@@ -241,9 +330,10 @@ impl UpstreamPool {
         now.saturating_duration_since(idle.since) >= self.idle_timeout
     }
 
-    /// Close the connections idle for longer than the timeout, and forget the closed ones.
+    /// Close the connections idle for longer than the timeout, and the ones the upstream
+    /// closed.
     fn evict_expired(&self, idle: &mut Vec<Idle>, now: Instant) {
-        idle.retain(|idle| !self.expired(idle, now) && !idle.sender.is_closed());
+        idle.retain_mut(|idle| !self.expired(idle, now) && idle.upstream.ready_for_next());
     }
 
     /// Close connections idle for longer than the timeout, also when no request comes to
@@ -288,10 +378,11 @@ fn host_header(authority: &Authority) -> Result<HeaderValue, SendError> {
 struct Checkout {
     pool: Arc<UpstreamPool>,
     key: HostKey,
-    sender: Sender,
+    upstream: Box<Upstream>,
 }
 
-/// A response body that returns its connection to the pool once read to its end.
+/// A response body that drives its connection while it is read, and returns the connection to
+/// the pool once read to its end.
 pub struct PooledBody {
     body: Incoming,
     connection: Option<Checkout>,
@@ -308,8 +399,13 @@ impl std::fmt::Debug for PooledBody {
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some(Checkout { pool, key, sender }) = self.connection.take() {
-            pool.put_back(key, sender);
+        if let Some(Checkout {
+            pool,
+            key,
+            upstream,
+        }) = self.connection.take()
+        {
+            pool.put_back(key, upstream);
         }
     }
 }
@@ -323,7 +419,14 @@ impl Body for PooledBody {
         context: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.body).poll_frame(context));
+        // The connection fills the body: drive it first. It is what wakes this task, so the
+        // body itself is polled without a waker. Once the connection has ended (and been
+        // dropped), the body ends too, so the poll below cannot wait for nothing.
+        if let Some(checkout) = this.connection.as_mut() {
+            checkout.upstream.drive(context);
+        }
+        let mut quiet = Context::from_waker(Waker::noop());
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(&mut quiet));
         match &frame {
             None => this.release(),
             Some(Ok(_)) if this.body.is_end_stream() => this.release(),
@@ -361,6 +464,8 @@ mod tests {
         /// Close it right after the response, though the response says keep-alive (as an
         /// upstream does when its own idle timeout fires).
         Close,
+        /// Close it when it has been idle this long.
+        IdleThenClose(Duration),
     }
 
     struct Server {
@@ -372,6 +477,11 @@ mod tests {
     /// A real HTTP/1.1 server on 127.0.0.1:0 that answers each request with a 1000-byte body
     /// sent in two writes, counts the connections it accepts and records request heads.
     async fn server(after: After) -> Server {
+        server_pausing(after, Duration::ZERO).await
+    }
+
+    /// The same server, pausing between the two writes of each body.
+    async fn server_pausing(after: After, pause: Duration) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("local address"));
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -418,9 +528,17 @@ mod tests {
                         let head = "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n";
                         socket.write_all(head.as_bytes()).await.expect("write");
                         socket.write_all(&body[..500]).await.expect("write");
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
                         socket.write_all(&body[500..]).await.expect("write");
-                        if after == After::Close {
-                            return;
+                        match after {
+                            After::KeepAlive => {}
+                            After::Close => return,
+                            After::IdleThenClose(idle) => {
+                                tokio::time::sleep(idle).await;
+                                return;
+                            }
                         }
                     }
                 });
@@ -490,6 +608,37 @@ mod tests {
             );
             assert!(head.to_ascii_lowercase().contains(&format!("host: {host}")));
         }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_arrives_in_parts_wakes_its_reader() {
+        // No task drives the connection but the reader's: the second half of each body, which
+        // arrives after a pause, must wake the reader, and the connection must be reused.
+        let server = server_pausing(After::KeepAlive, Duration::from_millis(30)).await;
+        let pool = pool(8, Duration::from_secs(60));
+        for _ in 0..3 {
+            let length = tokio::time::timeout(Duration::from_secs(10), call(&pool, &server.url))
+                .await
+                .expect("the body's end never woke its reader");
+            assert_eq!(length, 1000);
+        }
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_forgets_connections_the_upstream_closed() {
+        let server = server(After::IdleThenClose(Duration::from_millis(100))).await;
+        // Sweeps every second; a connection would expire only after two.
+        let idle_timeout = Duration::from_secs(2);
+        let pool = pool(8, idle_timeout);
+        let started = Instant::now();
+        assert_eq!(call(&pool, &server.url).await, 1000);
+        assert_eq!(pool.idle_connections(), 1);
+        eventually(|| pool.idle_connections() == 0).await;
+        assert!(
+            started.elapsed() < idle_timeout,
+            "the closed connection was only dropped when it expired"
+        );
     }
 
     #[tokio::test]
