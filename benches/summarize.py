@@ -184,17 +184,20 @@ def main(path):
             print("|---|---:|---:|---:|---:|")
         print("\n".join(cpu_rows))
 
+    halt_targets = ["direct", "nginx", "skein"]
+    if any(label.startswith("control/") for label in runs):
+        halt_targets.append("control")
     halt_rows = []
     for mode in ["unary", "stream"]:
         for rate in [500, 2000, 5000]:
-            row = [runs.get(f"{target}/{mode}/{rate}") for target in ("direct", "nginx", "skein")]
+            row = [runs.get(f"{target}/{mode}/{rate}") for target in halt_targets]
             if all(row) and all(run.get("halts_per_request") for run in row):
                 cells = [" / ".join(f"{core:.2f}" for core in run["halts_per_request"]) for run in row]
-                halt_rows.append(f"| {mode} | {rate} | {cells[0]} | {cells[1]} | {cells[2]} |")
+                halt_rows.append(f"| {mode} | {rate} | " + " | ".join(cells) + " |")
     if halt_rows:
         print("\n### Halts per request, core 0 (the proxy) / core 1 (the mock and the load generator)\n")
-        print("| mode | req/s | direct | nginx | skein |")
-        print("|---|---:|---:|---:|---:|")
+        print("| mode | req/s | " + " | ".join(halt_targets) + " |")
+        print("|---|---:|" + "---:|" * len(halt_targets))
         print("\n".join(halt_rows))
 
     print("\n### Memory (Skein)\n")
