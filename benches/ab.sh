@@ -15,19 +15,8 @@ rounds=$1; points=$2; binary_a=$(realpath "$3"); binary_b=$(realpath "$4")
 . benches/lib.sh > /dev/null
 start_mock
 start_nginx
-write_skein_config
-
-# binary name: starts that build of Skein like start_skein, and sets ${name}_url, ${name}_pid.
-start_build() {
-  SKEIN_LOG='warn,skein=info,skein::access=warn' taskset -c 0 "$1" serve --config "$work/skein.yaml" \
-    --data-dir "$work/data-$2" --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --gossip-addr off \
-    --worker-threads 1 --log-format json > /dev/null 2> "$work/skein-$2.log" &
-  pids+=($!)
-  printf -v "${2}_pid" %s "$!"
-  printf -v "${2}_url" %s "$(wait_for_line "$work/skein-$2.log" 'http://127\.0\.0\.1:[0-9]+')"
-}
-start_build "$binary_a" A
-start_build "$binary_b" B
+start_skein "$binary_a" A
+start_skein "$binary_b" B
 
 for round in $(seq 1 "$rounds"); do
   for point in $points; do

@@ -126,13 +126,16 @@ YAML
 }
 
 # Skein with one worker thread on core 0 and the config above. Sets skein_pid and skein_url.
+# `start_skein BINARY NAME` starts another build (benches/ab.sh) and sets ${NAME}_pid and
+# ${NAME}_url.
 start_skein() {
+  local binary=${1:-$bin/skein} name=${2:-skein}
   write_skein_config
-  SKEIN_LOG='warn,skein=info,skein::access=warn' taskset -c 0 "$bin/skein" serve --config "$work/skein.yaml" --data-dir "$work/data" \
-    --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --gossip-addr off --worker-threads 1 --log-format json > /dev/null 2> "$work/skein.log" &
-  skein_pid=$!
-  pids+=($skein_pid)
-  skein_url=$(wait_for_line "$work/skein.log" 'http://127\.0\.0\.1:[0-9]+')
+  SKEIN_LOG='warn,skein=info,skein::access=warn' taskset -c 0 "$binary" serve --config "$work/skein.yaml" --data-dir "$work/data-$name" \
+    --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --gossip-addr off --worker-threads 1 --log-format json > /dev/null 2> "$work/$name.log" &
+  pids+=($!)
+  printf -v "${name}_pid" %s "$!"
+  printf -v "${name}_url" %s "$(wait_for_line "$work/$name.log" 'http://127\.0\.0\.1:[0-9]+')"
 }
 
 # nginx: one worker on core 0, keepalive to the mock, no buffering (SSE passes through).
