@@ -14,6 +14,7 @@
 // traits return it too.
 #![allow(clippy::result_large_err)]
 
+pub mod identity;
 pub mod machine;
 pub mod network;
 pub mod store;
@@ -33,6 +34,7 @@ use skein_proto::raft::v1::raft_client::RaftClient;
 use skein_types::control::{Command, ControlState, Proposal};
 use tokio::sync::watch;
 
+pub use identity::{Identity, Refusal};
 pub use machine::{ApplyResponse, Published};
 pub use network::{Channels, Network, RaftService};
 
@@ -118,6 +120,9 @@ pub enum LeaderRequest {
     AddLearner {
         id: NodeId,
         addr: String,
+        /// The joining node's incarnation: refused if the cluster knows the id by another.
+        #[serde(default)]
+        incarnation: Option<u64>,
     },
     /// Make the given nodes the voters (they must be members already).
     ChangeVoters {
@@ -146,6 +151,25 @@ pub enum LeaderReply {
     },
 }
 
+/// What a node says of itself when asked (`Hello`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub node_id: NodeId,
+    pub incarnation: u64,
+    /// The cluster it belongs to, once it knows.
+    pub cluster_id: Option<String>,
+    /// Whether it is in a group (initialized, or added by a leader).
+    pub member: bool,
+    /// The leader it knows of, and that leader's address.
+    pub leader: Option<NodeId>,
+    pub leader_addr: Option<String>,
+    /// The last log index it has applied.
+    pub applied: u64,
+    /// The members of its group, as it knows them.
+    #[serde(default)]
+    pub members: Vec<NodeId>,
+}
+
 /// One node's handle on the control plane. Cheap to clone.
 #[derive(Clone)]
 pub struct ControlPlane {
@@ -158,6 +182,7 @@ struct Inner {
     published: Arc<Published>,
     channels: Channels,
     committed: Arc<AtomicU64>,
+    identity: Arc<Identity>,
 }
 
 impl ControlPlane {
@@ -168,10 +193,12 @@ impl ControlPlane {
         let db = sled::Config::new().path(&path).open().map_err(|error| {
             ControlError::Internal(format!("opening {}: {error}", path.display()))
         })?;
+        let identity = Arc::new(Identity::open(&db, options.node_id).map_err(internal)?);
         let log = store::LogStore::open(&db).map_err(internal)?;
         let committed = log.committed_index();
         let machine = machine::StateMachine::open(&db).map_err(internal)?;
         let published = machine.published();
+        identity.attach(published.clone());
         let config = openraft::Config {
             cluster_name: "skein".to_owned(),
             heartbeat_interval: options.heartbeat_ms,
@@ -183,7 +210,11 @@ impl ControlPlane {
         }
         .validate()
         .map_err(|error| ControlError::InvalidArgument(error.to_string()))?;
-        let channels = Channels::new(options.peer_tls.clone(), options.token.clone());
+        let channels = Channels::new(
+            options.peer_tls.clone(),
+            options.token.clone(),
+            identity.clone(),
+        );
         let network = Network {
             channels: channels.clone(),
         };
@@ -197,8 +228,89 @@ impl ControlPlane {
                 published,
                 channels,
                 committed,
+                identity,
             }),
         })
+    }
+
+    /// This node's identity: incarnation, cluster id, refused messages.
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+
+    /// Whether this node is in a group: it was initialized, or a leader added it.
+    pub fn is_member(&self) -> bool {
+        self.metrics()
+            .membership_config
+            .membership()
+            .get_node(&self.inner.id)
+            .is_some()
+    }
+
+    /// Whether the Raft core is still running (it stops on a fatal error).
+    pub fn is_running(&self) -> bool {
+        let metrics = self.metrics();
+        metrics.running_state.is_ok() && metrics.state != ServerState::Shutdown
+    }
+
+    /// What this node says of itself to a `Hello`.
+    pub fn hello(&self) -> Hello {
+        let metrics = self.metrics();
+        let leader_addr = metrics.current_leader.and_then(|leader| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|node| node.addr.clone())
+        });
+        Hello {
+            node_id: self.inner.id,
+            incarnation: self.inner.identity.incarnation(),
+            cluster_id: self
+                .inner
+                .identity
+                .cluster_id()
+                .map(|id| id.as_str().to_owned()),
+            member: metrics
+                .membership_config
+                .membership()
+                .get_node(&self.inner.id)
+                .is_some(),
+            leader: metrics.current_leader,
+            leader_addr,
+            applied: metrics.last_applied.map_or(0, |id| id.index),
+            members: metrics
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect(),
+        }
+    }
+
+    /// Ask the node at `addr` who it is.
+    pub async fn hello_to(&self, addr: &str) -> Result<Hello, ControlError> {
+        let channel = self
+            .inner
+            .channels
+            .get(addr)
+            .map_err(|error| ControlError::Unavailable(error.to_string()))?;
+        let request = self.inner.channels.request(
+            RaftMessage {
+                payload: Vec::new(),
+            },
+            None,
+        );
+        let reply = tokio::time::timeout(
+            Duration::from_secs(2),
+            RaftClient::new(channel).hello(request),
+        )
+        .await
+        .map_err(|_| ControlError::Timeout(format!("no answer from {addr}")))?
+        .map_err(|status| {
+            ControlError::Unavailable(format!("asking {addr}: {}", status.message()))
+        })?;
+        serde_json::from_slice(&reply.into_inner().payload).map_err(internal)
     }
 
     /// This node's id.
@@ -415,7 +527,7 @@ impl ControlPlane {
             .map_err(|error| ControlError::Unavailable(error.to_string()))?;
         let payload = serde_json::to_vec(forwarded).map_err(internal)?;
         let reply = RaftClient::new(channel)
-            .forward(self.inner.channels.request(RaftMessage { payload }))
+            .forward(self.inner.channels.request(RaftMessage { payload }, None))
             .await
             .map_err(|status| {
                 ControlError::Unavailable(format!("forwarding to {addr}: {}", status.message()))
@@ -451,7 +563,23 @@ impl ControlPlane {
                     .map(|response| LeaderReply::Applied(response.data))
                     .map_err(write_error);
             }
-            LeaderRequest::AddLearner { id, addr } => {
+            LeaderRequest::AddLearner {
+                id,
+                addr,
+                incarnation,
+            } => {
+                if let Some(incarnation) = incarnation {
+                    // Known first, so a node that lost its data cannot take the old one's place.
+                    let registered = self
+                        .write_here(Command::RegisterNode {
+                            node: id,
+                            incarnation,
+                        })
+                        .await?;
+                    if let skein_types::control::Outcome::Rejected(rejection) = registered.outcome {
+                        return Err(ControlError::InvalidArgument(rejection.message));
+                    }
+                }
                 raft.add_learner(id, BasicNode { addr }, true).await
             }
             LeaderRequest::ChangeVoters { voters } => {
@@ -470,14 +598,36 @@ impl ControlPlane {
                         .await
                         .map_err(write_error)?;
                 }
-                raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-                    .await
+                let removed = raft
+                    .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                    .await;
+                if removed.is_ok() {
+                    // The id may rejoin, with new storage.
+                    self.write_here(Command::ForgetNode { node: id }).await?;
+                }
+                removed
             }
         };
         result
             .map(|response| LeaderReply::Membership {
                 version: response.log_id.index,
             })
+            .map_err(write_error)
+    }
+
+    /// Write a command on this node, which must be the leader.
+    async fn write_here(&self, command: Command) -> Result<ApplyResponse, ControlError> {
+        let proposal = Proposal {
+            actor: "cluster".to_owned(),
+            at_ms: skein_types::now_ms(),
+            command,
+            create_only: false,
+        };
+        self.inner
+            .raft
+            .client_write(proposal)
+            .await
+            .map(|response| response.data)
             .map_err(write_error)
     }
 

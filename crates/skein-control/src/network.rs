@@ -23,38 +23,48 @@ use skein_proto::raft::v1::raft_server;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
+use crate::identity::Identity;
 use crate::{ControlPlane, Forwarded, Node, NodeId, TypeConfig};
 
 /// Connection timeout for a peer's channel.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Channels to peers, one per address, shared by every Raft client and the write forwarder.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Channels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// TLS towards peers, when the gRPC port speaks it.
     tls: Option<ClientTlsConfig>,
     /// The cluster's admin token, sent with every Raft RPC when set.
     token: Option<Arc<str>>,
+    /// Stamps every message with this node's cluster, id and incarnation.
+    identity: Arc<Identity>,
 }
 
 impl Channels {
-    pub fn new(tls: Option<ClientTlsConfig>, token: Option<String>) -> Channels {
+    pub fn new(
+        tls: Option<ClientTlsConfig>,
+        token: Option<String>,
+        identity: Arc<Identity>,
+    ) -> Channels {
         Channels {
             channels: Arc::default(),
             tls,
             token: token.map(Arc::from),
+            identity,
         }
     }
 
-    /// A request carrying the cluster token (when there is one).
-    pub fn request<T>(&self, message: T) -> Request<T> {
+    /// A request carrying the cluster token (when there is one) and this node's identity,
+    /// addressed to `target` when the caller knows which node it is for.
+    pub fn request<T>(&self, message: T, target: Option<NodeId>) -> Request<T> {
         let mut request = Request::new(message);
         if let Some(token) = &self.token
             && let Ok(value) = format!("Bearer {token}").parse()
         {
             request.metadata_mut().insert("authorization", value);
         }
+        self.identity.stamp(request.metadata_mut(), target);
         request
     }
 
@@ -81,7 +91,7 @@ impl Channels {
 }
 
 /// Makes a Raft client per peer.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Network {
     pub channels: Channels,
 }
@@ -127,7 +137,9 @@ impl PeerClient {
         let payload =
             serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = RaftClient::new(channel);
-        let message = self.channels.request(RaftMessage { payload });
+        let message = self
+            .channels
+            .request(RaftMessage { payload }, Some(self.target));
         let ttl = option.hard_ttl();
         let call = async {
             match kind {
@@ -177,14 +189,15 @@ impl Rpc {
     }
 }
 
-/// A gRPC failure as openraft sees it: a peer that cannot be reached is `Unreachable` (openraft
-/// backs off), anything else a network error.
+/// A gRPC failure as openraft sees it: a peer that cannot be reached, or that refuses this
+/// node's messages (another cluster, another incarnation), is `Unreachable` (openraft backs
+/// off), anything else a network error.
 fn status_error<E: std::error::Error>(
     status: &Status,
 ) -> RPCError<NodeId, Node, RaftError<NodeId, E>> {
     let error = AnyError::error(format!("{}: {}", status.code(), status.message()));
     match status.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown => {
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::FailedPrecondition => {
             RPCError::Unreachable(Unreachable::new(&error))
         }
         _ => RPCError::Network(NetworkError::new(&error)),
@@ -240,6 +253,16 @@ impl RaftService {
     }
 }
 
+impl RaftService {
+    /// Refuse a message from another cluster, or for another node or incarnation.
+    fn admit<T>(&self, request: &Request<T>, adopt: bool) -> Result<(), Status> {
+        self.control
+            .identity()
+            .admit(request.metadata(), adopt)
+            .map_err(|refused| Status::failed_precondition(refused.message))
+    }
+}
+
 fn decode<T: DeserializeOwned>(request: Request<RaftMessage>) -> Result<T, Status> {
     serde_json::from_slice(&request.into_inner().payload)
         .map_err(|error| Status::invalid_argument(format!("undecodable Raft message: {error}")))
@@ -257,11 +280,13 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        self.admit(&request, true)?;
         let request: AppendEntriesRequest<TypeConfig> = decode(request)?;
         encode(&self.raft.append_entries(request).await)
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.admit(&request, true)?;
         let request: VoteRequest<NodeId> = decode(request)?;
         encode(&self.raft.vote(request).await)
     }
@@ -270,6 +295,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        self.admit(&request, true)?;
         let request: InstallSnapshotRequest<TypeConfig> = decode(request)?;
         encode(&self.raft.install_snapshot(request).await)
     }
@@ -278,7 +304,12 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        self.admit(&request, false)?;
         let forwarded: Forwarded = decode(request)?;
         encode(&self.control.handle_forwarded(forwarded).await)
+    }
+
+    async fn hello(&self, _request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        encode(&self.control.hello())
     }
 }

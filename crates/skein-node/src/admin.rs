@@ -19,8 +19,8 @@ use skein_proto::admin::v1::{
     CreateKeyRequest, CreateKeyResponse, DeleteRequest, ExportConfigRequest, ExportConfigResponse,
     GetRequest, GetResponse, GetStatusRequest, GetStatusResponse, GossipMember,
     ImportConfigRequest, KeyRequest, KeyStatus, Kind, ListRequest, ListResponse, NodeRequest,
-    ProviderStatus, Resource, TriggerSnapshotRequest, TriggerSnapshotResponse, UsageRequest,
-    UsageResponse, UsageRow, WatchRequest, WriteRequest, WriteResponse,
+    ProviderStatus, Resource, TargetVotersRequest, TriggerSnapshotRequest, TriggerSnapshotResponse,
+    UsageRequest, UsageResponse, UsageRow, WatchRequest, WriteRequest, WriteResponse,
 };
 use skein_proxy::AppState;
 use skein_types::control::{
@@ -189,6 +189,25 @@ fn already_applied(state: &ControlState, command: &Command) -> bool {
 }
 
 /// Check `authorization: Bearer <token>` when the node has an admin token.
+/// The config as plain YAML: enums as one-key maps (`period: {calendar: …}`), not custom tags
+/// (`!calendar`) that other YAML parsers refuse.
+fn export_yaml(config: &ConfigExport) -> Result<String, String> {
+    let plain = serde_json::to_value(config).map_err(|error| error.to_string())?;
+    serde_norway::to_string(&plain).map_err(|error| error.to_string())
+}
+
+/// Read an export: plain YAML, or the tagged form earlier versions wrote.
+fn import_yaml(yaml: &str) -> Result<ConfigExport, String> {
+    let tagged_error = match serde_norway::from_str::<ConfigExport>(yaml) {
+        Ok(config) => return Ok(config),
+        Err(error) => error,
+    };
+    let Ok(plain) = serde_norway::from_str::<serde_json::Value>(yaml) else {
+        return Err(tagged_error.to_string());
+    };
+    serde_json::from_value(plain).map_err(|_| tagged_error.to_string())
+}
+
 fn check_token(expected: Option<&str>, request: &Request<()>) -> Result<(), Status> {
     let Some(expected) = expected else {
         return Ok(());
@@ -197,7 +216,7 @@ fn check_token(expected: Option<&str>, request: &Request<()>) -> Result<(), Stat
         .metadata()
         .get("authorization")
         .and_then(|value| value.to_str().ok())
-        .map(|value| value.trim().strip_prefix("Bearer ").unwrap_or(value).trim());
+        .map(skein_types::bearer_token);
     match given {
         Some(given) if tokens_match(given, expected) => Ok(()),
         Some(_) => Err(Status::unauthenticated("invalid admin token")),
@@ -703,6 +722,9 @@ impl Admin for AdminService {
             commit_index: self.control.committed_index(),
             applied_index: metrics.last_applied.map(|id| id.index).unwrap_or(0),
             snapshot_index: metrics.snapshot.map(|id| id.index).unwrap_or(0),
+            cluster_id: self.control.state().cluster.id.clone(),
+            incarnation: format!("{:016x}", self.control.identity().incarnation()),
+            target_voters: self.control.state().cluster.target_voters,
             members,
             gossip: match &self.gossip {
                 Some(gossip) => gossip
@@ -749,6 +771,7 @@ impl Admin for AdminService {
         }
         Ok(Response::new(
             self.membership(LeaderRequest::AddLearner {
+                incarnation: None,
                 id: request.id,
                 addr: request.addr,
             })
@@ -776,6 +799,21 @@ impl Admin for AdminService {
         ))
     }
 
+    async fn set_target_voters(
+        &self,
+        request: Request<TargetVotersRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let voters = request.into_inner().voters;
+        if voters == 0 || voters.is_multiple_of(2) {
+            return Err(Status::invalid_argument(format!(
+                "voters: must be an odd number, at least 1 (got {voters})"
+            )));
+        }
+        Ok(Response::new(
+            self.write(Command::SetTargetVoters { voters }).await?,
+        ))
+    }
+
     async fn remove_node(
         &self,
         request: Request<NodeRequest>,
@@ -799,8 +837,7 @@ impl Admin for AdminService {
         request: Request<ExportConfigRequest>,
     ) -> Result<Response<ExportConfigResponse>, Status> {
         let state = self.read(request.into_inner().min_version).await?;
-        let yaml = serde_norway::to_string(&state.export())
-            .map_err(|error| Status::internal(error.to_string()))?;
+        let yaml = export_yaml(&state.export()).map_err(Status::internal)?;
         Ok(Response::new(ExportConfigResponse {
             yaml,
             version: state.version,
@@ -811,7 +848,7 @@ impl Admin for AdminService {
         &self,
         request: Request<ImportConfigRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
-        let config: ConfigExport = serde_norway::from_str(&request.into_inner().yaml)
+        let config = import_yaml(&request.into_inner().yaml)
             .map_err(|error| Status::invalid_argument(format!("yaml: {error}")))?;
         Ok(Response::new(self.write(Command::Import { config }).await?))
     }
@@ -850,5 +887,37 @@ impl Admin for AdminService {
             },
         );
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skein_types::control::{Budget, BudgetPeriod, CalendarUnit, Scope};
+
+    #[test]
+    fn exports_are_plain_yaml_and_import_back() {
+        let config = ConfigExport {
+            budgets: vec![Budget {
+                id: "b".to_owned(),
+                scope: Scope::Team("t".to_owned()),
+                limit_nanos: 5,
+                period: BudgetPeriod::Calendar {
+                    unit: CalendarUnit::Month,
+                    time_zone: "Europe/Paris".to_owned(),
+                },
+                hard: true,
+            }],
+            ..Default::default()
+        };
+        let yaml = export_yaml(&config).expect("export");
+        assert!(!yaml.contains('!'), "no custom tags:\n{yaml}");
+        assert!(yaml.contains("calendar:"), "{yaml}");
+        assert_eq!(import_yaml(&yaml).expect("import"), config);
+        // What earlier versions wrote still imports.
+        let tagged = serde_norway::to_string(&config).expect("tagged");
+        assert!(tagged.contains('!'), "{tagged}");
+        assert_eq!(import_yaml(&tagged).expect("import tagged"), config);
+        assert!(import_yaml("budgets: 3").is_err());
     }
 }

@@ -12,7 +12,7 @@ use skein_proto::admin::v1::admin_client::AdminClient;
 use skein_proto::admin::v1::{
     AddLearnerRequest, ClusterStatusRequest, CreateKeyRequest, CreateKeyResponse, DeleteRequest,
     ExportConfigRequest, GetRequest, ImportConfigRequest, KeyRequest, Kind, ListRequest,
-    NodeRequest, Resource, TriggerSnapshotRequest, UsageRequest, WriteRequest,
+    NodeRequest, Resource, TargetVotersRequest, TriggerSnapshotRequest, UsageRequest, WriteRequest,
 };
 use tonic::transport::Channel;
 
@@ -185,8 +185,10 @@ pub enum ClusterCommand {
     },
     /// Make a learner a voter.
     Promote { id: u64 },
-    /// Remove a node from the group.
+    /// Remove a node from the group (before it goes for good, e.g. before scaling down).
     Remove { id: u64 },
+    /// How many voters the leader keeps (odd): it promotes caught-up learners up to this.
+    TargetVoters { voters: u64 },
     /// Build a snapshot (and compact the log) on this node now.
     Snapshot,
 }
@@ -561,6 +563,11 @@ pub async fn cluster(connection: &Connection, command: ClusterCommand) -> anyhow
                 .remove_node(request(connection, NodeRequest { id })?)
                 .await
         }
+        ClusterCommand::TargetVoters { voters } => {
+            client
+                .set_target_voters(request(connection, TargetVotersRequest { voters })?)
+                .await
+        }
         ClusterCommand::Snapshot => {
             let built = client
                 .trigger_snapshot(request(connection, TriggerSnapshotRequest {})?)
@@ -644,13 +651,22 @@ async fn cluster_status(
                 .collect();
             println!(
                 "{}",
-                json!({"node_id": status.node_id, "leader_id": status.leader_id, "term": status.term, "members": members, "gossip": gossip})
+                json!({"node_id": status.node_id, "cluster_id": status.cluster_id, "target_voters": status.target_voters, "leader_id": status.leader_id, "term": status.term, "members": members, "gossip": gossip})
             );
         }
         Output::Table => {
             println!(
-                "asked node {} ({}); leader: node {}; term {}",
-                status.node_id, status.role, status.leader_id, status.term
+                "cluster {}; asked node {} ({}); leader: node {}; term {}; target voters {}",
+                if status.cluster_id.is_empty() {
+                    "(no id yet)"
+                } else {
+                    &status.cluster_id
+                },
+                status.node_id,
+                status.role,
+                status.leader_id,
+                status.term,
+                status.target_voters
             );
             println!(
                 "{:>4}  {:22} {:7} {:9} {:>6} {:>8} {:>8} {:>9}",

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod cli;
 pub mod env;
 pub mod load;
+pub mod membership;
 pub mod node;
 pub mod tls;
 

@@ -70,6 +70,9 @@ struct StatusArgs {
         default_value = "http://127.0.0.1:8081"
     )]
     addr: String,
+    /// The admin token.
+    #[arg(long, env = "SKEIN_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,9 +107,29 @@ struct ServeArgs {
     #[arg(long, env = "SKEIN_VOTERS", default_value = "")]
     voters: String,
     /// gRPC addresses (`host:port`, comma-separated) of members to join through, for a node
-    /// that is not a voter: it joins as a learner.
+    /// that is not a voter: it joins as a learner. A name may resolve to several addresses (a
+    /// Kubernetes headless Service): each is asked.
     #[arg(long, env = "SKEIN_PEERS", default_value = "")]
     peers: String,
+    /// Join-or-form mode (instead of --voters): the node with this id forms a new cluster of
+    /// one voter, but only once every address --peers resolves to has answered and none is in
+    /// a cluster; every other node (and that one, when it finds a cluster) joins through
+    /// --peers as a learner. The leader then promotes learners up to --target-voters.
+    #[arg(long, env = "SKEIN_BOOTSTRAP_NODE", conflicts_with = "voters")]
+    bootstrap_node: Option<String>,
+    /// How many voters the cluster keeps (odd), recorded when the cluster is first formed:
+    /// the leader promotes caught-up learners to the largest odd number of voters up to it.
+    /// Later changes go through `skein cluster target-voters`. Default: 3 with
+    /// --bootstrap-node, else the number of --voters.
+    #[arg(long, env = "SKEIN_TARGET_VOTERS")]
+    target_voters: Option<u64>,
+    /// Seconds a node that sees no Raft leader stays ready (it keeps proxying from its last
+    /// applied config either way).
+    #[arg(long, env = "SKEIN_READY_LEASE_SECS", default_value_t = 30)]
+    ready_lease_secs: u64,
+    /// Also serve `/metrics` on the proxy port (it is always served on the gRPC port).
+    #[arg(long, env = "SKEIN_METRICS_ON_PROXY_PORT", default_value_t = true, action = clap::ArgAction::Set)]
+    metrics_on_proxy_port: bool,
     /// The gRPC address other nodes reach this one at (default: the gRPC listener's address).
     #[arg(long, env = "SKEIN_ADVERTISE_ADDR")]
     advertise_addr: Option<String>,
@@ -255,6 +278,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cluster.node_id = node_id(&args.node_id)?;
     cluster.voters = parse_voters(&args.voters)?;
     cluster.peers = split_list(&args.peers);
+    cluster.bootstrap_node = match &args.bootstrap_node {
+        Some(text) => Some(node_id(text).context("--bootstrap-node")?),
+        None => None,
+    };
+    if let Some(target) = args.target_voters
+        && (target == 0 || target.is_multiple_of(2))
+    {
+        anyhow::bail!("--target-voters must be an odd number, at least 1 (got {target})");
+    }
+    cluster.target_voters = args.target_voters;
+    cluster.ready_lease = std::time::Duration::from_secs(args.ready_lease_secs);
     cluster.advertise_addr = args.advertise_addr.clone();
     cluster.snapshot_after_logs = args.raft_snapshot_after_logs.max(1);
     cluster.keep_logs = args.raft_keep_logs;
@@ -262,6 +296,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--node-id must be above zero");
     }
     let options = NodeOptions {
+        proxy: skein_proxy::ProxyOptions {
+            metrics_on_proxy_port: args.metrics_on_proxy_port,
+            ..Default::default()
+        },
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout_secs),
         cluster,
         admin_token,
@@ -286,7 +324,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }),
             _ => None,
         },
-        ..NodeOptions::new(args.data_dir.clone())
     };
     let grpc_listener = bind_listener(&args.grpc_addr)
         .await
@@ -378,8 +415,14 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let mut client = AdminClient::connect(args.addr.clone())
         .await
         .with_context(|| format!("connecting to the admin API at {}", args.addr))?;
+    let mut request = tonic::Request::new(GetStatusRequest {});
+    if let Some(token) = &args.token
+        && let Ok(value) = format!("Bearer {}", token.trim()).parse()
+    {
+        request.metadata_mut().insert("authorization", value);
+    }
     let status = client
-        .get_status(GetStatusRequest {})
+        .get_status(request)
         .await
         .context("GetStatus")?
         .into_inner();

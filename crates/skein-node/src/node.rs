@@ -61,8 +61,19 @@ pub struct ClusterOptions {
     pub data_dir: PathBuf,
     /// The voters (id → gRPC address). Empty: this node alone.
     pub voters: BTreeMap<NodeId, String>,
-    /// gRPC addresses of members to join through, for a node outside the voter set.
+    /// gRPC addresses of members to join through, for a node outside the voter set. A name
+    /// may resolve to several addresses (a headless Service): each is asked.
     pub peers: Vec<String>,
+    /// Join-or-form mode (instead of a static voter list): the node with this id forms a new
+    /// cluster of one voter when every address `peers` resolves to has answered and none is
+    /// in a cluster; every other node, and that one when it finds a cluster, joins as a
+    /// learner.
+    pub bootstrap_node: Option<NodeId>,
+    /// How many voters the cluster keeps, recorded when it is formed: the leader promotes
+    /// caught-up learners up to it. `None`: the number of static voters (1 alone).
+    pub target_voters: Option<u64>,
+    /// How long a node that sees no leader stays ready.
+    pub ready_lease: Duration,
     /// The gRPC address other nodes reach this one at; defaults to the gRPC listener's.
     pub advertise_addr: Option<String>,
     /// Raft timing and log compaction.
@@ -82,6 +93,9 @@ impl ClusterOptions {
             data_dir,
             voters: BTreeMap::new(),
             peers: Vec::new(),
+            bootstrap_node: None,
+            target_voters: None,
+            ready_lease: Duration::from_secs(30),
             advertise_addr: None,
             heartbeat_ms: defaults.heartbeat_ms,
             election_timeout_min_ms: defaults.election_timeout_min_ms,
@@ -178,6 +192,9 @@ pub async fn start_node(
             .map_err(|error| anyhow::anyhow!("building the upstream HTTP client: {error}"))?,
     );
     state.set_control(replicated, options.admin_token.is_some());
+    state
+        .health
+        .joining(u64::try_from(cluster.ready_lease.as_millis()).unwrap_or(u64::MAX));
     state.ledger.set_node(cluster.node_id);
     state.limiter.set_node_id(cluster.node_id);
     // Until it has seen the others, a node of an N-voter cluster takes at most 1/N of a limit.
@@ -226,7 +243,8 @@ pub async fn start_node(
         options.admin_token.clone(),
         gossip.clone(),
     )
-    .into_router();
+    .into_router()
+    .merge(skein_proxy::ops_router(state.clone()));
     let mut grpc_signal = shutdown_signal;
     let admin = match &options.grpc_tls {
         Some(tls) => tokio::spawn(serve_tls(
@@ -251,23 +269,54 @@ pub async fn start_node(
         options.admin_token.is_some(),
         normalized(initial.into_inner()),
     ))];
-    let voters = if cluster.voters.is_empty() {
-        BTreeMap::from([(cluster.node_id, advertise.clone())])
-    } else {
-        cluster.voters.clone()
+    let has_state = control
+        .raft()
+        .is_initialized()
+        .await
+        .map_err(|error| anyhow::anyhow!("reading the Raft state: {error}"))?;
+    let initial_target = match cluster.bootstrap_node {
+        Some(bootstrap) => {
+            // A node with state joins again only if it was removed (scaled down, then up
+            // with its old volume); only a node without state may form a cluster.
+            tasks.push(tokio::spawn(crate::membership::rejoin_if_outside(
+                control.clone(),
+                advertise.clone(),
+                cluster.peers.clone(),
+                has_state,
+                bootstrap == cluster.node_id && !has_state,
+            )));
+            cluster.target_voters.unwrap_or(3)
+        }
+        None => {
+            let voters = if cluster.voters.is_empty() {
+                BTreeMap::from([(cluster.node_id, advertise.clone())])
+            } else {
+                cluster.voters.clone()
+            };
+            let target = cluster.target_voters.unwrap_or(voters.len() as u64);
+            if voters.contains_key(&cluster.node_id) {
+                control
+                    .initialize(voters)
+                    .await
+                    .map_err(|error| anyhow::anyhow!("initializing the Raft group: {error}"))?;
+            } else {
+                tasks.push(tokio::spawn(join_as_learner(
+                    control.clone(),
+                    advertise.clone(),
+                    cluster.peers.clone(),
+                )));
+            }
+            target
+        }
     };
-    if voters.contains_key(&cluster.node_id) {
-        control
-            .initialize(voters)
-            .await
-            .map_err(|error| anyhow::anyhow!("initializing the Raft group: {error}"))?;
-    } else {
-        tasks.push(tokio::spawn(join_as_learner(
-            control.clone(),
-            advertise.clone(),
-            cluster.peers.clone(),
-        )));
-    }
+    tasks.push(tokio::spawn(crate::membership::tend_cluster(
+        control.clone(),
+        initial_target,
+    )));
+    tasks.push(tokio::spawn(crate::membership::watch_health(
+        control.clone(),
+        state.clone(),
+    )));
     if let Some(gossip) = &gossip {
         tasks.push(tokio::spawn(share_key_health(
             gossip.clone(),
@@ -745,6 +794,7 @@ async fn join_as_learner(control: ControlPlane, advertise: String, peers: Vec<St
     let request = skein_control::LeaderRequest::AddLearner {
         id: control.id(),
         addr: advertise,
+        incarnation: Some(control.identity().incarnation()),
     };
     loop {
         if control

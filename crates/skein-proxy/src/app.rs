@@ -14,6 +14,7 @@ use skein_core::limits::Limiter;
 use skein_types::control::ControlState;
 
 use crate::handlers;
+use crate::health::NodeHealth;
 use crate::metrics::Metrics;
 use crate::pool::UpstreamPool;
 
@@ -24,6 +25,8 @@ pub struct ProxyOptions {
     pub upstream_idle_timeout: Duration,
     /// Connect timeout of upstream connections.
     pub upstream_connect_timeout: Duration,
+    /// Serve `/metrics` on the proxy port too (it is always on the internal gRPC port).
+    pub metrics_on_proxy_port: bool,
 }
 
 impl Default for ProxyOptions {
@@ -31,6 +34,7 @@ impl Default for ProxyOptions {
         ProxyOptions {
             upstream_idle_timeout: Duration::from_secs(90),
             upstream_connect_timeout: Duration::from_secs(10),
+            metrics_on_proxy_port: true,
         }
     }
 }
@@ -54,7 +58,9 @@ pub struct AppState {
     /// once rather than at the next periodic report.
     pub health_changed: tokio::sync::Notify,
     started: Instant,
-    ready: AtomicBool,
+    /// What the probes report.
+    pub health: NodeHealth,
+    metrics_on_proxy_port: bool,
 }
 
 impl AppState {
@@ -70,7 +76,8 @@ impl AppState {
             limiter: Arc::new(Limiter::new()),
             health_changed: tokio::sync::Notify::new(),
             started: Instant::now(),
-            ready: AtomicBool::new(true),
+            health: NodeHealth::default(),
+            metrics_on_proxy_port: options.metrics_on_proxy_port,
         })
     }
 
@@ -109,12 +116,12 @@ impl AppState {
 
     /// Whether `/health/ready` says ready.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.health.ready(skein_types::now_ms()).is_ok()
     }
 
     /// Mark the node not ready (before shutdown) or ready again.
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
+        self.health.set_draining(!ready);
     }
 }
 
@@ -150,7 +157,8 @@ fn upstream_client(options: &ProxyOptions) -> Result<Arc<UpstreamPool>, String> 
 /// 5. the response, passed through or translated, streamed event by event, with `x-skein-*`
 ///    headers naming the provider, deployment and attempts, and metrics recorded at the end.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let metrics_here = state.metrics_on_proxy_port;
+    let router = Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
@@ -163,8 +171,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/models", get(handlers::models))
         .route("/health/live", get(handlers::live))
         .route("/health/ready", get(handlers::ready))
-        .route("/metrics", get(handlers::metrics))
+        .route("/health/startup", get(handlers::startup));
+    let router = if metrics_here {
+        router.route("/metrics", get(handlers::metrics))
+    } else {
+        router
+    };
+    router
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
+        .with_state(state)
+}
+
+/// The probes and `/metrics`, for the internal (gRPC) port.
+pub fn ops_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health/live", get(handlers::live))
+        .route("/health/ready", get(handlers::ready))
+        .route("/health/startup", get(handlers::startup))
+        .route("/metrics", get(handlers::metrics))
         .with_state(state)
 }

@@ -39,12 +39,7 @@ impl Caller {
 /// The secret the client sent, if any.
 fn presented_secret(headers: &HeaderMap) -> Option<&str> {
     if let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
-        let value = value.trim();
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .unwrap_or(value)
-            .trim();
+        let token = skein_types::bearer_token(value);
         if !token.is_empty() {
             return Some(token);
         }

@@ -1175,20 +1175,36 @@ pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-pub async fn live() -> Response {
-    axum::Json(json!({"status": "live"})).into_response()
+/// A probe's answer: 200 with `ok`, or 503 with `not_ok` and the reason.
+fn probe(
+    result: Result<(), crate::health::NotReady>,
+    ok: &'static str,
+    not_ok: &'static str,
+) -> Response {
+    match result {
+        Ok(()) => axum::Json(json!({"status": ok})).into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": not_ok, "reason": reason.label()})),
+        )
+            .into_response(),
+    }
+}
+
+pub async fn live(State(state): State<Arc<AppState>>) -> Response {
+    probe(state.health.live(), "live", "not_live")
 }
 
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    if state.is_ready() {
-        axum::Json(json!({"status": "ready"})).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "not_ready"})),
-        )
-            .into_response()
-    }
+    probe(
+        state.health.ready(skein_types::now_ms()),
+        "ready",
+        "not_ready",
+    )
+}
+
+pub async fn startup(State(state): State<Arc<AppState>>) -> Response {
+    probe(state.health.started(), "started", "starting")
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod dispatch;
 pub mod error;
 pub mod handlers;
+pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod pool;
@@ -17,6 +18,6 @@ pub mod spend;
 pub mod translate;
 pub mod upstream;
 
-pub use app::{AppState, ProxyOptions, router};
+pub use app::{AppState, ProxyOptions, ops_router, router};
 pub use error::ApiError;
 pub use metrics::Metrics;

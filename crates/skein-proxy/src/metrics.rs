@@ -29,6 +29,11 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderLabels {
     pub provider: Arc<str>,
 }
@@ -75,6 +80,10 @@ pub struct Metrics {
     pub gossip_messages: Family<DirectionLabels, Counter>,
     pub gossip_bytes: Family<DirectionLabels, Counter>,
     pub gossip_live_nodes: Gauge,
+    /// Internal messages refused: another cluster, another node, a stale incarnation.
+    pub cluster_refused: Family<ReasonLabels, Counter>,
+    /// 1 while this node's Raft core runs, 0 once it stopped.
+    pub raft_running: Gauge,
     pub rate_limited: Family<LimitLabels, Counter>,
 }
 
@@ -183,7 +192,21 @@ impl Metrics {
             "Nodes this node's gossip sees live, itself included",
             gossip_live_nodes.clone(),
         );
+        let cluster_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "cluster_messages_refused",
+            "Raft and internal messages refused: from another cluster, for another node, or from or for a stale incarnation",
+            cluster_refused.clone(),
+        );
+        let raft_running = Gauge::default();
+        registry.register(
+            "raft_running",
+            "1 while this node's Raft core runs, 0 once it has stopped",
+            raft_running.clone(),
+        );
         Metrics {
+            cluster_refused,
+            raft_running,
             registry,
             requests,
             request_duration,

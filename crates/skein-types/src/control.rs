@@ -303,6 +303,27 @@ pub enum Command {
     Import {
         config: ConfigExport,
     },
+    /// Give the cluster its identity, once: the first leader proposes it. Later ones are
+    /// no-ops (`AlreadyBootstrapped`).
+    InitCluster {
+        cluster_id: String,
+        target_voters: u64,
+    },
+    /// Record the incarnation (the random id a node's storage was created with) of a member.
+    /// Refused when the node id is registered with another incarnation: that node's data was
+    /// lost or it is another node with the same id, and it must not take the old one's place.
+    RegisterNode {
+        node: u64,
+        incarnation: u64,
+    },
+    /// Forget a member's incarnation (after the node was removed from the group).
+    ForgetNode {
+        node: u64,
+    },
+    /// How many voters the leader keeps, promoting caught-up learners (odd, at least 1).
+    SetTargetVoters {
+        voters: u64,
+    },
 }
 
 impl Command {
@@ -329,6 +350,10 @@ impl Command {
             Command::DeletePrice { .. } => "delete_price",
             Command::RecordSpend { .. } => "record_spend",
             Command::Import { .. } => "import",
+            Command::InitCluster { .. } => "init_cluster",
+            Command::RegisterNode { .. } => "register_node",
+            Command::ForgetNode { .. } => "forget_node",
+            Command::SetTargetVoters { .. } => "set_target_voters",
         }
     }
 
@@ -353,6 +378,10 @@ impl Command {
             Command::PutPrice { price } => format!("price/{}", price.model),
             Command::DeletePrice { model } => format!("price/{model}"),
             Command::RecordSpend { node, seq, .. } => format!("node/{node}/spend/{seq}"),
+            Command::InitCluster { .. } | Command::SetTargetVoters { .. } => "cluster".to_owned(),
+            Command::RegisterNode { node, .. } | Command::ForgetNode { node } => {
+                format!("node/{node}")
+            }
         }
     }
 }
@@ -480,6 +509,23 @@ pub struct ControlState {
     /// first, for period queries.
     pub daily_usage: BTreeMap<String, VecDeque<DailyUsage>>,
     pub audit: VecDeque<AuditEntry>,
+    /// Who the cluster is: its id, how many voters it keeps, its members' incarnations.
+    #[serde(default)]
+    pub cluster: ClusterIdentity,
+}
+
+/// The identity of a cluster, replicated like the rest of the state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterIdentity {
+    /// Made once, when the cluster first has a leader; empty before.
+    #[serde(default)]
+    pub id: String,
+    /// How many voters the leader keeps (it promotes caught-up learners up to it).
+    #[serde(default)]
+    pub target_voters: u64,
+    /// Node id → the incarnation of the storage it runs with.
+    #[serde(default)]
+    pub incarnations: BTreeMap<u64, u64>,
 }
 
 /// One UTC day of a key's usage: the day's start (ms) and totals by model.
@@ -696,8 +742,35 @@ impl ControlState {
                     Err(Rejection::not_found("price", model))
                 }
             }
-            Command::RecordSpend { .. } => Ok(()),
+            Command::RecordSpend { .. }
+            | Command::InitCluster { .. }
+            | Command::ForgetNode { .. } => Ok(()),
             Command::Import { config } => check_import(config),
+            Command::RegisterNode { node, incarnation } => {
+                match self.cluster.incarnations.get(node) {
+                    Some(known) if known != incarnation => Err(Rejection::new(
+                        RejectCode::FailedPrecondition,
+                        None,
+                        format!(
+                            "node {node} is a member with another incarnation ({known:016x}, \
+                             not {incarnation:016x}): its data was lost, or another node has its \
+                             id; remove it from the cluster first (`skein cluster remove {node}`)"
+                        ),
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            Command::SetTargetVoters { voters } => {
+                if *voters == 0 || voters.is_multiple_of(2) {
+                    Err(Rejection::new(
+                        RejectCode::InvalidArgument,
+                        Some("voters"),
+                        format!("must be an odd number, at least 1 (got {voters})"),
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
         }
     }
 
@@ -769,6 +842,11 @@ impl ControlState {
             && self.spend_seqs.get(node).is_some_and(|last| seq <= last)
         {
             return Outcome::Duplicate;
+        }
+        if let Command::InitCluster { .. } = command
+            && !self.cluster.id.is_empty()
+        {
+            return Outcome::AlreadyBootstrapped;
         }
         if let Err(rejection) = self.check(command) {
             return Outcome::Rejected(rejection);
@@ -918,6 +996,24 @@ impl ControlState {
                 }
                 self.budgets = budgets;
             }
+            Command::InitCluster {
+                cluster_id,
+                target_voters,
+            } => {
+                self.cluster.id = cluster_id;
+                if self.cluster.target_voters == 0 {
+                    self.cluster.target_voters = target_voters.max(1);
+                }
+            }
+            Command::RegisterNode { node, incarnation } => {
+                self.cluster.incarnations.insert(node, incarnation);
+            }
+            Command::ForgetNode { node } => {
+                self.cluster.incarnations.remove(&node);
+            }
+            Command::SetTargetVoters { voters } => {
+                self.cluster.target_voters = voters;
+            }
         }
         if matches!(
             command,
@@ -930,7 +1026,15 @@ impl ControlState {
         ) {
             self.routing_version = version;
         }
-        if !matches!(command, Command::RecordSpend { .. }) {
+        // Spend and the cluster's own bookkeeping (its id, members' incarnations) are not
+        // operators' changes: they stay out of the audit trail and the watch stream.
+        if !matches!(
+            command,
+            Command::RecordSpend { .. }
+                | Command::InitCluster { .. }
+                | Command::RegisterNode { .. }
+                | Command::ForgetNode { .. }
+        ) {
             if self.audit.len() >= AUDIT_CAPACITY {
                 self.audit.pop_front();
             }

@@ -27,3 +27,28 @@ pub fn now_ms() -> u64 {
         .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
+
+/// The token of an `authorization` header value: the credentials after a `Bearer` scheme (in
+/// any case, as the scheme name is case-insensitive), or the whole value when it names no
+/// scheme. One rule for the proxy and the admin API.
+pub fn bearer_token(value: &str) -> &str {
+    let value = value.trim();
+    match value.split_once(char::is_whitespace) {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        _ => value,
+    }
+}
+
+#[cfg(test)]
+mod bearer_tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_taken_in_any_case_and_is_optional() {
+        assert_eq!(bearer_token("Bearer abc"), "abc");
+        assert_eq!(bearer_token("bearer abc"), "abc");
+        assert_eq!(bearer_token("BEARER   abc "), "abc");
+        assert_eq!(bearer_token(" abc "), "abc");
+        assert_eq!(bearer_token("Basic abc"), "Basic abc");
+    }
+}
