@@ -99,6 +99,18 @@ fn request_id(headers: &HeaderMap) -> String {
 
 /// Read the body up to the configured limit.
 pub(crate) async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
+    // A body declared larger than the limit (`content-length`) is refused before any of it is
+    // read: nothing waits for a terabyte that may never come.
+    let declared = http_body::Body::size_hint(&body).lower();
+    if declared > limit {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the request body ({declared} bytes declared) is larger than the limit of {limit} bytes"
+            ),
+        )
+        .with_detail_code("request_too_large"));
+    }
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     axum::body::to_bytes(body, limit).await.map_err(|error| {
         let too_large = std::iter::successors(Some(&error as &dyn std::error::Error), |error| {
