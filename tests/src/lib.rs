@@ -197,3 +197,13 @@ pub fn free_port() -> anyhow::Result<u16> {
     }
     anyhow::bail!("no free port found below the ephemeral range")
 }
+
+/// A gRPC request carrying `authorization: Bearer <token>`.
+pub fn authorized<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    request
+}

@@ -53,6 +53,16 @@ impl Spawned {
         None
     }
 
+    /// Wait for a node started with `--log-format json` to log that it serves, and return its
+    /// proxy URL (`http://…`); panics with its output if it does not within `timeout`.
+    pub fn serving_url(&self, timeout: Duration) -> String {
+        let line = self
+            .wait_for("skein is serving", timeout)
+            .unwrap_or_else(|| panic!("the node did not start:\n{}", self.output()));
+        let started: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+        started["http"].as_str().expect("http").to_owned()
+    }
+
     /// Send SIGTERM (by PID) and wait for the exit, up to `timeout`.
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let sent = Command::new("kill")

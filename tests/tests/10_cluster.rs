@@ -122,12 +122,11 @@ impl Cluster {
 
     fn await_serving(&mut self, index: usize) {
         let node = &mut self.nodes[index];
-        let process = node.process.as_ref().expect("running");
-        let line = process
-            .wait_for("skein is serving", Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("node {} did not start:\n{}", node.id, process.output()));
-        let started: serde_json::Value = serde_json::from_str(&line).expect("json log line");
-        node.http = started["http"].as_str().expect("http").to_owned();
+        node.http = node
+            .process
+            .as_ref()
+            .expect("running")
+            .serving_url(Duration::from_secs(30));
     }
 
     fn restart(&mut self, index: usize) {
@@ -240,12 +239,7 @@ impl Cluster {
 }
 
 fn authorized<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {TOKEN}").parse().expect("header"),
-    );
-    request
+    skein_tests::authorized(TOKEN, message)
 }
 
 async fn create_key(client: &mut AdminClient<Channel>, id: &str) -> (String, u64) {
