@@ -130,6 +130,29 @@ struct ServeArgs {
     /// Also serve `/metrics` on the proxy port (it is always served on the gRPC port).
     #[arg(long, env = "SKEIN_METRICS_ON_PROXY_PORT", default_value_t = true, action = clap::ArgAction::Set)]
     metrics_on_proxy_port: bool,
+    /// Open connections on the proxy port at most; at the cap the longest idle one is closed
+    /// to make room. 0: three quarters of what the open-file limit leaves, at most 10000.
+    #[arg(long, env = "SKEIN_MAX_CONNECTIONS", default_value_t = 0)]
+    max_connections: usize,
+    /// Open connections per client address on the proxy port at most (0: no such cap).
+    #[arg(long, env = "SKEIN_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 0)]
+    max_connections_per_client: usize,
+    /// Open connections on the gRPC port at most (0: an eighth of what the open-file limit
+    /// leaves, at most 1000).
+    #[arg(long, env = "SKEIN_MAX_GRPC_CONNECTIONS", default_value_t = 0)]
+    max_grpc_connections: usize,
+    /// Seconds a client has to send a request's headers (and finish a TLS handshake).
+    #[arg(long, env = "SKEIN_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    header_read_timeout_secs: u64,
+    /// Seconds a connection with no request in flight stays open.
+    #[arg(long, env = "SKEIN_IDLE_TIMEOUT_SECS", default_value_t = 75)]
+    idle_timeout_secs: u64,
+    /// Seconds a request body may pause between two chunks (408 past it).
+    #[arg(long, env = "SKEIN_BODY_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    body_idle_timeout_secs: u64,
+    /// Seconds a request body has to arrive whole (408 past it).
+    #[arg(long, env = "SKEIN_BODY_TIMEOUT_SECS", default_value_t = 300)]
+    body_timeout_secs: u64,
     /// The gRPC address other nodes reach this one at (default: the gRPC listener's address).
     #[arg(long, env = "SKEIN_ADVERTISE_ADDR")]
     advertise_addr: Option<String>,
@@ -298,7 +321,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = NodeOptions {
         proxy: skein_proxy::ProxyOptions {
             metrics_on_proxy_port: args.metrics_on_proxy_port,
+            body_idle_timeout: std::time::Duration::from_secs(args.body_idle_timeout_secs.max(1)),
+            body_timeout: std::time::Duration::from_secs(args.body_timeout_secs.max(1)),
             ..Default::default()
+        },
+        proxy_listener: {
+            let mut listener = skein_proxy::listener::ListenerOptions::new("proxy");
+            listener.max_connections = args.max_connections;
+            listener.max_connections_per_client = args.max_connections_per_client;
+            listener.header_read_timeout =
+                std::time::Duration::from_secs(args.header_read_timeout_secs.max(1));
+            listener.idle_timeout = std::time::Duration::from_secs(args.idle_timeout_secs.max(1));
+            listener
+        },
+        grpc_listener: {
+            let mut listener = skein_node::node::grpc_listener_defaults();
+            if args.max_grpc_connections > 0 {
+                listener.max_connections = args.max_grpc_connections;
+            }
+            listener.header_read_timeout =
+                std::time::Duration::from_secs(args.header_read_timeout_secs.max(1));
+            listener.idle_timeout = std::time::Duration::from_secs(args.idle_timeout_secs.max(1));
+            listener
         },
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout_secs),
         cluster,

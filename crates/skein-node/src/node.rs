@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use skein_cluster::{CountingTransport, Gossip, GossipOptions, GossipStats, NodeInfo};
 use skein_control::{ControlOptions, ControlPlane, NodeId};
 use skein_core::accounting::Ledger;
@@ -19,7 +18,7 @@ use skein_types::{SkeinConfig, ValidatedConfig};
 use crate::admin::AdminService;
 use crate::env::Environment;
 use crate::load::build_runtime;
-use crate::tls::{GrpcTls, serve_tls};
+use crate::tls::GrpcTls;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -41,6 +40,9 @@ pub struct NodeOptions {
     pub grpc_tls: Option<GrpcTls>,
     /// Gossip membership (UDP); `None` for a node that does not gossip.
     pub gossip: Option<GossipSettings>,
+    /// Connection limits and timeouts of the proxy port and of the gRPC port.
+    pub proxy_listener: skein_proxy::listener::ListenerOptions,
+    pub grpc_listener: skein_proxy::listener::ListenerOptions,
 }
 
 /// Where this node gossips, and with whom.
@@ -117,6 +119,8 @@ impl NodeOptions {
             sync_env_providers: false,
             grpc_tls: None,
             gossip: None,
+            proxy_listener: skein_proxy::listener::ListenerOptions::new("proxy"),
+            grpc_listener: grpc_listener_defaults(),
         }
     }
 }
@@ -204,20 +208,21 @@ pub async fn start_node(
 
     let app = skein_proxy::router(state.clone());
     let (shutdown, shutdown_signal) = watch::channel(false);
-    // Streams write one small event at a time: without TCP_NODELAY, Nagle's algorithm and the
-    // client's delayed ACK hold every event after the first for up to 40 ms.
-    let http_listener = http_listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-    });
-    let mut http_signal = shutdown_signal.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_signal.wait_for(|stop| *stop).await;
-            })
+    let server = tokio::spawn({
+        let state = state.clone();
+        let listener_options = options.proxy_listener.clone();
+        let signal = shutdown_signal.clone();
+        async move {
+            skein_proxy::listener::serve(
+                http_listener,
+                app,
+                skein_proxy::listener::Plain,
+                listener_options,
+                &state.metrics,
+                signal,
+            )
             .await
+        }
     });
     let mut gossip_stats = None;
     let gossip = match &options.gossip {
@@ -245,21 +250,38 @@ pub async fn start_node(
     )
     .into_router()
     .merge(skein_proxy::ops_router(state.clone()));
-    let mut grpc_signal = shutdown_signal;
+    let grpc_signal = shutdown_signal;
+    let grpc_options = options.grpc_listener.clone();
     let admin = match &options.grpc_tls {
-        Some(tls) => tokio::spawn(serve_tls(
-            grpc_listener,
-            router,
-            tls.acceptor()?,
-            grpc_signal,
-        )),
-        None => tokio::spawn(async move {
-            axum::serve(grpc_listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = grpc_signal.wait_for(|stop| *stop).await;
-                })
+        Some(tls) => {
+            let handshake = crate::tls::TlsHandshake(tls.acceptor()?);
+            let state = state.clone();
+            tokio::spawn(async move {
+                skein_proxy::listener::serve(
+                    grpc_listener,
+                    router,
+                    handshake,
+                    grpc_options,
+                    &state.metrics,
+                    grpc_signal,
+                )
                 .await
-        }),
+            })
+        }
+        None => {
+            let state = state.clone();
+            tokio::spawn(async move {
+                skein_proxy::listener::serve(
+                    grpc_listener,
+                    router,
+                    skein_proxy::listener::Plain,
+                    grpc_options,
+                    &state.metrics,
+                    grpc_signal,
+                )
+                .await
+            })
+        }
     };
 
     let mut tasks = vec![tokio::spawn(follow_config(
@@ -865,6 +887,13 @@ impl RunningNode {
         }
         Ok(())
     }
+}
+
+/// The gRPC port's defaults: a smaller cap than the proxy's (operators and peers only).
+pub fn grpc_listener_defaults() -> skein_proxy::listener::ListenerOptions {
+    let mut options = skein_proxy::listener::ListenerOptions::new("grpc");
+    options.max_connections = skein_proxy::listener::default_connection_cap(0.125, 1_000);
+    options
 }
 
 /// Bind a TCP listener with a deep accept queue: bursts of new connections (thousands of

@@ -6,10 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -98,38 +94,14 @@ pub fn client_tls(
     Ok(config)
 }
 
-/// Serve `router` over TLS on `listener` until `shutdown` turns true.
-pub async fn serve_tls(
-    listener: TcpListener,
-    router: axum::Router,
-    acceptor: TlsAcceptor,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "gRPC accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
-        };
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(tls) => tls,
-                Err(error) => {
-                    tracing::debug!(%peer, %error, "TLS handshake failed");
-                    return;
-                }
-            };
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
-                tracing::debug!(%peer, %error, "gRPC connection ended with an error");
-            }
-        });
+/// The TLS handshake of the gRPC port, for [`skein_proxy::listener::serve`].
+#[derive(Clone)]
+pub struct TlsHandshake(pub TlsAcceptor);
+
+impl skein_proxy::listener::Handshake for TlsHandshake {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+    async fn handshake(&self, stream: tokio::net::TcpStream) -> std::io::Result<Self::Io> {
+        self.0.accept(stream).await
     }
 }

@@ -27,6 +27,10 @@ pub struct ProxyOptions {
     pub upstream_connect_timeout: Duration,
     /// Serve `/metrics` on the proxy port too (it is always on the internal gRPC port).
     pub metrics_on_proxy_port: bool,
+    /// A request body may pause at most this long between two chunks.
+    pub body_idle_timeout: Duration,
+    /// A request body must arrive whole within this.
+    pub body_timeout: Duration,
 }
 
 impl Default for ProxyOptions {
@@ -35,6 +39,8 @@ impl Default for ProxyOptions {
             upstream_idle_timeout: Duration::from_secs(90),
             upstream_connect_timeout: Duration::from_secs(10),
             metrics_on_proxy_port: true,
+            body_idle_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -61,6 +67,7 @@ pub struct AppState {
     /// What the probes report.
     pub health: NodeHealth,
     metrics_on_proxy_port: bool,
+    body_timeouts: (Duration, Duration),
 }
 
 impl AppState {
@@ -78,6 +85,7 @@ impl AppState {
             started: Instant::now(),
             health: NodeHealth::default(),
             metrics_on_proxy_port: options.metrics_on_proxy_port,
+            body_timeouts: (options.body_idle_timeout, options.body_timeout),
         })
     }
 
@@ -112,6 +120,11 @@ impl AppState {
     /// Milliseconds since this node started: the clock of circuit breakers.
     pub fn clock_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long a request body may pause between chunks, and take in all.
+    pub fn body_timeouts(&self) -> (Duration, Duration) {
+        self.body_timeouts
     }
 
     /// Whether `/health/ready` says ready.

@@ -97,8 +97,9 @@ fn request_id(headers: &HeaderMap) -> String {
     minted
 }
 
-/// Read the body up to the configured limit.
-pub(crate) async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
+/// Read the body up to the configured limit, within the body timeouts: at most
+/// `body_idle_timeout` between two chunks and `body_timeout` in all (408 past either).
+pub(crate) async fn read_body(state: &AppState, body: Body, limit: u64) -> Result<Bytes, ApiError> {
     // A body declared larger than the limit (`content-length`) is refused before any of it is
     // read: nothing waits for a terabyte that may never come.
     let declared = http_body::Body::size_hint(&body).lower();
@@ -111,21 +112,73 @@ pub(crate) async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError>
         )
         .with_detail_code("request_too_large"));
     }
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    axum::body::to_bytes(body, limit).await.map_err(|error| {
-        let too_large = std::iter::successors(Some(&error as &dyn std::error::Error), |error| {
-            error.source()
-        })
-        .any(|error| error.to_string().contains("length limit"));
-        if too_large {
-            ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("the request body is larger than the limit of {limit} bytes"),
-            )
-            .with_detail_code("request_too_large")
-        } else {
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the request body is larger than the limit of {limit} bytes"),
+        )
+        .with_detail_code("request_too_large")
+    };
+    let (idle, total) = state.body_timeouts();
+    let started = tokio::time::Instant::now();
+    let deadline = started + total;
+    let timer = tokio::time::sleep_until(deadline.min(started + idle));
+    tokio::pin!(timer);
+    let mut body = body;
+    let mut first: Option<Bytes> = None;
+    let mut rest: Option<bytes::BytesMut> = None;
+    let mut length: u64 = 0;
+    loop {
+        let frame = tokio::select! {
+            biased;
+            frame = http_body_util::BodyExt::frame(&mut body) => frame,
+            () = &mut timer => {
+                state.metrics.connections_shed.get_or_create(&crate::metrics::ShedLabels {
+                    port: "proxy",
+                    reason: "body_timeout",
+                }).inc();
+                tracing::warn!(received = length, "cut a request whose body arrived too slowly");
+                return Err(ApiError::new(
+                    ErrorCode::RequestTimeout,
+                    format!(
+                        "the request body arrived too slowly ({length} bytes received; at most {} s between chunks, {} s in all)",
+                        idle.as_secs(),
+                        total.as_secs()
+                    ),
+                )
+                .with_detail_code("request_timeout"));
+            }
+        };
+        let Some(frame) = frame else {
+            break;
+        };
+        let frame = frame.map_err(|error| {
             ApiError::invalid(format!("could not read the request body: {error}"))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        length = length.saturating_add(data.len() as u64);
+        if length > limit {
+            return Err(too_large());
         }
+        match (&mut first, &mut rest) {
+            (None, _) => first = Some(data),
+            (Some(head), None) => {
+                let mut joined = bytes::BytesMut::with_capacity(head.len() + data.len());
+                joined.extend_from_slice(head);
+                joined.extend_from_slice(&data);
+                rest = Some(joined);
+            }
+            (Some(_), Some(joined)) => joined.extend_from_slice(&data),
+        }
+        let now = tokio::time::Instant::now();
+        timer.as_mut().reset(deadline.min(now + idle));
+    }
+    Ok(match (first, rest) {
+        (_, Some(joined)) => joined.freeze(),
+        (Some(head), None) => head,
+        (None, None) => Bytes::new(),
     })
 }
 
@@ -158,7 +211,7 @@ async fn openai_endpoint(
         Err(error) => return finish_error(&state, &context, None, None, error),
     };
     let snapshot = state.config.load_full();
-    let bytes = match read_body(body, snapshot.server.max_body_bytes).await {
+    let bytes = match read_body(&state, body, snapshot.server.max_body_bytes).await {
         Ok(bytes) => bytes,
         Err(error) => return finish_error(&state, &context, None, None, error),
     };
@@ -322,7 +375,7 @@ pub async fn messages(State(state): State<Arc<AppState>>, request: Request) -> R
         Err(error) => return finish_error(&state, &context, None, None, error),
     };
     let snapshot = state.config.load_full();
-    let bytes = match read_body(body, snapshot.server.max_body_bytes).await {
+    let bytes = match read_body(&state, body, snapshot.server.max_body_bytes).await {
         Ok(bytes) => bytes,
         Err(error) => return finish_error(&state, &context, None, None, error),
     };
@@ -454,7 +507,7 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) 
         Err(error) => return finish_error(&state, &context, None, None, error),
     };
     let snapshot = state.config.load_full();
-    let bytes = match read_body(body, snapshot.server.max_body_bytes).await {
+    let bytes = match read_body(&state, body, snapshot.server.max_body_bytes).await {
         Ok(bytes) => bytes,
         Err(error) => return finish_error(&state, &context, None, None, error),
     };

@@ -12,6 +12,7 @@ pub mod error;
 pub mod handlers;
 pub mod health;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod pool;
 pub mod spend;

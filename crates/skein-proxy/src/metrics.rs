@@ -29,6 +29,17 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    pub port: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    pub port: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -84,6 +95,10 @@ pub struct Metrics {
     pub cluster_refused: Family<ReasonLabels, Counter>,
     /// 1 while this node's Raft core runs, 0 once it stopped.
     pub raft_running: Gauge,
+    /// Open client connections, by port (proxy, grpc).
+    pub connections_open: Family<PortLabels, Gauge>,
+    /// Connections and requests shed: over the connection cap, idle, slow headers or body.
+    pub connections_shed: Family<ShedLabels, Counter>,
     pub rate_limited: Family<LimitLabels, Counter>,
 }
 
@@ -204,7 +219,21 @@ impl Metrics {
             "1 while this node's Raft core runs, 0 once it has stopped",
             raft_running.clone(),
         );
+        let connections_open = Family::<PortLabels, Gauge>::default();
+        registry.register(
+            "connections_open",
+            "Open client connections, by port",
+            connections_open.clone(),
+        );
+        let connections_shed = Family::<ShedLabels, Counter>::default();
+        registry.register(
+            "connections_shed",
+            "Client connections closed or refused, and requests cut, to shed hostile or idle clients: over the connection cap (per node or per client address), idle too long, headers or body too slow",
+            connections_shed.clone(),
+        );
         Metrics {
+            connections_open,
+            connections_shed,
             cluster_refused,
             raft_running,
             registry,

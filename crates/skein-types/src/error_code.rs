@@ -14,6 +14,8 @@ pub enum ErrorCode {
     NotFound,
     /// The request body is larger than the configured limit (413).
     PayloadTooLarge,
+    /// The client sent its request body too slowly (408).
+    RequestTimeout,
     /// A rate limit was hit (429).
     RateLimited,
     /// The upstream answered with an error we pass on (502).
@@ -35,6 +37,7 @@ impl ErrorCode {
             ErrorCode::PermissionDenied => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::RequestTimeout => 408,
             ErrorCode::RateLimited => 429,
             ErrorCode::UpstreamError => 502,
             ErrorCode::Unavailable => 503,
@@ -46,9 +49,10 @@ impl ErrorCode {
     /// The OpenAI-style `error.type` string.
     pub fn openai_type(self) -> &'static str {
         match self {
-            ErrorCode::InvalidRequest | ErrorCode::NotFound | ErrorCode::PayloadTooLarge => {
-                "invalid_request_error"
-            }
+            ErrorCode::InvalidRequest
+            | ErrorCode::NotFound
+            | ErrorCode::PayloadTooLarge
+            | ErrorCode::RequestTimeout => "invalid_request_error",
             ErrorCode::Unauthenticated => "authentication_error",
             ErrorCode::PermissionDenied => "permission_error",
             ErrorCode::RateLimited => "rate_limit_error",
@@ -62,7 +66,9 @@ impl ErrorCode {
     /// The Anthropic-style `error.type` string.
     pub fn anthropic_type(self) -> &'static str {
         match self {
-            ErrorCode::InvalidRequest | ErrorCode::PayloadTooLarge => "invalid_request_error",
+            ErrorCode::InvalidRequest | ErrorCode::PayloadTooLarge | ErrorCode::RequestTimeout => {
+                "invalid_request_error"
+            }
             ErrorCode::NotFound => "not_found_error",
             ErrorCode::Unauthenticated => "authentication_error",
             ErrorCode::PermissionDenied => "permission_error",
@@ -80,6 +86,7 @@ impl ErrorCode {
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::NotFound => "not_found",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::UpstreamError => "upstream_error",
             ErrorCode::Unavailable => "unavailable",
