@@ -15,6 +15,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod identity;
+pub mod journal;
 pub mod machine;
 pub mod network;
 pub mod store;
@@ -35,6 +36,7 @@ use skein_types::control::{Command, ControlState, Proposal};
 use tokio::sync::watch;
 
 pub use identity::{Identity, Refusal};
+pub use journal::SpendJournal;
 pub use machine::{ApplyResponse, Published};
 pub use network::{Channels, Network, RaftService};
 
@@ -183,6 +185,7 @@ struct Inner {
     channels: Channels,
     committed: Arc<AtomicU64>,
     identity: Arc<Identity>,
+    journal: SpendJournal,
 }
 
 impl ControlPlane {
@@ -194,6 +197,7 @@ impl ControlPlane {
             ControlError::Internal(format!("opening {}: {error}", path.display()))
         })?;
         let identity = Arc::new(Identity::open(&db, options.node_id).map_err(internal)?);
+        let journal = SpendJournal::open(&db).map_err(internal)?;
         let log = store::LogStore::open(&db).map_err(internal)?;
         let committed = log.committed_index();
         let machine = machine::StateMachine::open(&db).map_err(internal)?;
@@ -229,8 +233,14 @@ impl ControlPlane {
                 channels,
                 committed,
                 identity,
+                journal,
             }),
         })
+    }
+
+    /// This node's spend journal.
+    pub fn spend_journal(&self) -> &SpendJournal {
+        &self.inner.journal
     }
 
     /// This node's identity: incarnation, cluster id, refused messages.

@@ -13,7 +13,11 @@
 //! 2. After the call, [`Reservation::settle`] replaces the hold with the real cost. A
 //!    reservation dropped unsettled (a failed call) releases its hold; one settled from a
 //!    stream's drop counts the tokens delivered before a client disconnected.
-//! 3. Every second the node takes a [`SpendBatch`] and proposes it as
+//! 3. Settled spend is taken out in small [`JournalEntry`]s as it settles, which the node
+//!    writes to a local journal on disk at once, so that a crash of the process loses none
+//!    of it; after a restart the entries the replicated state does not show are put back
+//!    ([`Ledger::restore`]) and recorded under their own sequences.
+//! 4. Every second the node takes a [`SpendBatch`] and proposes it as
 //!    `RecordSpend{node, seq, items}`; the state machine applies each `(node, seq)` once, so
 //!    a batch retried after a leader change is never counted twice. Only once it is applied
 //!    does the node stop counting the batch locally.
@@ -47,6 +51,16 @@ pub struct SpendBatch {
     pub items: Vec<SpendItem>,
 }
 
+/// Settled spend, taken out of the ledger to be written to the node's journal; it is recorded
+/// in Raft as part of a later batch whose sequence is at least its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalEntry {
+    pub seq: u64,
+    pub items: Vec<SpendItem>,
+    /// The spend per budget it counts against.
+    pub amounts: Vec<(String, Nanos)>,
+}
+
 #[derive(Default)]
 struct Inner {
     /// Open reservations per budget.
@@ -55,6 +69,12 @@ struct Inner {
     unflushed: HashMap<String, Nanos>,
     /// Settled, not yet taken into a batch, per key and model.
     items: BTreeMap<(String, String), SpendItem>,
+    /// Settled spend taken into journal entries, not yet into a batch.
+    journaled: Vec<JournalEntry>,
+    /// Journal entries put back after a restart: each is recorded alone, under its own
+    /// sequence, before any newer spend (the state may already have applied some of them:
+    /// alone, those are refused as duplicates).
+    restored: std::collections::VecDeque<JournalEntry>,
     /// The batch proposed and not yet known applied, with its per-budget amounts.
     in_flight: Option<(SpendBatch, HashMap<String, Nanos>)>,
     /// Batches known applied, counted here until the state a reservation is checked against
@@ -74,6 +94,8 @@ pub struct Ledger {
     /// Told when a reservation asks for an early flush, so that the task recording spend need
     /// not poll for it.
     flush_waker: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Told when a call settles, so that the journal writer need not poll.
+    settled_waker: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Inner {
@@ -89,10 +111,50 @@ impl Inner {
             .iter()
             .filter_map(|(_, amounts)| amounts.get(budget_id).copied())
             .sum();
+        let journaled: Nanos = self
+            .journaled
+            .iter()
+            .chain(self.restored.iter())
+            .flat_map(|entry| entry.amounts.iter())
+            .filter(|(budget, _)| budget == budget_id)
+            .map(|(_, amount)| *amount)
+            .sum();
         self.reserved.get(budget_id).copied().unwrap_or(0)
             + self.unflushed.get(budget_id).copied().unwrap_or(0)
+            + journaled
             + in_flight
             + recorded
+    }
+
+    /// The next sequence. Sequences grow across restarts too: they start from the clock, and
+    /// never at or below what the state last applied for this node (a clock that went back,
+    /// or a reused node id, must not turn new spend into "duplicates").
+    fn next_seq(&mut self, now_ms: u64, applied_seq: u64) -> u64 {
+        let seq = now_ms
+            .saturating_mul(1024)
+            .max(self.last_seq + 1)
+            .max(applied_seq + 1);
+        self.last_seq = seq;
+        seq
+    }
+
+    /// Move what has settled into a journal entry.
+    fn journal(&mut self, now_ms: u64, applied_seq: u64) -> Option<JournalEntry> {
+        if self.items.is_empty() {
+            return None;
+        }
+        let seq = self.next_seq(now_ms, applied_seq);
+        let items: Vec<SpendItem> = std::mem::take(&mut self.items).into_values().collect();
+        let mut amounts: Vec<(String, Nanos)> =
+            std::mem::take(&mut self.unflushed).into_iter().collect();
+        amounts.sort();
+        let entry = JournalEntry {
+            seq,
+            items,
+            amounts,
+        };
+        self.journaled.push(entry.clone());
+        Some(entry)
     }
 
     /// Forget recorded batches that `state` shows.
@@ -197,27 +259,72 @@ impl Ledger {
         std::mem::take(&mut self.lock().flush_wanted)
     }
 
+    /// Call `wake` whenever a call settles (for the journal writer). Set once.
+    pub fn on_settled(&self, wake: impl Fn() + Send + Sync + 'static) {
+        let _ = self.settled_waker.set(Box::new(wake));
+    }
+
+    /// Take what has settled since the last entry, to write to the journal. `None` when
+    /// nothing has.
+    pub fn take_journal_entry(&self, now_ms: u64, applied_seq: u64) -> Option<JournalEntry> {
+        self.lock().journal(now_ms, applied_seq)
+    }
+
+    /// Put back journal entries found after a restart (those the state does not show).
+    pub fn restore(&self, mut entries: Vec<JournalEntry>) {
+        let mut inner = self.lock();
+        entries.sort_by_key(|entry| entry.seq);
+        for entry in entries {
+            inner.last_seq = inner.last_seq.max(entry.seq);
+            inner.restored.push_back(entry);
+        }
+    }
+
+    /// Whether journal entries put back after a restart are still to be recorded (the node
+    /// records them one after another, without waiting for the next interval).
+    pub fn has_restored(&self) -> bool {
+        !self.lock().restored.is_empty()
+    }
+
     /// Take the spend to record: the batch still in flight (a retry, same sequence), or a new
-    /// one of everything settled since. `None` when there is nothing to record.
+    /// one of every journal entry and everything settled since, under the sequence of its
+    /// newest entry. `None` when there is nothing to record.
     pub fn take_batch(&self, now_ms: u64, applied_seq: u64) -> Option<SpendBatch> {
         let mut inner = self.lock();
         if let Some((batch, _)) = &inner.in_flight {
             return Some(batch.clone());
         }
-        if inner.items.is_empty() {
-            return None;
+        inner.journal(now_ms, applied_seq);
+        let entries = match inner.restored.pop_front() {
+            Some(restored) => vec![restored],
+            None => std::mem::take(&mut inner.journaled),
+        };
+        let seq = entries.last()?.seq;
+        let mut items: BTreeMap<(String, String), SpendItem> = BTreeMap::new();
+        let mut amounts: HashMap<String, Nanos> = HashMap::new();
+        for entry in entries {
+            for item in entry.items {
+                match items.entry((item.key_id.clone(), item.model.clone())) {
+                    std::collections::btree_map::Entry::Vacant(vacant) => {
+                        vacant.insert(item);
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut occupied) => {
+                        let merged = occupied.get_mut();
+                        merged.requests += item.requests;
+                        merged.input_tokens += item.input_tokens;
+                        merged.output_tokens += item.output_tokens;
+                        merged.cost_nanos += item.cost_nanos;
+                    }
+                }
+            }
+            for (budget, amount) in entry.amounts {
+                *amounts.entry(budget).or_default() += amount;
+            }
         }
-        // Sequences grow across restarts too: they start from the clock, and never at or
-        // below what the state last applied for this node (a clock that went back, or a
-        // reused node id, must not turn new spend into "duplicates").
-        let seq = now_ms
-            .saturating_mul(1024)
-            .max(inner.last_seq + 1)
-            .max(applied_seq + 1);
-        inner.last_seq = seq;
-        let items: Vec<SpendItem> = std::mem::take(&mut inner.items).into_values().collect();
-        let amounts = std::mem::take(&mut inner.unflushed);
-        let batch = SpendBatch { seq, items };
+        let batch = SpendBatch {
+            seq,
+            items: items.into_values().collect(),
+        };
         inner.in_flight = Some((batch.clone(), amounts));
         Some(batch)
     }
@@ -300,6 +407,10 @@ impl Reservation {
         item.input_tokens += input_tokens;
         item.output_tokens += output_tokens;
         item.cost_nanos += cost;
+        drop(inner);
+        if let Some(wake) = self.ledger.settled_waker.get() {
+            wake();
+        }
     }
 }
 
@@ -460,6 +571,57 @@ mod tests {
         applied.spend_seqs.insert(0, batch.seq);
         assert_eq!(ledger.pending(&applied, "b"), 0);
         assert_eq!(ledger.take_batch(7, 0), None);
+    }
+
+    #[test]
+    fn journal_entries_are_recorded_once_in_the_next_batch_and_survive_a_restart() {
+        let state = state_with_budget(1_000);
+        let ledger = Ledger::new();
+        let settle = |ledger: &Arc<Ledger>, cost| {
+            ledger
+                .reserve(&state, "k", cost, 0, 1)
+                .expect("fits")
+                .settle("m", 1, 1, cost);
+        };
+        settle(&ledger, 10);
+        settle(&ledger, 20);
+        let first = ledger.take_journal_entry(1, 0).expect("entry");
+        assert_eq!(first.items[0].requests, 2);
+        assert_eq!(first.amounts, vec![("b".to_owned(), 30)]);
+        assert_eq!(ledger.take_journal_entry(2, 0), None, "nothing new settled");
+        settle(&ledger, 5);
+        let second = ledger.take_journal_entry(3, 0).expect("entry");
+        assert!(second.seq > first.seq);
+        // Journaled spend still counts against the budget on this node.
+        assert_eq!(ledger.pending(&state, "b"), 35);
+        let batch = ledger.take_batch(4, 0).expect("batch");
+        assert_eq!(
+            batch.seq, second.seq,
+            "the batch carries its newest entry's sequence"
+        );
+        assert_eq!(batch.items.len(), 1);
+        assert_eq!(batch.items[0].requests, 3);
+        assert_eq!(batch.items[0].cost_nanos, 35);
+        assert_eq!(ledger.pending(&state, "b"), 35);
+
+        // A restarted node puts back the entries its state does not show; each is recorded
+        // alone under its own sequence, and new spend comes after them.
+        let restarted = Ledger::new();
+        restarted.restore(vec![second.clone(), first.clone()]);
+        assert_eq!(restarted.pending(&state, "b"), 35);
+        settle(&restarted, 1);
+        for expected in [&first, &second] {
+            let replayed = restarted.take_batch(0, 0).expect("batch");
+            assert_eq!(replayed.seq, expected.seq);
+            assert_eq!(replayed.items, expected.items);
+            restarted.batch_applied(replayed.seq);
+        }
+        let newer = restarted.take_batch(0, 0).expect("batch");
+        assert!(
+            newer.seq > second.seq,
+            "new spend after the restored entries"
+        );
+        assert_eq!(newer.items[0].requests, 1);
     }
 
     #[test]
