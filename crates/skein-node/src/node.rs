@@ -340,6 +340,17 @@ pub async fn start_node(
         control.clone(),
         state.clone(),
     )));
+    // A node alone (the single-node default) leads at once: say it serves only once its
+    // probes say ready, so that nothing sees a fresh node refuse readiness.
+    if cluster.bootstrap_node.is_none()
+        && (cluster.voters.is_empty()
+            || (cluster.voters.len() == 1 && cluster.voters.contains_key(&cluster.node_id)))
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !state.is_ready() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     if let Some(gossip) = &gossip {
         tasks.push(tokio::spawn(share_key_health(
             gossip.clone(),
