@@ -338,3 +338,40 @@ async fn an_fd_exhaustion_attempt_does_not_lock_clients_out() {
     );
     drop(idle);
 }
+
+/// A client at its own cap makes room with its own idle connections, not others'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_at_its_cap_makes_room_from_its_own_idle_connections() {
+    let mock = start_mock().await.expect("mock");
+    let gateway = Gateway::start_with(
+        &config(&mock.url()),
+        MapEnvironment::from_pairs([("KEY", "k")]),
+        |options| {
+            options.proxy_listener.max_connections_per_client = 5;
+        },
+    )
+    .await
+    .expect("gateway");
+    let mut idle = Vec::new();
+    for _ in 0..12 {
+        idle.push(
+            tokio::net::TcpStream::connect(gateway.node.http_addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    assert!(chat_ok(&gateway).await, "served at its cap");
+    assert!(
+        shed(&gateway, "proxy", "evicted_idle_client").await >= 7.0,
+        "the client's longest idle connections were closed"
+    );
+    // Of the twelve, at most the cap stay open.
+    let mut open = 0;
+    for stream in &mut idle {
+        let (_, closed) = read_until_closed(stream, Duration::from_millis(300)).await;
+        if !closed {
+            open += 1;
+        }
+    }
+    assert!(open <= 5, "{open} of the idle connections stayed open");
+}

@@ -5,6 +5,9 @@
 //! Raft apply and its removal is harmless: its sequence is at or below what the state applied,
 //! so it is dropped (and a re-proposed one is refused as a duplicate).
 
+/// The key of the covered-calls mark (entries have 8-byte keys).
+const COVERED: &[u8] = b"covered";
+
 /// The journal. Cheap to clone.
 #[derive(Clone)]
 pub struct SpendJournal {
@@ -45,6 +48,26 @@ impl SpendJournal {
             entries.push((u64::from_be_bytes(bytes), value.to_vec()));
         }
         Ok(entries)
+    }
+
+    /// Record that the replicated state accounts for the first `calls` calls settled on this
+    /// node (the batches applied so far), before their entries are removed.
+    pub fn set_covered(&self, calls: u64) -> Result<(), String> {
+        let calls = calls.max(self.covered());
+        self.tree
+            .insert(COVERED, &calls.to_be_bytes())
+            .map(|_| ())
+            .map_err(|error| error.to_string())
+    }
+
+    /// What [`SpendJournal::set_covered`] last recorded.
+    pub fn covered(&self) -> u64 {
+        self.tree
+            .get(COVERED)
+            .ok()
+            .flatten()
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes)
     }
 
     /// Remove the entries up to and including `seq` (recorded in Raft).

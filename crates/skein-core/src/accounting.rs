@@ -49,6 +49,23 @@ pub struct BudgetExceeded {
 pub struct SpendBatch {
     pub seq: u64,
     pub items: Vec<SpendItem>,
+    /// The number of calls settled on this node that this batch (with the ones before it)
+    /// accounts for.
+    pub through: u64,
+}
+
+/// One settled call, as the node's settle hook sees it (to append it to its log at once).
+#[derive(Debug)]
+pub struct Settled<'a> {
+    /// The number of calls settled on this node, this one included.
+    pub call: u64,
+    pub key_id: &'a str,
+    pub model: &'a str,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost: Nanos,
+    /// The budgets the cost counts against.
+    pub budgets: &'a [String],
 }
 
 /// Settled spend, taken out of the ledger to be written to the node's journal; it is recorded
@@ -59,6 +76,9 @@ pub struct JournalEntry {
     pub items: Vec<SpendItem>,
     /// The spend per budget it counts against.
     pub amounts: Vec<(String, Nanos)>,
+    /// The number of calls settled on this node that it (with the entries before it)
+    /// accounts for.
+    pub through: u64,
 }
 
 #[derive(Default)]
@@ -81,11 +101,18 @@ struct Inner {
     /// shows them (the proxy's snapshot may trail the apply by a moment).
     recorded: Vec<(u64, HashMap<String, Nanos>)>,
     last_seq: u64,
+    /// Calls settled on this node (across restarts).
+    settled_calls: u64,
     /// This node's id, as `RecordSpend` names it.
     node: u64,
     /// A reservation hit the node's share: record spend now rather than at the next tick.
     flush_wanted: bool,
 }
+
+type SettledHook = Box<dyn Fn(&Settled<'_>) + Send + Sync>;
+
+/// A settled call read back after a restart: its spend, and its amount per budget.
+pub type SettledCall = (SpendItem, Vec<(String, Nanos)>);
 
 /// This node's spend that the replicated state does not show yet.
 #[derive(Default)]
@@ -94,8 +121,9 @@ pub struct Ledger {
     /// Told when a reservation asks for an early flush, so that the task recording spend need
     /// not poll for it.
     flush_waker: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
-    /// Told when a call settles, so that the journal writer need not poll.
-    settled_waker: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Told of every call as it settles (the node appends it to its log, then wakes the
+    /// journal writer).
+    settled_hook: std::sync::OnceLock<SettledHook>,
 }
 
 impl Inner {
@@ -152,6 +180,7 @@ impl Inner {
             seq,
             items,
             amounts,
+            through: self.settled_calls,
         };
         self.journaled.push(entry.clone());
         Some(entry)
@@ -259,9 +288,36 @@ impl Ledger {
         std::mem::take(&mut self.lock().flush_wanted)
     }
 
-    /// Call `wake` whenever a call settles (for the journal writer). Set once.
-    pub fn on_settled(&self, wake: impl Fn() + Send + Sync + 'static) {
-        let _ = self.settled_waker.set(Box::new(wake));
+    /// Call `hook` with every call as it settles, before the caller answers (for the node's
+    /// log, and to wake the journal writer). Set once.
+    pub fn on_settled(&self, hook: impl Fn(&Settled<'_>) + Send + Sync + 'static) {
+        let _ = self.settled_hook.set(Box::new(hook));
+    }
+
+    /// Count again calls that settled before a restart and were in no journal entry (read
+    /// back from the node's log); `through`: the last of them.
+    pub fn resettle(&self, calls: Vec<SettledCall>, through: u64) {
+        let mut inner = self.lock();
+        for (call, amounts) in calls {
+            for (budget, amount) in amounts {
+                *inner.unflushed.entry(budget).or_default() += amount;
+            }
+            let item = inner
+                .items
+                .entry((call.key_id.clone(), call.model.clone()))
+                .or_insert_with(|| SpendItem {
+                    requests: 0,
+                    input_tokens: 0,
+                    output_tokens: 0,
+                    cost_nanos: 0,
+                    ..call.clone()
+                });
+            item.requests += call.requests;
+            item.input_tokens += call.input_tokens;
+            item.output_tokens += call.output_tokens;
+            item.cost_nanos += call.cost_nanos;
+        }
+        inner.settled_calls = inner.settled_calls.max(through);
     }
 
     /// Take what has settled since the last entry, to write to the journal. `None` when
@@ -276,6 +332,7 @@ impl Ledger {
         entries.sort_by_key(|entry| entry.seq);
         for entry in entries {
             inner.last_seq = inner.last_seq.max(entry.seq);
+            inner.settled_calls = inner.settled_calls.max(entry.through);
             inner.restored.push_back(entry);
         }
     }
@@ -299,7 +356,8 @@ impl Ledger {
             Some(restored) => vec![restored],
             None => std::mem::take(&mut inner.journaled),
         };
-        let seq = entries.last()?.seq;
+        let last = entries.last()?;
+        let (seq, through) = (last.seq, last.through);
         let mut items: BTreeMap<(String, String), SpendItem> = BTreeMap::new();
         let mut amounts: HashMap<String, Nanos> = HashMap::new();
         for entry in entries {
@@ -324,6 +382,7 @@ impl Ledger {
         let batch = SpendBatch {
             seq,
             items: items.into_values().collect(),
+            through,
         };
         inner.in_flight = Some((batch.clone(), amounts));
         Some(batch)
@@ -407,9 +466,19 @@ impl Reservation {
         item.input_tokens += input_tokens;
         item.output_tokens += output_tokens;
         item.cost_nanos += cost;
+        inner.settled_calls += 1;
+        let call = inner.settled_calls;
         drop(inner);
-        if let Some(wake) = self.ledger.settled_waker.get() {
-            wake();
+        if let Some(hook) = self.ledger.settled_hook.get() {
+            hook(&Settled {
+                call,
+                key_id: &self.key_id,
+                model,
+                input_tokens,
+                output_tokens,
+                cost,
+                budgets: &self.counted,
+            });
         }
     }
 }

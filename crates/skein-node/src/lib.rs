@@ -8,6 +8,8 @@ pub mod env;
 pub mod load;
 pub mod membership;
 pub mod node;
+pub mod spend;
+pub mod spend_log;
 pub mod tls;
 
 pub use env::{Environment, MapEnvironment, ProcessEnvironment};

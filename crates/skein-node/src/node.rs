@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::Context;
 use skein_cluster::{CountingTransport, Gossip, GossipOptions, GossipStats, NodeInfo};
 use skein_control::{ControlOptions, ControlPlane, NodeId};
-use skein_core::accounting::Ledger;
 use skein_proxy::{AppState, ProxyOptions};
 use skein_types::control::{Command, Outcome};
 use skein_types::{SkeinConfig, ValidatedConfig};
@@ -137,6 +136,7 @@ pub struct RunningNode {
     admin: JoinHandle<std::io::Result<()>>,
     tasks: Vec<JoinHandle<()>>,
     drain_timeout: Duration,
+    spend: Arc<crate::spend::Spend>,
 }
 
 /// Start a node: open its control plane, serve the proxy on `http_listener` and the admin API
@@ -200,7 +200,11 @@ pub async fn start_node(
         .health
         .joining(u64::try_from(cluster.ready_lease.as_millis()).unwrap_or(u64::MAX));
     state.ledger.set_node(cluster.node_id);
-    restore_spend_journal(&control, &state.ledger);
+    let spend = Arc::new(crate::spend::Spend::open(
+        control.clone(),
+        state.ledger.clone(),
+        &cluster.data_dir,
+    ));
     state.limiter.set_node_id(cluster.node_id);
     // Until it has seen the others, a node of an N-voter cluster takes at most 1/N of a limit.
     state
@@ -370,15 +374,12 @@ pub async fn start_node(
             stats,
         )));
     }
-    tasks.push(tokio::spawn(journal_spend(
-        control.clone(),
-        state.ledger.clone(),
-    )));
-    tasks.push(tokio::spawn(flush_spend_every(
-        control.clone(),
-        state.ledger.clone(),
-        SPEND_FLUSH_INTERVAL,
-    )));
+    tasks.push(tokio::spawn(spend.clone().journal_continuously()));
+    tasks.push(tokio::spawn(
+        spend
+            .clone()
+            .flush_every(crate::spend::SPEND_FLUSH_INTERVAL),
+    ));
     tasks.push(tokio::spawn(propose_bootstrap(
         control.clone(),
         bootstrap.into_inner(),
@@ -396,6 +397,7 @@ pub async fn start_node(
         admin,
         tasks,
         drain_timeout: options.drain_timeout,
+        spend,
     })
 }
 
@@ -702,178 +704,6 @@ async fn prune_limits(app: Arc<AppState>) {
     }
 }
 
-/// How often settled spend is recorded in Raft.
-pub const SPEND_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Record settled spend in Raft every `interval`, and at once when a reservation ran into
-/// this node's share of a budget: the ledger says so, rather than being polled for it, so an
-/// idle node wakes once per interval. Early flushes are at least a tenth of the interval
-/// apart, so refusals that keep coming cannot turn this into a busy loop.
-async fn flush_spend_every(control: ControlPlane, ledger: Arc<Ledger>, interval: Duration) {
-    let wanted = Arc::new(tokio::sync::Notify::new());
-    {
-        let wanted = wanted.clone();
-        ledger.on_flush_wanted(move || wanted.notify_one());
-    }
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {
-                // This flush covers an early one asked for meanwhile.
-                let _ = ledger.take_flush_wanted();
-            }
-            () = wanted.notified() => {
-                tokio::time::sleep_until(last + interval / 10).await;
-                if !ledger.take_flush_wanted() {
-                    continue;
-                }
-            }
-        }
-        last = tokio::time::Instant::now();
-        flush_spend(&control, &ledger).await;
-    }
-}
-
-/// A journal entry as stored on disk (its sequence is the key).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoredSpend {
-    items: Vec<skein_types::control::SpendItem>,
-    amounts: Vec<(String, skein_types::control::Nanos)>,
-}
-
-/// Put back the journal entries the replicated state does not show (spend settled before a
-/// crash and not yet recorded), and drop the others.
-fn restore_spend_journal(control: &ControlPlane, ledger: &Ledger) {
-    let journal = control.spend_journal();
-    let applied = applied_spend_seq(control);
-    let entries = match journal.entries() {
-        Ok(entries) => entries,
-        Err(error) => {
-            tracing::error!(%error, "cannot read the spend journal");
-            return;
-        }
-    };
-    let mut restored = Vec::new();
-    for (seq, bytes) in entries {
-        if seq <= applied {
-            continue;
-        }
-        match serde_json::from_slice::<StoredSpend>(&bytes) {
-            Ok(stored) => restored.push(skein_core::accounting::JournalEntry {
-                seq,
-                items: stored.items,
-                amounts: stored.amounts,
-            }),
-            Err(error) => tracing::error!(seq, %error, "an unreadable spend journal entry"),
-        }
-    }
-    if let Err(error) = journal.remove_through(applied) {
-        tracing::warn!(%error, "cannot prune the spend journal");
-    }
-    if !restored.is_empty() {
-        let requests: u64 = restored
-            .iter()
-            .flat_map(|entry| entry.items.iter())
-            .map(|item| item.requests)
-            .sum();
-        tracing::info!(
-            entries = restored.len(),
-            requests,
-            "spend settled before the last stop and not yet recorded: recording it now"
-        );
-        ledger.restore(restored);
-    }
-}
-
-fn applied_spend_seq(control: &ControlPlane) -> u64 {
-    control
-        .state()
-        .spend_seqs
-        .get(&control.id())
-        .copied()
-        .unwrap_or(0)
-}
-
-/// Write what settles to the spend journal at once (one write at a time: what settles during
-/// a write goes into the next), so that a crash of the process loses no settled spend.
-async fn journal_spend(control: ControlPlane, ledger: Arc<Ledger>) {
-    let settled = Arc::new(tokio::sync::Notify::new());
-    {
-        let settled = settled.clone();
-        ledger.on_settled(move || settled.notify_one());
-    }
-    loop {
-        settled.notified().await;
-        write_journal(&control, &ledger).await;
-    }
-}
-
-/// Move what has settled into journal entries and write them.
-async fn write_journal(control: &ControlPlane, ledger: &Ledger) {
-    while let Some(entry) =
-        ledger.take_journal_entry(skein_types::now_ms(), applied_spend_seq(control))
-    {
-        let stored = StoredSpend {
-            items: entry.items,
-            amounts: entry.amounts,
-        };
-        let written = match serde_json::to_vec(&stored) {
-            Ok(bytes) => control.spend_journal().append(entry.seq, &bytes).await,
-            Err(error) => Err(error.to_string()),
-        };
-        if let Err(error) = written {
-            tracing::error!(%error, seq = entry.seq, "cannot write the spend journal");
-        }
-    }
-}
-
-/// Propose this node's settled spend as one `RecordSpend`; the batch stays pending (and is
-/// retried with the same sequence) until it is known applied.
-async fn flush_spend(control: &ControlPlane, ledger: &Ledger) {
-    write_journal(control, ledger).await;
-    // Entries put back after a restart go one by one, then the rest in one batch.
-    while ledger.has_restored() {
-        if !flush_one_batch(control, ledger).await {
-            return;
-        }
-    }
-    flush_one_batch(control, ledger).await;
-}
-
-/// Propose one batch; whether it is known applied (or there was nothing to propose).
-async fn flush_one_batch(control: &ControlPlane, ledger: &Ledger) -> bool {
-    let applied = applied_spend_seq(control);
-    let Some(batch) = ledger.take_batch(skein_types::now_ms(), applied) else {
-        return true;
-    };
-    let command = Command::RecordSpend {
-        node: control.id(),
-        seq: batch.seq,
-        items: batch.items,
-    };
-    match control.propose("spend", command).await {
-        Ok(response) => match response.outcome {
-            Outcome::Applied | Outcome::Duplicate => {
-                ledger.batch_applied(batch.seq);
-                if let Err(error) = control.spend_journal().remove_through(batch.seq) {
-                    tracing::warn!(%error, "cannot prune the spend journal");
-                }
-                true
-            }
-            other => {
-                tracing::error!(?other, "a spend batch was refused");
-                false
-            }
-        },
-        Err(error) => {
-            tracing::warn!(%error, seq = batch.seq, "spend not recorded yet; retrying");
-            false
-        }
-    }
-}
-
 /// A config with providers and routes in name order, for comparing configs.
 fn normalized(mut config: SkeinConfig) -> SkeinConfig {
     config.providers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1001,11 +831,7 @@ impl RunningNode {
             task.abort();
         }
         // Record what the drained requests spent (bounded: the group may be gone).
-        let _ = tokio::time::timeout(
-            Duration::from_secs(3),
-            flush_spend(&self.control, &self.state.ledger),
-        )
-        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.spend.flush()).await;
         self.control.shutdown().await;
         if let Some(gossip) = self.gossip
             && let Ok(gossip) = Arc::try_unwrap(gossip)
