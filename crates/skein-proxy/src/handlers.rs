@@ -119,15 +119,23 @@ pub(crate) async fn read_body(state: &AppState, body: Body, limit: u64) -> Resul
         )
         .with_detail_code("request_too_large")
     };
+    let mut body = body;
+    let mut collected = Collected::default();
+    // A body that is already here whole (the usual case) needs no timer.
+    loop {
+        match futures_util::FutureExt::now_or_never(http_body_util::BodyExt::frame(&mut body)) {
+            Some(None) => return Ok(collected.finish()),
+            Some(Some(frame)) => collected
+                .push(frame, limit)
+                .map_err(|error| error.unwrap_or_else(too_large))?,
+            None => break,
+        }
+    }
     let (idle, total) = state.body_timeouts();
     let started = tokio::time::Instant::now();
     let deadline = started + total;
     let timer = tokio::time::sleep_until(deadline.min(started + idle));
     tokio::pin!(timer);
-    let mut body = body;
-    let mut first: Option<Bytes> = None;
-    let mut rest: Option<bytes::BytesMut> = None;
-    let mut length: u64 = 0;
     loop {
         let frame = tokio::select! {
             biased;
@@ -137,6 +145,7 @@ pub(crate) async fn read_body(state: &AppState, body: Body, limit: u64) -> Resul
                     port: "proxy",
                     reason: "body_timeout",
                 }).inc();
+                let length = collected.length;
                 tracing::warn!(received = length, "cut a request whose body arrived too slowly");
                 return Err(ApiError::new(
                     ErrorCode::RequestTimeout,
@@ -152,34 +161,63 @@ pub(crate) async fn read_body(state: &AppState, body: Body, limit: u64) -> Resul
         let Some(frame) = frame else {
             break;
         };
+        collected
+            .push(frame, limit)
+            .map_err(|error| error.unwrap_or_else(too_large))?;
+        let now = tokio::time::Instant::now();
+        timer.as_mut().reset(deadline.min(now + idle));
+    }
+    Ok(collected.finish())
+}
+
+/// A request body being read: its first chunk as it came (no copy for a body in one chunk),
+/// then everything joined.
+#[derive(Default)]
+struct Collected {
+    first: Option<Bytes>,
+    joined: Option<bytes::BytesMut>,
+    length: u64,
+}
+
+impl Collected {
+    /// Take a frame: `Err(None)` when the body passes `limit`, `Err(Some(_))` when it broke.
+    fn push(
+        &mut self,
+        frame: Result<http_body::Frame<Bytes>, axum::Error>,
+        limit: u64,
+    ) -> Result<(), Option<ApiError>> {
         let frame = frame.map_err(|error| {
-            ApiError::invalid(format!("could not read the request body: {error}"))
+            Some(ApiError::invalid(format!(
+                "could not read the request body: {error}"
+            )))
         })?;
         let Ok(data) = frame.into_data() else {
-            continue;
+            return Ok(());
         };
-        length = length.saturating_add(data.len() as u64);
-        if length > limit {
-            return Err(too_large());
+        self.length = self.length.saturating_add(data.len() as u64);
+        if self.length > limit {
+            return Err(None);
         }
-        match (&mut first, &mut rest) {
-            (None, _) => first = Some(data),
+        match (&self.first, &mut self.joined) {
+            (None, _) => self.first = Some(data),
             (Some(head), None) => {
                 let mut joined = bytes::BytesMut::with_capacity(head.len() + data.len());
                 joined.extend_from_slice(head);
                 joined.extend_from_slice(&data);
-                rest = Some(joined);
+                self.joined = Some(joined);
             }
             (Some(_), Some(joined)) => joined.extend_from_slice(&data),
         }
-        let now = tokio::time::Instant::now();
-        timer.as_mut().reset(deadline.min(now + idle));
+        Ok(())
     }
-    Ok(match (first, rest) {
-        (_, Some(joined)) => joined.freeze(),
-        (Some(head), None) => head,
-        (None, None) => Bytes::new(),
-    })
+
+    fn finish(self) -> Bytes {
+        match (self.first, self.joined) {
+            (_, Some(joined)) => joined.freeze(),
+            (Some(head), None) => head,
+            (None, None) => Bytes::new(),
+        }
+    }
 }
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
