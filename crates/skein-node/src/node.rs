@@ -213,22 +213,14 @@ pub async fn start_node(
 
     let app = skein_proxy::router(state.clone());
     let (shutdown, shutdown_signal) = watch::channel(false);
-    let server = tokio::spawn({
-        let state = state.clone();
-        let listener_options = options.proxy_listener.clone();
-        let signal = shutdown_signal.clone();
-        async move {
-            skein_proxy::listener::serve(
-                http_listener,
-                app,
-                skein_proxy::listener::Plain,
-                listener_options,
-                &state.metrics,
-                signal,
-            )
-            .await
-        }
-    });
+    let server = spawn_listener(
+        http_listener,
+        app,
+        skein_proxy::listener::Plain,
+        options.proxy_listener.clone(),
+        state.clone(),
+        shutdown_signal.clone(),
+    );
     let mut gossip_stats = None;
     let gossip = match &options.gossip {
         Some(settings) => {
@@ -255,38 +247,24 @@ pub async fn start_node(
     )
     .into_router()
     .merge(skein_proxy::ops_router(state.clone()));
-    let grpc_signal = shutdown_signal;
     let grpc_options = options.grpc_listener.clone();
     let admin = match &options.grpc_tls {
-        Some(tls) => {
-            let handshake = crate::tls::TlsHandshake(tls.acceptor()?);
-            let state = state.clone();
-            tokio::spawn(async move {
-                skein_proxy::listener::serve(
-                    grpc_listener,
-                    router,
-                    handshake,
-                    grpc_options,
-                    &state.metrics,
-                    grpc_signal,
-                )
-                .await
-            })
-        }
-        None => {
-            let state = state.clone();
-            tokio::spawn(async move {
-                skein_proxy::listener::serve(
-                    grpc_listener,
-                    router,
-                    skein_proxy::listener::Plain,
-                    grpc_options,
-                    &state.metrics,
-                    grpc_signal,
-                )
-                .await
-            })
-        }
+        Some(tls) => spawn_listener(
+            grpc_listener,
+            router,
+            crate::tls::TlsHandshake(tls.acceptor()?),
+            grpc_options,
+            state.clone(),
+            shutdown_signal,
+        ),
+        None => spawn_listener(
+            grpc_listener,
+            router,
+            skein_proxy::listener::Plain,
+            grpc_options,
+            state.clone(),
+            shutdown_signal,
+        ),
     };
 
     let mut tasks = vec![tokio::spawn(follow_config(
@@ -398,6 +376,21 @@ pub async fn start_node(
         tasks,
         drain_timeout: options.drain_timeout,
         spend,
+    })
+}
+
+/// Serve `router` on `listener` (see [`skein_proxy::listener`]) until `signal`.
+fn spawn_listener<H: skein_proxy::listener::Handshake>(
+    listener: TcpListener,
+    router: axum::Router,
+    handshake: H,
+    options: skein_proxy::listener::ListenerOptions,
+    state: Arc<AppState>,
+    signal: watch::Receiver<bool>,
+) -> JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        skein_proxy::listener::serve(listener, router, handshake, options, &state.metrics, signal)
+            .await
     })
 }
 
