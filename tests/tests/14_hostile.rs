@@ -375,3 +375,93 @@ async fn a_client_at_its_cap_makes_room_from_its_own_idle_connections() {
     }
     assert!(open <= 5, "{open} of the idle connections stayed open");
 }
+
+/// HTTP/2 streams beyond the node's concurrent-stream limit wait for a free one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_beyond_the_limit_wait_their_turn() {
+    let mock = start_mock().await.expect("mock");
+    let config = format!(
+        "version: 1\nproviders:\n  - name: mock\n    kind: openai_compatible\n    base_url: {}/v1\n    keys: [{{key: env:KEY}}]\nroutes:\n  - name: slow\n    deployments: [{{provider: mock, model: mock-slow-300}}]\n",
+        mock.url()
+    );
+    let gateway = Gateway::start_with(
+        &config,
+        MapEnvironment::from_pairs([("KEY", "k")]),
+        |options| {
+            options.proxy_listener.h2_max_concurrent_streams = 2;
+        },
+    )
+    .await
+    .expect("gateway");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let started = std::time::Instant::now();
+    let calls = (0..6).map(|_| {
+        let client = client.clone();
+        let url = format!("{}/v1/chat/completions", gateway.url);
+        async move {
+            client
+                .post(url)
+                .json(&serde_json::json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .map(|response| (response.status().as_u16(), response.version()))
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    for result in &results {
+        let (status, version) = result.as_ref().expect("answered");
+        assert_eq!(*status, 200);
+        assert_eq!(*version, reqwest::Version::HTTP_2);
+    }
+    // Six calls of 300 ms, two at a time over one connection: three turns.
+    assert!(
+        started.elapsed() >= Duration::from_millis(850),
+        "the limit held: {:?}",
+        started.elapsed()
+    );
+}
+
+/// A node whose Raft core has stopped says it is not live (so that its pod restarts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_raft_core_stopped_is_not_live() {
+    let mock = start_mock().await.expect("mock");
+    let gateway = Gateway::start(
+        &config(&mock.url()),
+        MapEnvironment::from_pairs([("KEY", "k")]),
+    )
+    .await
+    .expect("gateway");
+    let live = |gateway: &Gateway| {
+        let request = gateway
+            .client
+            .get(format!("{}/health/live", gateway.url))
+            .send();
+        async move {
+            match request.await {
+                Ok(response) => (
+                    response.status().as_u16(),
+                    response.text().await.unwrap_or_default(),
+                ),
+                Err(_) => (0, String::new()),
+            }
+        }
+    };
+    assert_eq!(live(&gateway).await.0, 200);
+    gateway.node.control.shutdown().await;
+    let stopped = skein_tests::wait_until(Duration::from_secs(5), || async {
+        live(&gateway).await.0 == 503
+    })
+    .await;
+    assert!(stopped, "not live once the Raft core stopped");
+    assert!(live(&gateway).await.1.contains("raft_stopped"));
+    let metrics = gateway.metrics().await.expect("metrics");
+    assert_eq!(
+        skein_tests::metric_value(&metrics, "skein_raft_running", &[]),
+        Some(0.0),
+        "{metrics}"
+    );
+}

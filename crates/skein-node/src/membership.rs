@@ -301,7 +301,7 @@ pub async fn watch_health(control: ControlPlane, app: Arc<AppState>) {
     let mut refused_counted = [0u64; 4];
     loop {
         let current = control.metrics();
-        let running = current.running_state.is_ok();
+        let running = current.running_state.is_ok() && control.is_running();
         app.metrics.raft_running.set(i64::from(running));
         if !running {
             if app.health.live().is_ok() {
