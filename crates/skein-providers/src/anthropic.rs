@@ -13,6 +13,7 @@
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::error::TranslateError;
 use crate::openai::ChunkWriter;
 use crate::sse::{OutEvent, StreamTranslator};
 use crate::usage::Usage;
@@ -80,7 +81,12 @@ pub fn response_usage(body: &[u8]) -> Usage {
 // OpenAI chat request → Anthropic Messages request
 
 /// Translate an OpenAI chat request into an Anthropic Messages request for `model`.
-pub fn request_from_openai(request: &Value, model: &str) -> Result<Value, String> {
+pub fn request_from_openai(request: &Value, model: &str) -> Result<Value, TranslateError> {
+    request_from_openai_text(request, model).map_err(TranslateError::Client)
+}
+
+/// Translate an OpenAI chat request into an Anthropic Messages request for `model`.
+fn request_from_openai_text(request: &Value, model: &str) -> Result<Value, String> {
     let object = request
         .as_object()
         .ok_or("the request must be a JSON object")?;
@@ -358,7 +364,12 @@ pub fn finish_reason_from_stop(stop_reason: &str) -> &'static str {
 }
 
 /// Translate an Anthropic Messages response into an OpenAI chat completion.
-pub fn response_to_openai(body: &[u8], created: u64) -> Result<(Value, Usage), String> {
+pub fn response_to_openai(body: &[u8], created: u64) -> Result<(Value, Usage), TranslateError> {
+    response_to_openai_text(body, created).map_err(TranslateError::Upstream)
+}
+
+/// Translate an Anthropic Messages response into an OpenAI chat completion.
+fn response_to_openai_text(body: &[u8], created: u64) -> Result<(Value, Usage), String> {
     let response: Value = serde_json::from_slice(body)
         .map_err(|error| format!("the provider's answer is not JSON: {error}"))?;
     let mut text = String::new();
@@ -442,9 +453,9 @@ impl StreamTranslator for AnthropicToOpenAiStream {
         _event: &str,
         data: &str,
         out: &mut Vec<OutEvent>,
-    ) -> Result<(), String> {
-        let event: Value =
-            serde_json::from_str(data).map_err(|error| format!("invalid event JSON: {error}"))?;
+    ) -> Result<(), TranslateError> {
+        let event: Value = serde_json::from_str(data)
+            .map_err(|error| TranslateError::upstream(format!("invalid event JSON: {error}")))?;
         match event["type"].as_str().unwrap_or("") {
             "message_start" => {
                 let message = &event["message"];
@@ -488,7 +499,11 @@ impl StreamTranslator for AnthropicToOpenAiStream {
                             .iter()
                             .find(|(block, _)| *block == block_index)
                             .map(|(_, tool)| *tool)
-                            .ok_or("input_json_delta for a block that is not a tool_use")?;
+                            .ok_or_else(|| {
+                                TranslateError::upstream(
+                                    "input_json_delta for a block that is not a tool_use",
+                                )
+                            })?;
                         out.push(self.chunk(json!({"tool_calls": [{"index": tool_index, "function": {"arguments": delta["partial_json"]}}]}), None));
                     }
                     _ => {}
@@ -532,10 +547,20 @@ impl StreamTranslator for AnthropicToOpenAiStream {
 // ---------------------------------------------------------------------------------------------
 // Anthropic Messages request → OpenAI chat request
 
+/// Translate an Anthropic Messages request into an OpenAI chat request for `model`
+/// (`max_completion_tokens` as for [`request_to_openai_text`]).
+pub fn request_to_openai(
+    request: &Value,
+    model: &str,
+    max_completion_tokens: bool,
+) -> Result<Value, TranslateError> {
+    request_to_openai_text(request, model, max_completion_tokens).map_err(TranslateError::Client)
+}
+
 /// Translate an Anthropic Messages request into an OpenAI chat request for `model`.
 /// `max_completion_tokens` selects that member (OpenAI and Azure) over `max_tokens` (the
 /// OpenAI-compatible family).
-pub fn request_to_openai(
+fn request_to_openai_text(
     request: &Value,
     model: &str,
     max_completion_tokens: bool,
@@ -745,7 +770,15 @@ fn anthropic_usage_json(usage: &Usage) -> Value {
 }
 
 /// Translate an OpenAI chat completion into an Anthropic Messages response.
-pub fn response_from_openai(body: &[u8], requested_model: &str) -> Result<(Value, Usage), String> {
+pub fn response_from_openai(
+    body: &[u8],
+    requested_model: &str,
+) -> Result<(Value, Usage), TranslateError> {
+    response_from_openai_text(body, requested_model).map_err(TranslateError::Upstream)
+}
+
+/// Translate an OpenAI chat completion into an Anthropic Messages response.
+fn response_from_openai_text(body: &[u8], requested_model: &str) -> Result<(Value, Usage), String> {
     let response: Value = serde_json::from_slice(body)
         .map_err(|error| format!("the provider's answer is not JSON: {error}"))?;
     let choice = &response["choices"][0];
@@ -883,13 +916,13 @@ impl StreamTranslator for OpenAiToAnthropicStream {
         _event: &str,
         data: &str,
         out: &mut Vec<OutEvent>,
-    ) -> Result<(), String> {
+    ) -> Result<(), TranslateError> {
         if data.trim() == "[DONE]" {
             self.end(out);
             return Ok(());
         }
-        let chunk: Value =
-            serde_json::from_str(data).map_err(|error| format!("invalid chunk JSON: {error}"))?;
+        let chunk: Value = serde_json::from_str(data)
+            .map_err(|error| TranslateError::upstream(format!("invalid chunk JSON: {error}")))?;
         if let Some(error) = chunk.get("error") {
             let message = error["message"]
                 .as_str()
@@ -988,7 +1021,12 @@ impl AnthropicPassthroughStream {
 }
 
 impl StreamTranslator for AnthropicPassthroughStream {
-    fn on_event(&mut self, event: &str, data: &str, out: &mut Vec<OutEvent>) -> Result<(), String> {
+    fn on_event(
+        &mut self,
+        event: &str,
+        data: &str,
+        out: &mut Vec<OutEvent>,
+    ) -> Result<(), TranslateError> {
         let name = if event.is_empty() || event == "message" {
             // Anthropic always names events; fall back to the payload's type.
             serde_json::from_str::<Value>(data)

@@ -2,6 +2,47 @@
 
 use serde::Deserialize;
 
+/// Why a translation failed, and whose fault it is: the client's request could not be expressed
+/// in the upstream's API (answered as a 400), or the upstream's answer could not be read
+/// (answered as a 502; the call still cost something).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TranslateError {
+    /// The client's request cannot be translated.
+    Client(String),
+    /// The upstream's answer (or one of its events) cannot be read.
+    Upstream(String),
+}
+
+impl TranslateError {
+    pub fn client(message: impl Into<String>) -> TranslateError {
+        TranslateError::Client(message.into())
+    }
+
+    pub fn upstream(message: impl Into<String>) -> TranslateError {
+        TranslateError::Upstream(message.into())
+    }
+
+    /// The human message.
+    pub fn message(&self) -> &str {
+        match self {
+            TranslateError::Client(message) | TranslateError::Upstream(message) => message,
+        }
+    }
+
+    /// Whether the client was at fault.
+    pub fn is_client(&self) -> bool {
+        matches!(self, TranslateError::Client(_))
+    }
+}
+
+impl std::fmt::Display for TranslateError {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.message())
+    }
+}
+
+impl std::error::Error for TranslateError {}
+
 /// The error body shapes providers use: OpenAI, Anthropic and Gemini all nest an object with a
 /// `message` under `error`; some OpenAI-compatible servers put a plain string there.
 #[derive(Debug, Deserialize)]

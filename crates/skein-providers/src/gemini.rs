@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value, json};
 
+use crate::error::TranslateError;
 use crate::openai::ChunkWriter;
 use crate::sse::{OutEvent, StreamTranslator};
 use crate::usage::Usage;
@@ -24,7 +25,12 @@ pub fn embed_path(model: &str) -> String {
 }
 
 /// Translate an OpenAI chat request into a Gemini `generateContent` request.
-pub fn request_from_openai(request: &Value) -> Result<Value, String> {
+pub fn request_from_openai(request: &Value) -> Result<Value, TranslateError> {
+    request_from_openai_text(request).map_err(TranslateError::Client)
+}
+
+/// Translate an OpenAI chat request into a Gemini `generateContent` request.
+fn request_from_openai_text(request: &Value) -> Result<Value, String> {
     let object = request
         .as_object()
         .ok_or("the request must be a JSON object")?;
@@ -320,6 +326,15 @@ pub fn response_to_openai(
     body: &[u8],
     model: &str,
     created: u64,
+) -> Result<(Value, Usage), TranslateError> {
+    response_to_openai_text(body, model, created).map_err(TranslateError::Upstream)
+}
+
+/// Translate a Gemini `generateContent` response into an OpenAI chat completion.
+fn response_to_openai_text(
+    body: &[u8],
+    model: &str,
+    created: u64,
 ) -> Result<(Value, Usage), String> {
     let response: Value = serde_json::from_slice(body)
         .map_err(|error| format!("the provider's answer is not JSON: {error}"))?;
@@ -424,9 +439,9 @@ impl StreamTranslator for GeminiToOpenAiStream {
         _event: &str,
         data: &str,
         out: &mut Vec<OutEvent>,
-    ) -> Result<(), String> {
-        let response: Value =
-            serde_json::from_str(data).map_err(|error| format!("invalid event JSON: {error}"))?;
+    ) -> Result<(), TranslateError> {
+        let response: Value = serde_json::from_str(data)
+            .map_err(|error| TranslateError::upstream(format!("invalid event JSON: {error}")))?;
         if let Some(error) = response.get("error") {
             let message = error["message"]
                 .as_str()
@@ -500,7 +515,15 @@ impl StreamTranslator for GeminiToOpenAiStream {
 }
 
 /// Translate an OpenAI embeddings request into a Gemini `batchEmbedContents` request.
-pub fn embeddings_request_from_openai(request: &Value, model: &str) -> Result<Value, String> {
+pub fn embeddings_request_from_openai(
+    request: &Value,
+    model: &str,
+) -> Result<Value, TranslateError> {
+    embeddings_request_from_openai_text(request, model).map_err(TranslateError::Client)
+}
+
+/// Translate an OpenAI embeddings request into a Gemini `batchEmbedContents` request.
+fn embeddings_request_from_openai_text(request: &Value, model: &str) -> Result<Value, String> {
     let inputs: Vec<String> = match &request["input"] {
         Value::String(text) => vec![text.clone()],
         Value::Array(items) if items.iter().all(Value::is_string) => items
@@ -528,8 +551,17 @@ pub fn embeddings_request_from_openai(request: &Value, model: &str) -> Result<Va
 }
 
 /// Translate a Gemini `batchEmbedContents` response into OpenAI's embeddings list.
-/// `base64` answers in the base64 encoding the OpenAI SDKs ask for by default.
 pub fn embeddings_response_to_openai(
+    body: &[u8],
+    model: &str,
+    base64: bool,
+) -> Result<(Value, Usage), TranslateError> {
+    embeddings_response_to_openai_text(body, model, base64).map_err(TranslateError::Upstream)
+}
+
+/// Translate a Gemini `batchEmbedContents` response into OpenAI's embeddings list.
+/// `base64` answers in the base64 encoding the OpenAI SDKs ask for by default.
+fn embeddings_response_to_openai_text(
     body: &[u8],
     model: &str,
     base64: bool,

@@ -5,7 +5,6 @@
 //! Must not depend on tokio, axum, reqwest or anything that opens a socket.
 
 pub mod anthropic;
-pub mod endpoint;
 pub mod error;
 pub mod gemini;
 pub mod openai;
@@ -13,8 +12,7 @@ pub mod raw;
 pub mod sse;
 pub mod usage;
 
-pub use endpoint::Endpoint;
-pub use error::{UpstreamErrorBody, upstream_error_message};
+pub use error::{TranslateError, UpstreamErrorBody, upstream_error_message};
 pub use raw::{RawObject, RawParseError};
 pub use sse::{ChainedStream, OutEvent, StreamTranslator};
 pub use usage::Usage;

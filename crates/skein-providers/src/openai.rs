@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::error::TranslateError;
 use crate::raw::{RawObject, to_json_text};
 use crate::sse::{OutEvent, StreamTranslator};
 use crate::usage::Usage;
@@ -227,7 +228,12 @@ impl PassthroughStream {
 }
 
 impl StreamTranslator for PassthroughStream {
-    fn on_event(&mut self, event: &str, data: &str, out: &mut Vec<OutEvent>) -> Result<(), String> {
+    fn on_event(
+        &mut self,
+        event: &str,
+        data: &str,
+        out: &mut Vec<OutEvent>,
+    ) -> Result<(), TranslateError> {
         self.on_owned_event(event, data.to_owned(), out)
     }
 
@@ -236,7 +242,7 @@ impl StreamTranslator for PassthroughStream {
         _event: &str,
         data: String,
         out: &mut Vec<OutEvent>,
-    ) -> Result<(), String> {
+    ) -> Result<(), TranslateError> {
         if data.trim() == "[DONE]" {
             self.completed = true;
             let done = if data == "[DONE]" {

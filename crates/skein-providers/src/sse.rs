@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 
+use crate::error::TranslateError;
 use crate::usage::Usage;
 
 /// One server-sent event to write to the client.
@@ -46,8 +47,14 @@ impl OutEvent {
 
 /// Translates one upstream stream into the client's stream format.
 pub trait StreamTranslator: Send {
-    /// Handle one upstream event; push what the client should see into `out`.
-    fn on_event(&mut self, event: &str, data: &str, out: &mut Vec<OutEvent>) -> Result<(), String>;
+    /// Handle one upstream event; push what the client should see into `out`. An error is
+    /// always the upstream's fault (an event that cannot be read).
+    fn on_event(
+        &mut self,
+        event: &str,
+        data: &str,
+        out: &mut Vec<OutEvent>,
+    ) -> Result<(), TranslateError>;
     /// [`on_event`](Self::on_event) with the data owned, for a translator that can forward it
     /// without copying.
     fn on_owned_event(
@@ -55,7 +62,7 @@ pub trait StreamTranslator: Send {
         event: &str,
         data: String,
         out: &mut Vec<OutEvent>,
-    ) -> Result<(), String> {
+    ) -> Result<(), TranslateError> {
         self.on_event(event, &data, out)
     }
     /// The upstream stream ended cleanly; push closing events.
@@ -86,7 +93,7 @@ impl ChainedStream {
         }
     }
 
-    fn pass_on(&mut self, out: &mut Vec<OutEvent>) -> Result<(), String> {
+    fn pass_on(&mut self, out: &mut Vec<OutEvent>) -> Result<(), TranslateError> {
         for event in self.between.drain(..) {
             self.second
                 .on_owned_event(event.event.as_deref().unwrap_or(""), event.data, out)?;
@@ -96,7 +103,12 @@ impl ChainedStream {
 }
 
 impl StreamTranslator for ChainedStream {
-    fn on_event(&mut self, event: &str, data: &str, out: &mut Vec<OutEvent>) -> Result<(), String> {
+    fn on_event(
+        &mut self,
+        event: &str,
+        data: &str,
+        out: &mut Vec<OutEvent>,
+    ) -> Result<(), TranslateError> {
         self.first.on_event(event, data, &mut self.between)?;
         self.pass_on(out)
     }

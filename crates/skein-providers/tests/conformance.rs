@@ -15,9 +15,9 @@ use skein_providers::anthropic::{
 };
 use skein_providers::gemini::{self, GeminiToOpenAiStream};
 use skein_providers::openai::{self, PassthroughStream};
-use skein_providers::{ChainedStream, RawObject, StreamTranslator};
+use skein_providers::{ChainedStream, RawObject, StreamTranslator, TranslateError};
 
-type Run = fn(&Value) -> Result<Value, String>;
+type Run = fn(&Value) -> Result<Value, TranslateError>;
 
 /// Every translator, by the name fixtures use.
 const TABLE: &[(&str, Run)] = &[
@@ -91,21 +91,27 @@ const TABLE: &[(&str, Run)] = &[
     }),
 ];
 
-fn openai_request_passthrough(input: &Value) -> Result<Value, String> {
+fn openai_request_passthrough(input: &Value) -> Result<Value, TranslateError> {
     let text = input.to_string();
-    let request = RawObject::parse(text.as_bytes()).map_err(|error| error.to_string())?;
-    let shape = openai::stream_shape(&request)?;
+    let request = RawObject::parse(text.as_bytes())
+        .map_err(|error| TranslateError::client(error.to_string()))?;
+    let shape = openai::stream_shape(&request).map_err(TranslateError::Client)?;
     let body = openai::passthrough_body(&request, "upstream-model", shape);
-    serde_json::from_slice(&body).map_err(|error| error.to_string())
+    serde_json::from_slice(&body).map_err(|error| TranslateError::client(error.to_string()))
 }
 
-fn pair(result: Result<(Value, skein_providers::Usage), String>) -> Result<Value, String> {
+fn pair(
+    result: Result<(Value, skein_providers::Usage), TranslateError>,
+) -> Result<Value, TranslateError> {
     result.map(|(answer, usage)| json!({"answer": answer, "usage": usage}))
 }
 
 /// Feed recorded SSE text (or an array of `{event, data}`) through a stream translator; the
 /// output lists the client's events, the usage and whether the stream completed.
-fn run_stream(mut translator: Box<dyn StreamTranslator>, input: &Value) -> Result<Value, String> {
+fn run_stream(
+    mut translator: Box<dyn StreamTranslator>,
+    input: &Value,
+) -> Result<Value, TranslateError> {
     let events: Vec<(String, String)> = match input {
         Value::String(text) => parse_sse(text),
         Value::Array(items) => items
@@ -120,7 +126,11 @@ fn run_stream(mut translator: Box<dyn StreamTranslator>, input: &Value) -> Resul
                 )
             })
             .collect(),
-        _ => return Err("stream input must be SSE text or an array of events".to_owned()),
+        _ => {
+            return Err(TranslateError::client(
+                "stream input must be SSE text or an array of events",
+            ));
+        }
     };
     let mut out = Vec::new();
     for (event, data) in &events {
@@ -207,7 +217,11 @@ fn every_fixture_matches() {
         let result = run(&fixture["input"]);
         if let Some(expected_error) = fixture["expected_error"].as_str() {
             match result {
-                Err(message) if message.contains(expected_error) => {}
+                // A request that cannot be translated is the client's fault; an answer or an
+                // event that cannot be read is the upstream's.
+                Err(error)
+                    if error.message().contains(expected_error)
+                        && error.is_client() == name.contains("request") => {}
                 other => failures.push(format!(
                     "{}: expected an error containing {expected_error:?}, got {other:?}",
                     path.display()

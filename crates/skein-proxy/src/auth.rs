@@ -8,8 +8,8 @@ use skein_core::auth::hash_secret;
 use skein_types::ErrorCode;
 use skein_types::control::{ControlState, VirtualKey};
 
-use crate::app::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// An authenticated caller: the key, in the state snapshot it was found in.
 pub struct Caller {

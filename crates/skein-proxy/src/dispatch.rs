@@ -20,9 +20,9 @@ use skein_core::{AttemptPlan, Candidate, NextAttempt, RouteRuntime};
 use skein_types::ErrorCode;
 use sse_core::{MessageEvent, SseDecoder, SseEvent, SseStream, SseStreamError};
 
-use crate::app::AppState;
 use crate::error::ApiError;
 use crate::metrics::{AttemptLabels, ProviderLabels};
+use crate::state::AppState;
 use crate::upstream::{
     AttemptFailure, PreparedRequest, build_request, classify_empty_stream, classify_status,
     classify_timeout, classify_transport,

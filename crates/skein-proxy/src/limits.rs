@@ -7,8 +7,8 @@ use skein_core::limits::{Ask, Kind, PoolId, PoolStatus, Scope, Ticket};
 use skein_types::ErrorCode;
 use skein_types::control::{ControlState, Limits};
 
-use crate::app::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
 const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");

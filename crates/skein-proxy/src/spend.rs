@@ -14,10 +14,10 @@ use skein_providers::raw::RawObject;
 use skein_types::ErrorCode;
 use skein_types::control::ControlState;
 
-use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::limits::RateHeaders;
+use crate::state::AppState;
 
 /// A call's hold on its key's budgets.
 pub struct Hold {

@@ -1,5 +1,6 @@
-//! Calling an upstream: URL and headers per wire protocol, and reading what came back into a
-//! classified outcome that the attempt loop acts on.
+//! Calling an upstream: the request an adapter prepared, built with the key's and the
+//! provider's headers, and what came back read into a classified outcome that the attempt
+//! loop acts on.
 
 use std::time::Duration;
 
@@ -7,13 +8,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use bytes::Bytes;
 use http_body_util::Full;
 use skein_core::{Candidate, FailureKind};
-use skein_providers::{Endpoint, upstream_error_message};
-use skein_types::{ErrorCode, WireProtocol};
+use skein_providers::upstream_error_message;
+use skein_types::ErrorCode;
 
 use crate::error::ApiError;
-
-/// Azure's `api-version` when the provider sets none.
-pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
 
 /// A request ready to send to one candidate.
 #[derive(Debug)]
@@ -22,29 +20,6 @@ pub struct PreparedRequest {
     pub body: Bytes,
     /// Protocol-specific headers (e.g. `anthropic-version`), on top of the provider's own.
     pub headers: Vec<(header::HeaderName, HeaderValue)>,
-}
-
-/// The URI of an OpenAI-shaped endpoint for a candidate (OpenAI family and Azure).
-pub fn openai_uri(candidate: &Candidate, endpoint: Endpoint) -> Result<Uri, ApiError> {
-    upstream_uri(candidate, endpoint.label(), || {
-        let provider = &candidate.deployment.provider;
-        match provider.protocol {
-            WireProtocol::Azure => {
-                let api_version = provider
-                    .api_version
-                    .as_deref()
-                    .unwrap_or(DEFAULT_AZURE_API_VERSION);
-                format!(
-                    "{}/openai/deployments/{}{}?api-version={}",
-                    provider.base_url,
-                    candidate.deployment.model,
-                    endpoint.openai_path(),
-                    api_version
-                )
-            }
-            _ => format!("{}{}", provider.base_url, endpoint.openai_path()),
-        }
-    })
 }
 
 /// The URI `url` builds for a candidate, built once per deployment and `purpose` (`url` must

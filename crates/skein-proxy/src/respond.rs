@@ -1,0 +1,312 @@
+//! The last steps of a request: the attempt loop's outcome turned into the client's
+//! response (translated by the serving adapter), usage settled against the caller's hold,
+//! headers naming what served it, and the request's metrics and access log line.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use skein_core::{Candidate, RouteRuntime};
+use skein_types::ErrorCode;
+
+use crate::dispatch::{Failed, ServedBody};
+use crate::error::ApiError;
+use crate::intake::{REQUEST_ID, RequestContext};
+use crate::metrics::{EndpointLabels, RequestLabels, RouteLabels};
+use crate::relay::{count_key_tokens, stream_response};
+use crate::spend::Hold;
+use crate::state::AppState;
+use crate::translate::ResponseTranslation;
+
+const SKEIN_PROVIDER: HeaderName = HeaderName::from_static("x-skein-provider");
+const SKEIN_DEPLOYMENT: HeaderName = HeaderName::from_static("x-skein-deployment");
+const SKEIN_ROUTE: HeaderName = HeaderName::from_static("x-skein-route");
+pub(crate) const SKEIN_ATTEMPTS: HeaderName = HeaderName::from_static("x-skein-attempts");
+
+/// Room for the headers of a served response (ours and the caller's rate-limit headers), so
+/// the map is allocated once.
+pub(crate) const RESPONSE_HEADERS: usize = 16;
+
+/// Turn the attempt loop's outcome into the client's response, with the caller's rate-limit
+/// headers.
+pub(crate) fn respond(
+    state: &Arc<AppState>,
+    context: RequestContext,
+    model: &str,
+    requested_route: &RouteRuntime,
+    served: Result<crate::dispatch::Served, Box<Failed>>,
+    hold: Option<Hold>,
+    translation_for: impl Fn(&Candidate) -> Box<dyn ResponseTranslation>,
+) -> Response {
+    let mut hold = hold;
+    let rate_headers = hold
+        .as_mut()
+        .map(|hold| std::mem::take(&mut hold.rate_headers));
+    let mut response = respond_with(
+        state,
+        context,
+        model,
+        requested_route,
+        served,
+        hold,
+        translation_for,
+    );
+    if let Some(rate_headers) = rate_headers {
+        rate_headers.apply(response.headers_mut());
+    }
+    response
+}
+
+fn respond_with(
+    state: &Arc<AppState>,
+    context: RequestContext,
+    model: &str,
+    requested_route: &RouteRuntime,
+    served: Result<crate::dispatch::Served, Box<Failed>>,
+    hold: Option<Hold>,
+    translation_for: impl Fn(&Candidate) -> Box<dyn ResponseTranslation>,
+) -> Response {
+    let served = match served {
+        Ok(served) => served,
+        Err(failed) => {
+            let Failed {
+                error,
+                attempts,
+                waited,
+                provider,
+            } = *failed;
+            let mut response = finish_error_with_wait(
+                state,
+                &context,
+                Some(model),
+                provider.as_ref(),
+                error,
+                waited,
+            );
+            response
+                .headers_mut()
+                .insert(SKEIN_ATTEMPTS, attempts_header(attempts));
+            return response;
+        }
+    };
+    let translation = translation_for(&served.candidate);
+    let provider = served.candidate.deployment.provider.name.clone();
+    match served.body {
+        ServedBody::Unary(body) => match translation.unary(body) {
+            Ok((body, usage)) => {
+                state.metrics.record_usage(&provider, &usage);
+                count_key_tokens(&served.candidate, &usage);
+                if let Some(hold) = hold {
+                    hold.settle(&served.candidate, &usage);
+                }
+                finish_unary(
+                    state,
+                    &context,
+                    requested_route,
+                    &served.candidate,
+                    served.attempts,
+                    served.waited,
+                    body,
+                )
+            }
+            Err(message) => {
+                // The provider answered (and charges for it): count the estimated prompt.
+                if let Some(hold) = hold {
+                    let estimate = skein_providers::Usage {
+                        input_tokens: hold.estimated_input_tokens,
+                        ..Default::default()
+                    };
+                    hold.settle(&served.candidate, &estimate);
+                }
+                let error = ApiError::new(
+                    ErrorCode::UpstreamError,
+                    format!("could not read the answer of provider {provider}: {message}"),
+                )
+                .with_detail_code("untranslatable_response");
+                finish_error_with_wait(
+                    state,
+                    &context,
+                    Some(model),
+                    Some(&provider),
+                    error,
+                    served.waited,
+                )
+            }
+        },
+        ServedBody::Stream { first, rest } => stream_response(
+            state,
+            context,
+            requested_route,
+            served.candidate,
+            served.attempts,
+            served.waited,
+            first,
+            rest,
+            translation.stream(),
+            hold,
+        ),
+    }
+}
+
+pub(crate) fn insert_header(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
+
+pub(crate) fn served_headers(
+    headers: &mut HeaderMap,
+    context: &RequestContext,
+    candidate: &Candidate,
+    attempts: u32,
+) {
+    insert_header(headers, REQUEST_ID, &context.request_id);
+    // Built once per deployment: cloning them shares their bytes.
+    let deployment = &candidate.deployment;
+    for (name, value) in [
+        (SKEIN_PROVIDER, &deployment.provider_header),
+        (SKEIN_DEPLOYMENT, &deployment.deployment_header),
+        (SKEIN_ROUTE, &candidate.route.name_header),
+    ] {
+        if let Some(value) = value {
+            headers.insert(name, value.clone());
+        }
+    }
+    headers.insert(SKEIN_ATTEMPTS, attempts_header(attempts));
+}
+
+/// `x-skein-attempts`: a static value for the usual small counts.
+pub(crate) fn attempts_header(attempts: u32) -> HeaderValue {
+    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match SMALL.get(attempts as usize) {
+        Some(digits) => HeaderValue::from_static(digits),
+        None => HeaderValue::from(attempts),
+    }
+}
+
+pub(crate) fn record_request(
+    state: &AppState,
+    context: &RequestContext,
+    route: Arc<str>,
+    provider: Arc<str>,
+    status: u16,
+    waited: Duration,
+) {
+    let metrics = &state.metrics;
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            endpoint: context.endpoint,
+            route,
+            provider,
+            status,
+        })
+        .inc();
+    let elapsed = context.started.elapsed();
+    let endpoint = EndpointLabels {
+        endpoint: context.endpoint,
+    };
+    metrics
+        .request_duration
+        .get_or_create(&endpoint)
+        .observe(elapsed.as_secs_f64());
+    metrics
+        .gateway_overhead
+        .get_or_create(&endpoint)
+        .observe(elapsed.saturating_sub(waited).as_secs_f64());
+}
+
+pub(crate) fn finish_error(
+    state: &AppState,
+    context: &RequestContext,
+    model: Option<&str>,
+    provider: Option<&Arc<str>>,
+    error: ApiError,
+) -> Response {
+    finish_error_with_wait(state, context, model, provider, error, Duration::ZERO)
+}
+
+pub(crate) fn finish_error_with_wait(
+    state: &AppState,
+    context: &RequestContext,
+    model: Option<&str>,
+    provider: Option<&Arc<str>>,
+    error: ApiError,
+    waited: Duration,
+) -> Response {
+    let error = error.with_shape(context.shape);
+    let status = error.status().as_u16();
+    record_request(
+        state,
+        context,
+        Arc::from(model.unwrap_or("")),
+        provider.cloned().unwrap_or_else(|| Arc::from("")),
+        status,
+        waited,
+    );
+    tracing::info!(
+        target: "skein::access",
+        request_id = %context.request_id,
+        endpoint = context.endpoint,
+        model = model.unwrap_or(""),
+        status,
+        error = %error.message,
+        duration_ms = context.started.elapsed().as_millis() as u64,
+        "request failed"
+    );
+    let mut response = error.into_response();
+    insert_header(response.headers_mut(), REQUEST_ID, &context.request_id);
+    response
+}
+
+pub(crate) fn finish_unary(
+    state: &AppState,
+    context: &RequestContext,
+    requested_route: &RouteRuntime,
+    candidate: &Candidate,
+    attempts: u32,
+    waited: Duration,
+    body: Bytes,
+) -> Response {
+    if candidate.route.name != requested_route.name {
+        state
+            .metrics
+            .fallbacks
+            .get_or_create(&RouteLabels {
+                route: requested_route.name.clone(),
+            })
+            .inc();
+    }
+    record_request(
+        state,
+        context,
+        requested_route.name.clone(),
+        candidate.deployment.provider.name.clone(),
+        200,
+        waited,
+    );
+    tracing::info!(
+        target: "skein::access",
+        request_id = %context.request_id,
+        endpoint = context.endpoint,
+        route = %requested_route.name,
+        provider = %candidate.deployment.provider.name,
+        model = %candidate.deployment.model,
+        attempts,
+        status = 200,
+        duration_ms = context.started.elapsed().as_millis() as u64,
+        "request served"
+    );
+    let mut response = Response::new(Body::from(body));
+    *response.headers_mut() = HeaderMap::with_capacity(RESPONSE_HEADERS);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    served_headers(headers, context, candidate, attempts);
+    response
+}
