@@ -40,7 +40,7 @@ def test_streaming_text(anthropic_client, model):
 @BOTH
 def test_streaming_tool_use(anthropic_client, model):
     with anthropic_client.messages.stream(
-        model=model, max_tokens=200, tools=TOOLS, messages=[{"role": "user", "content": "weather and time?"}]
+        model=model, max_tokens=200, tools=TOOLS, messages=[{"role": "user", "content": 'weather and time? [[call get_weather {"call":0,"city":"Paris"}]] [[call get_time {"call":1,"city":"Paris"}]]'}]
     ) as stream:
         final = stream.get_final_message()
     uses = [block for block in final.content if block.type == "tool_use"]
@@ -52,7 +52,7 @@ def test_streaming_tool_use(anthropic_client, model):
 @BOTH
 def test_tool_result_round_trip(anthropic_client, model):
     first = anthropic_client.messages.create(
-        model=model, max_tokens=200, tools=TOOLS, messages=[{"role": "user", "content": "weather?"}]
+        model=model, max_tokens=200, tools=TOOLS, messages=[{"role": "user", "content": 'weather? [[call get_weather {"call":0,"city":"Paris"}]] [[call get_time {"call":1,"city":"Paris"}]]'}]
     )
     use = next(block for block in first.content if block.type == "tool_use")
     second = anthropic_client.messages.create(
@@ -60,7 +60,7 @@ def test_tool_result_round_trip(anthropic_client, model):
         max_tokens=200,
         tools=TOOLS,
         messages=[
-            {"role": "user", "content": "weather?"},
+            {"role": "user", "content": 'weather? [[call get_weather {"call":0,"city":"Paris"}]] [[call get_time {"call":1,"city":"Paris"}]]'},
             {"role": "assistant", "content": first.content},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]},
         ],

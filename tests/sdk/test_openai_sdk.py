@@ -58,7 +58,7 @@ def test_parallel_tool_calls(openai_client):
         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
     ]
     completion = openai_client.chat.completions.create(
-        model="gpt-test", messages=[{"role": "user", "content": "weather and time?"}], tools=tools
+        model="gpt-test", messages=[{"role": "user", "content": 'weather and time? [[call get_weather {"call":0,"city":"Paris"}]] [[call get_time {"call":1,"city":"Paris"}]]'}], tools=tools
     )
     calls = completion.choices[0].message.tool_calls
     assert [call.function.name for call in calls] == ["get_weather", "get_time"]
@@ -69,7 +69,7 @@ def test_parallel_tool_calls(openai_client):
 def test_streaming_tool_calls(openai_client):
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
     with openai_client.chat.completions.stream(
-        model="gpt-test", messages=[{"role": "user", "content": "look it up"}], tools=tools
+        model="gpt-test", messages=[{"role": "user", "content": 'look it up [[call lookup {"call":0,"city":"Paris"}]]'}], tools=tools
     ) as stream:
         for _ in stream:
             pass

@@ -150,7 +150,7 @@ async fn streaming_tool_calls_pass_through_in_order() {
         {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
     ]);
-    let request = json!({"model": "smart", "stream": true, "tools": tools, "messages": [{"role": "user", "content": "weather?"}]});
+    let request = json!({"model": "smart", "stream": true, "tools": tools, "messages": [{"role": "user", "content": "weather? [[call get_weather {\"call\":0,\"city\":\"Paris\"}]] [[call get_time {\"call\":1,\"city\":\"Paris\"}]]"}]});
     let (status, _, events) = gateway
         .post_stream("/v1/chat/completions", &request)
         .await

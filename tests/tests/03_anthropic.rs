@@ -70,7 +70,7 @@ async fn openai_client_on_an_anthropic_upstream() {
         "model": "claude-route",
         "messages": [
             {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "weather in Paris?"}
+            {"role": "user", "content": "weather in Paris? [[call get_weather {\"call\":0,\"city\":\"Paris\"}]] [[call get_time {\"call\":1,\"city\":\"Paris\"}]]"}
         ],
         "tools": tools_openai(),
         "tool_choice": "required",
@@ -111,7 +111,7 @@ async fn openai_client_on_an_anthropic_upstream() {
     );
     assert_eq!(
         sent.body["messages"],
-        json!([{"role": "user", "content": [{"type": "text", "text": "weather in Paris?"}]}])
+        json!([{"role": "user", "content": [{"type": "text", "text": "weather in Paris? [[call get_weather {\"call\":0,\"city\":\"Paris\"}]] [[call get_time {\"call\":1,\"city\":\"Paris\"}]]"}]}])
     );
 }
 
@@ -149,7 +149,7 @@ async fn openai_stream_from_an_anthropic_upstream() {
     );
 
     // Tool use streamed: ids and names first, then the arguments in pieces.
-    let request = json!({"model": "claude-route", "stream": true, "tools": tools_openai(), "messages": [{"role": "user", "content": "x"}]});
+    let request = json!({"model": "claude-route", "stream": true, "tools": tools_openai(), "messages": [{"role": "user", "content": "x [[call get_weather {\"call\":0,\"city\":\"Paris\"}]] [[call get_time {\"call\":1,\"city\":\"Paris\"}]]"}]});
     let (_, _, events) = gateway
         .post_stream("/v1/chat/completions", &request)
         .await
@@ -180,7 +180,7 @@ async fn anthropic_client_on_an_anthropic_upstream_passes_through() {
         "model": "claude-route", "max_tokens": 100, "stream": true,
         "thinking": {"type": "enabled", "budget_tokens": 1024},
         "tools": tools_anthropic(),
-        "messages": [{"role": "user", "content": "weather?"}],
+        "messages": [{"role": "user", "content": "weather? [[call get_weather {\"call\":0,\"city\":\"Paris\"}]] [[call get_time {\"call\":1,\"city\":\"Paris\"}]]"}],
     });
     let response = gateway
         .client
@@ -277,7 +277,7 @@ async fn anthropic_client_on_an_openai_upstream() {
     assert_eq!(sent["max_tokens"], 200);
 
     // Streaming tool use, translated from OpenAI chunks to Anthropic events.
-    let request = json!({"model": "oai-route", "max_tokens": 50, "stream": true, "tools": tools_anthropic(), "messages": [{"role": "user", "content": "x"}]});
+    let request = json!({"model": "oai-route", "max_tokens": 50, "stream": true, "tools": tools_anthropic(), "messages": [{"role": "user", "content": "x [[call get_weather {\"call\":0,\"city\":\"Paris\"}]] [[call get_time {\"call\":1,\"city\":\"Paris\"}]]"}]});
     let response = gateway.post("/v1/messages", &request).await.expect("call");
     assert_eq!(response.status(), 200);
     let events = named_events(&response.text().await.expect("body"));

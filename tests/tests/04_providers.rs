@@ -96,7 +96,7 @@ async fn gemini_tools_and_streams() {
         {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
     ]);
-    let request = json!({"model": "gem-chat", "tools": tools, "tool_choice": "required", "messages": [{"role": "user", "content": "x"}]});
+    let request = json!({"model": "gem-chat", "tools": tools, "tool_choice": "required", "messages": [{"role": "user", "content": "x [[call get_weather {\"call\":0,\"city\":\"Paris\"}]] [[call get_time {\"call\":1,\"city\":\"Paris\"}]]"}]});
     let (status, _, body) = gateway
         .post_json("/v1/chat/completions", &request)
         .await
@@ -199,7 +199,7 @@ async fn anthropic_client_on_a_gemini_upstream_streams_tool_use() {
     let request = json!({
         "model": "gem-chat", "max_tokens": 100, "stream": true,
         "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
-        "messages": [{"role": "user", "content": "weather?"}],
+        "messages": [{"role": "user", "content": "weather? [[call get_weather {\"call\":0,\"city\":\"Paris\"}]] [[call get_time {\"call\":1,\"city\":\"Paris\"}]]"}],
     });
     let response = gateway.post("/v1/messages", &request).await.expect("call");
     assert_eq!(response.status(), 200);

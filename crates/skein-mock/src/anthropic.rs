@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use crate::openai::fastrand_id;
 use crate::server::{Incoming, MockState, json_answer, sse_answer};
 use crate::text::{collect_text, count_tokens, reply_text, stream_pieces};
+use crate::tools::{Choice, Offered, decide};
 
 enum Block {
     Thinking(String),
@@ -55,27 +56,44 @@ fn decide_blocks(body: &Value, model: &str) -> (Vec<Block>, &'static str) {
             "Let me think about this step by step.".to_owned(),
         ));
     }
-    let tools: Vec<String> = body["tools"]
+    let offered: Vec<Offered> = body["tools"]
         .as_array()
         .map(|tools| {
             tools
                 .iter()
-                .filter_map(|tool| tool["name"].as_str().map(str::to_owned))
+                .filter_map(|tool| {
+                    Some(Offered {
+                        name: tool["name"].as_str()?.to_owned(),
+                        schema: tool["input_schema"].clone(),
+                    })
+                })
                 .collect()
         })
         .unwrap_or_default();
-    let tool_choice_none = body["tool_choice"]["type"] == "none";
-    if !tools.is_empty() && !answering_tool_result(body) && !tool_choice_none {
+    let choice = match body["tool_choice"]["type"].as_str() {
+        Some("none") => Choice::None,
+        Some("any") => Choice::Required,
+        Some("tool") => Choice::Named(
+            body["tool_choice"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+        ),
+        _ => Choice::Auto,
+    };
+    if !answering_tool_result(body) {
         let parallel = body["tool_choice"]["disable_parallel_tool_use"] != Value::Bool(true);
-        let count = if parallel { tools.len().min(2) } else { 1 };
-        for (index, name) in tools.into_iter().take(count).enumerate() {
-            blocks.push(Block::ToolUse {
-                id: format!("toolu_mock_{index}"),
-                name,
-                input: json!({"call": index, "city": "Paris"}),
-            });
+        let calls = decide(&offered, &choice, &last_user_text(body), model, parallel);
+        if !calls.is_empty() {
+            for (index, (name, input)) in calls.into_iter().enumerate() {
+                blocks.push(Block::ToolUse {
+                    id: format!("toolu_mock_{index}"),
+                    name,
+                    input,
+                });
+            }
+            return (blocks, "tool_use");
         }
-        return (blocks, "tool_use");
     }
     let mut text = reply_text(model, &last_user_text(body));
     let mut stop_reason = "end_turn";

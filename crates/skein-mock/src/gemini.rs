@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use crate::openai::fastrand_id;
 use crate::server::{Incoming, MockState, json_answer, sse_answer};
 use crate::text::{collect_text, count_tokens, reply_text, stream_pieces};
+use crate::tools::{Choice, Offered, decide};
 
 fn last_user_text(body: &Value) -> String {
     let mut text = String::new();
@@ -38,18 +39,29 @@ pub(crate) async fn generate(state: &MockState, incoming: Incoming, stream: bool
     collect_text(&body["contents"], &mut prompt_text);
     collect_text(&body["systemInstruction"], &mut prompt_text);
     let prompt = count_tokens(&prompt_text) + 3;
-    let functions: Vec<String> = body["tools"][0]["functionDeclarations"]
+    let offered: Vec<Offered> = body["tools"][0]["functionDeclarations"]
         .as_array()
         .map(|declarations| {
             declarations
                 .iter()
-                .filter_map(|declaration| declaration["name"].as_str().map(str::to_owned))
+                .filter_map(|declaration| {
+                    Some(Offered {
+                        name: declaration["name"].as_str()?.to_owned(),
+                        schema: declaration["parameters"].clone(),
+                    })
+                })
                 .collect()
         })
         .unwrap_or_default();
-    let mode = body["toolConfig"]["functionCallingConfig"]["mode"]
-        .as_str()
-        .unwrap_or("AUTO");
+    let config = &body["toolConfig"]["functionCallingConfig"];
+    let choice = match config["mode"].as_str().unwrap_or("AUTO") {
+        "NONE" => Choice::None,
+        "ANY" => match config["allowedFunctionNames"][0].as_str() {
+            Some(name) => Choice::Named(name.to_owned()),
+            None => Choice::Required,
+        },
+        _ => Choice::Auto,
+    };
     let thoughts =
         body["generationConfig"]["thinkingConfig"]["includeThoughts"] == Value::Bool(true);
     let response_id = format!("gemini-mock-{}", fastrand_id());
@@ -58,12 +70,14 @@ pub(crate) async fn generate(state: &MockState, incoming: Incoming, stream: bool
     if thoughts {
         parts.push(json!({"text": "Thinking it over.", "thought": true}));
     }
-    let calls = !functions.is_empty() && mode != "NONE" && !answering_function(&body);
-    let text = if calls {
-        for (index, name) in functions.iter().take(2).enumerate() {
-            parts.push(
-                json!({"functionCall": {"name": name, "args": {"call": index, "city": "Paris"}}}),
-            );
+    let calls = if answering_function(&body) {
+        Vec::new()
+    } else {
+        decide(&offered, &choice, &last_user_text(&body), &model, true)
+    };
+    let text = if !calls.is_empty() {
+        for (name, args) in &calls {
+            parts.push(json!({"functionCall": {"name": name, "args": args}}));
         }
         String::new()
     } else if body["generationConfig"]["responseMimeType"] == "application/json" {
@@ -71,7 +85,7 @@ pub(crate) async fn generate(state: &MockState, incoming: Incoming, stream: bool
     } else {
         reply_text(&model, &last_user_text(&body))
     };
-    let output = count_tokens(&text) + if calls { 8 } else { 0 };
+    let output = count_tokens(&text) + if calls.is_empty() { 0 } else { 8 };
     let thought_tokens = if thoughts { 4 } else { 0 };
     let usage = json!({
         "promptTokenCount": prompt,
@@ -104,7 +118,7 @@ pub(crate) async fn generate(state: &MockState, incoming: Incoming, stream: bool
         format!("data: {response}\r\n\r\n")
     };
     let mut events = Vec::new();
-    if calls || text.is_empty() {
+    if !calls.is_empty() || text.is_empty() {
         events.push(event(Value::Array(parts), Some("STOP"), Some(&usage)));
     } else {
         if thoughts {

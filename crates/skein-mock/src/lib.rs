@@ -9,6 +9,10 @@
 //! - `mock-empty-stream`: answers 200 to a stream and closes before the first event
 //! - `mock-slow-<ms>`: adds `<ms>` of latency before answering
 //!
+//! Tools are called only when asked (see `tools.rs`): `[[call NAME]]` or
+//! `[[call NAME {"arg": …}]]` in the last user text, a tool choice that forces a call, or a
+//! model whose name contains `tools`; arguments not given are made from the tool's schema.
+//!
 //! Faults by key: an API key starting with `fail-429`, `fail-500` or `fail-401` always gets
 //! that status; [`MockServer::set_key_fault`] switches a fault on or off for one key.
 
@@ -17,5 +21,6 @@ mod gemini;
 mod openai;
 mod server;
 mod text;
+mod tools;
 
 pub use server::{Fault, MockOptions, MockServer, RecordedRequest};

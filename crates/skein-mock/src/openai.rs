@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 
 use crate::server::{Incoming, MockState, json_answer, sse_answer};
 use crate::text::{collect_text, count_tokens, reply_text, stream_pieces};
+use crate::tools::{Choice, Offered, decide};
 
 /// What the assistant does in this turn.
 enum Turn {
@@ -34,26 +35,46 @@ fn decide_turn(body: &Value, model: &str) -> Turn {
         .and_then(|messages| messages.last())
         .and_then(|message| message["role"].as_str())
         .unwrap_or("user");
-    let tools: Vec<String> = body["tools"]
+    let offered: Vec<Offered> = body["tools"]
         .as_array()
         .map(|tools| {
             tools
                 .iter()
-                .filter_map(|tool| tool["function"]["name"].as_str().map(str::to_owned))
+                .filter_map(|tool| {
+                    Some(Offered {
+                        name: tool["function"]["name"].as_str()?.to_owned(),
+                        schema: tool["function"]["parameters"].clone(),
+                    })
+                })
                 .collect()
         })
         .unwrap_or_default();
-    let tool_choice_none = body["tool_choice"] == "none";
-    if !tools.is_empty() && last_role != "tool" && !tool_choice_none {
+    let choice = match &body["tool_choice"] {
+        Value::String(mode) if mode == "none" => Choice::None,
+        Value::String(mode) if mode == "required" => Choice::Required,
+        Value::Object(_) => match body["tool_choice"]["function"]["name"].as_str() {
+            Some(name) => Choice::Named(name.to_owned()),
+            None => Choice::Required,
+        },
+        _ => Choice::Auto,
+    };
+    if last_role != "tool" {
         let parallel = body["parallel_tool_calls"] != Value::Bool(false);
-        let count = if parallel { tools.len().min(2) } else { 1 };
-        let calls = tools
-            .into_iter()
-            .take(count)
-            .enumerate()
-            .map(|(index, name)| (name, format!("{{\"call\":{index},\"city\":\"Paris\"}}")))
-            .collect();
-        return Turn::Tools(calls);
+        let calls = decide(
+            &offered,
+            &choice,
+            &last_user_text(messages),
+            model,
+            parallel,
+        );
+        if !calls.is_empty() {
+            return Turn::Tools(
+                calls
+                    .into_iter()
+                    .map(|(name, arguments)| (name, arguments.to_string()))
+                    .collect(),
+            );
+        }
     }
     if body["response_format"]["type"] == "json_schema"
         || body["response_format"]["type"] == "json_object"
@@ -86,7 +107,21 @@ fn usage_json(prompt: u64, completion: u64) -> Value {
     })
 }
 
+/// A chat answer before it is sent: whole (with its number of pieces, for token latency), or
+/// as stream events (and where to cut the stream, for the fault models).
+pub(crate) enum ChatAnswer {
+    Whole(Value, usize),
+    Stream(Vec<String>, Option<usize>),
+}
+
 pub(crate) async fn chat(state: &MockState, incoming: Incoming) -> Response {
+    match chat_answer(incoming) {
+        ChatAnswer::Whole(answer, pieces) => json_answer(state, pieces, answer).await,
+        ChatAnswer::Stream(events, cut_after) => sse_answer(state, events, cut_after),
+    }
+}
+
+pub(crate) fn chat_answer(incoming: Incoming) -> ChatAnswer {
     let Incoming { body, model } = incoming;
     let choices = body["n"].as_u64().unwrap_or(1).clamp(1, 8);
     let turn = decide_turn(&body, &model);
@@ -138,7 +173,7 @@ pub(crate) async fn chat(state: &MockState, incoming: Incoming) -> Response {
             "choices": choices,
             "usage": usage_json(prompt, completion * choices.len() as u64),
         });
-        return json_answer(state, pieces, answer).await;
+        return ChatAnswer::Whole(answer, pieces);
     }
 
     let include_usage = body["stream_options"]["include_usage"] == Value::Bool(true);
@@ -196,7 +231,7 @@ pub(crate) async fn chat(state: &MockState, incoming: Incoming) -> Response {
         "mock-empty-stream" => Some(0),
         _ => None,
     };
-    sse_answer(state, events, cut_after)
+    ChatAnswer::Stream(events, cut_after)
 }
 
 pub(crate) async fn completions(state: &MockState, incoming: Incoming) -> Response {
@@ -288,4 +323,62 @@ pub(crate) fn fastrand_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(1);
     format!("{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// `POST /v1/responses`: the Responses API, answered by the chat logic (the request and the
+/// answer go through Skein's own Responses translations, so the mock speaks what they speak;
+/// the real clients in the end-to-end tests judge both).
+pub(crate) async fn responses(state: &MockState, incoming: Incoming) -> Response {
+    use skein_providers::StreamTranslator;
+    use skein_providers::responses::{
+        ChatToResponsesStream, Echo, request_to_chat, response_from_chat,
+    };
+    let Incoming { body, model } = incoming;
+    let chat = match request_to_chat(&body, &[], &model, false) {
+        Ok(chat) => chat.body,
+        Err(error) => {
+            let answer = json!({"error": {"message": error.message(), "type": "invalid_request_error", "param": null, "code": null}});
+            return (axum::http::StatusCode::BAD_REQUEST, axum::Json(answer)).into_response();
+        }
+    };
+    let echo = Echo::from_request(
+        &body,
+        format!("resp_mock{}", fastrand_id()),
+        &model,
+        1_700_000_000,
+    );
+    match chat_answer(Incoming { body: chat, model }) {
+        ChatAnswer::Whole(answer, pieces) => {
+            let bytes = answer.to_string();
+            match response_from_chat(bytes.as_bytes(), &echo) {
+                Ok((response, _)) => json_answer(state, pieces, response).await,
+                Err(error) => (
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    error.message().to_owned(),
+                )
+                    .into_response(),
+            }
+        }
+        ChatAnswer::Stream(events, cut_after) => {
+            let mut translator = ChatToResponsesStream::new(echo);
+            let mut out_events = Vec::new();
+            let mut cut = None;
+            for (index, event) in events.iter().enumerate() {
+                if cut_after == Some(index) {
+                    cut = Some(out_events.len());
+                }
+                let data = event.trim_start_matches("data: ").trim_end();
+                let mut out = Vec::new();
+                if translator.on_event("", data, &mut out).is_err() {
+                    continue;
+                }
+                for event in out {
+                    let mut bytes = Vec::new();
+                    event.write_to(&mut bytes);
+                    out_events.push(String::from_utf8_lossy(&bytes).into_owned());
+                }
+            }
+            sse_answer(state, out_events, cut)
+        }
+    }
 }

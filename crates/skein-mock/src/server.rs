@@ -170,6 +170,8 @@ fn router(state: Arc<MockState>) -> Router {
         .route("/v1/chat/completions", post(openai_chat))
         .route("/v1/completions", post(openai_completions))
         .route("/v1/embeddings", post(openai_embeddings))
+        .route("/v1/responses", post(openai_responses))
+        .route("/openai/responses", post(openai_responses))
         .route("/v1/models", get(openai_models))
         .route("/openai/deployments/{deployment}/{*operation}", post(azure))
         .route("/v1/messages", post(anthropic_messages))
@@ -474,6 +476,19 @@ pub(crate) fn sse_answer(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn openai_responses(
+    State(state): State<Arc<MockState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match intake(&state, &method, &uri, &headers, &body, Flavor::OpenAi).await {
+        Ok(incoming) => crate::openai::responses(&state, incoming).await,
+        Err(response) => response,
+    }
 }
 
 async fn openai_chat(

@@ -9,6 +9,7 @@ pub mod error;
 pub mod gemini;
 pub mod openai;
 pub mod raw;
+pub mod responses;
 pub mod sse;
 pub mod usage;
 

@@ -71,6 +71,16 @@ pub trait StreamTranslator: Send {
     fn usage(&self) -> Usage;
     /// Whether the upstream said the answer is complete (so an end of stream is clean).
     fn completed(&self) -> bool;
+    /// The upstream's stream broke: push the client's own failure events and say `true`, or
+    /// say `false` to let the caller write a plain error event.
+    fn fail(&mut self, _code: &str, _message: &str, _out: &mut Vec<OutEvent>) -> bool {
+        false
+    }
+    /// The whole answer, once the stream completed, for a translator that builds one (the
+    /// Responses API's final response, which is stored); taken once.
+    fn take_result(&mut self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// Two translators in a row: the first's output is the second's input (Gemini → OpenAI →
@@ -128,5 +138,13 @@ impl StreamTranslator for ChainedStream {
 
     fn completed(&self) -> bool {
         self.second.completed()
+    }
+
+    fn fail(&mut self, code: &str, message: &str, out: &mut Vec<OutEvent>) -> bool {
+        self.second.fail(code, message, out)
+    }
+
+    fn take_result(&mut self) -> Option<serde_json::Value> {
+        self.second.take_result()
     }
 }

@@ -28,6 +28,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/embeddings", post(handlers::embeddings))
         .route("/v1/messages", post(handlers::messages))
         .route("/v1/messages/count_tokens", post(handlers::count_tokens))
+        .route("/v1/responses", post(handlers::responses))
+        .route("/responses", post(handlers::responses))
+        .route(
+            "/v1/responses/{id}",
+            get(crate::responses::get_response).delete(crate::responses::delete_response),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(crate::responses::input_items),
+        )
         .route("/v1/models", get(handlers::models))
         .route("/models", get(handlers::models))
         .route("/health/live", get(handlers::live))

@@ -33,6 +33,12 @@ pub async fn messages(State(state): State<Arc<AppState>>, request: Request) -> R
     serve(state, Api::Messages, request).await
 }
 
+/// `POST /v1/responses`: OpenAI's Responses API, to OpenAI and Azure natively and to every
+/// other provider through chat.
+pub async fn responses(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    serve(state, Api::Responses, request).await
+}
+
 /// `POST /v1/messages/count_tokens`, where the upstream supports it (Anthropic).
 pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) -> Response {
     serve(state, Api::CountTokens, request).await

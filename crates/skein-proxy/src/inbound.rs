@@ -9,13 +9,13 @@
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use serde_json::Value;
 use skein_core::Candidate;
 use skein_providers::openai::{PassthroughStream, StreamShape};
 use skein_providers::{RawObject, StreamTranslator, TranslateError, Usage};
-use skein_providers::{anthropic, openai};
+use skein_providers::{anthropic, openai, responses};
 
 use crate::error::{ApiError, ErrorShape};
 use crate::translate::{ResponseTranslation, Then};
@@ -33,6 +33,8 @@ pub enum Api {
     Messages,
     /// `POST /v1/messages/count_tokens` (Anthropic)
     CountTokens,
+    /// `POST /v1/responses` (OpenAI's Responses API)
+    Responses,
 }
 
 impl Api {
@@ -44,6 +46,7 @@ impl Api {
             Api::Embeddings => "embeddings",
             Api::Messages => "messages",
             Api::CountTokens => "count_tokens",
+            Api::Responses => "responses",
         }
     }
 
@@ -61,6 +64,7 @@ impl Api {
             Api::ChatCompletions => Some("/chat/completions"),
             Api::Completions => Some("/completions"),
             Api::Embeddings => Some("/embeddings"),
+            Api::Responses => Some("/responses"),
             Api::Messages | Api::CountTokens => None,
         }
     }
@@ -91,6 +95,16 @@ impl Api {
                     client_wants_usage: false,
                 })
             }
+            Api::Responses => {
+                let stream = request.get_bool("stream").map_err(ApiError::invalid)?;
+                if request.get("input").is_none() && request.get("previous_response_id").is_none() {
+                    return Err(ApiError::invalid("`input` is required").with_param("input"));
+                }
+                Ok(StreamShape {
+                    stream,
+                    client_wants_usage: false,
+                })
+            }
         }
     }
 }
@@ -108,6 +122,17 @@ pub struct Call<'a> {
     pub shape: StreamShape,
     /// The request as a JSON tree, built once on first use (by a translation).
     tree: OnceLock<Result<Value, String>>,
+    /// For the Responses API: the response's id, what it echoes, and the conversation before.
+    pub responses: Option<ResponsesCall>,
+}
+
+/// What a Responses call carries besides its body.
+pub struct ResponsesCall {
+    pub echo: responses::Echo,
+    /// The items of the conversation before this turn (from `previous_response_id`).
+    pub history: Vec<Value>,
+    /// Built-in tools a translated request leaves out.
+    pub dropped: Vec<String>,
 }
 
 impl<'a> Call<'a> {
@@ -127,6 +152,7 @@ impl<'a> Call<'a> {
             requested_model,
             shape,
             tree: OnceLock::new(),
+            responses: None,
         }
     }
 
@@ -153,6 +179,16 @@ impl<'a> Call<'a> {
             Api::Messages => {
                 anthropic::request_to_openai(self.tree()?, model, max_completion_tokens)
                     .map(Cow::Owned)
+                    .map_err(untranslatable)
+            }
+            Api::Responses => {
+                let history = self
+                    .responses
+                    .as_ref()
+                    .map(|call| call.history.as_slice())
+                    .unwrap_or_default();
+                responses::request_to_chat(self.tree()?, history, model, max_completion_tokens)
+                    .map(|chat| Cow::Owned(chat.body))
                     .map_err(untranslatable)
             }
             Api::Completions | Api::Embeddings | Api::CountTokens => {
@@ -197,6 +233,12 @@ impl<'a> Call<'a> {
             Api::Messages => Some(Box::new(ChatToMessages {
                 requested_model: self.requested_model.to_owned(),
             })),
+            Api::Responses => self.responses.as_ref().map(|call| {
+                Box::new(ChatToResponses {
+                    echo: call.echo.clone(),
+                    dropped: call.dropped.join(","),
+                }) as Box<dyn ResponseTranslation>
+            }),
             Api::ChatCompletions | Api::Completions | Api::Embeddings | Api::CountTokens => None,
         }
     }
@@ -233,6 +275,32 @@ impl ResponseTranslation for ChatToMessages {
         Box::new(anthropic::OpenAiToAnthropicStream::new(
             &self.requested_model,
         ))
+    }
+}
+
+/// OpenAI chat → a Responses API answer.
+struct ChatToResponses {
+    echo: responses::Echo,
+    /// Built-in tools the translated request left out, comma-separated.
+    dropped: String,
+}
+
+impl ResponseTranslation for ChatToResponses {
+    fn unary(&self, body: Bytes) -> Result<(Bytes, Usage), TranslateError> {
+        let (answer, usage) = responses::response_from_chat(&body, &self.echo)?;
+        Ok((Bytes::from(answer.to_string()), usage))
+    }
+
+    fn stream(&self) -> Box<dyn StreamTranslator> {
+        Box::new(responses::ChatToResponsesStream::new(self.echo.clone()))
+    }
+
+    fn note(&self) -> Option<(HeaderName, HeaderValue)> {
+        if self.dropped.is_empty() {
+            return None;
+        }
+        let value = HeaderValue::from_str(&self.dropped).ok()?;
+        Some((HeaderName::from_static("x-skein-dropped-tools"), value))
     }
 }
 

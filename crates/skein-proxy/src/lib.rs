@@ -21,6 +21,7 @@ pub mod pipeline;
 pub mod pool;
 pub mod relay;
 pub mod respond;
+pub mod responses;
 pub mod spend;
 pub mod state;
 pub mod translate;

@@ -18,7 +18,11 @@
 //! 7. **relay** — the answer translated by that adapter into the client's API, whole or
 //!    streamed event by event ([`crate::respond`], [`crate::relay`]);
 //! 8. **settle** — the usage the upstream reported (or an estimate, if the client left)
-//!    charged against the hold, metrics and the access log line written ([`crate::spend`]).
+//!    charged against the hold, a Responses answer stored before the client sees its end
+//!    ([`crate::responses`]), metrics and the access log line written ([`crate::spend`]).
+//!
+//! The Responses API adds one step between 4 and 5: its response id is minted and the
+//! conversation named by `previous_response_id` fetched ([`crate::responses::open`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,7 +74,17 @@ pub async fn serve(state: Arc<AppState>, api: Api, request: Request) -> Response
         Ok(shape) => shape,
         Err(error) => return finish_error(&state, &context, Some(&model), None, error),
     };
-    let call = Call::new(api, request, &bytes, &headers, &model, shape);
+    let mut call = Call::new(api, request, &bytes, &headers, &model, shape);
+    // The Responses API: its id, and the conversation before it.
+    let keep = if api == Api::Responses {
+        // Boxed: a rare path, kept out of every request's future.
+        match Box::pin(crate::responses::open(&state, &mut call, caller.as_ref())).await {
+            Ok(keep) => keep,
+            Err(error) => return finish_error(&state, &context, Some(&model), None, error),
+        }
+    } else {
+        None
+    };
     // 5. limits and reservation
     let hold = if api.reserves() {
         match reserve(
@@ -113,6 +127,8 @@ pub async fn serve(state: Arc<AppState>, api: Api, request: Request) -> Response
         &requested_route,
         served,
         hold,
+        keep,
         |candidate: &Candidate| adapters::for_candidate(candidate).translation(&call, candidate),
     )
+    .await
 }

@@ -18,6 +18,7 @@ use crate::error::{ApiError, ErrorShape};
 use crate::intake::RequestContext;
 use crate::metrics::{ProviderLabels, RouteLabels};
 use crate::respond::{RESPONSE_HEADERS, record_request, served_headers};
+use crate::responses::Keep;
 use crate::spend::Hold;
 use crate::state::AppState;
 
@@ -34,6 +35,7 @@ pub(crate) fn stream_response(
     rest: EventStream,
     translator: Box<dyn StreamTranslator>,
     hold: Option<Hold>,
+    keep: Option<Keep>,
 ) -> Response {
     if candidate.route.name != requested_route.name {
         state
@@ -80,6 +82,7 @@ pub(crate) fn stream_response(
         context,
         candidate,
         hold,
+        keep,
         events_out: 0,
         _in_flight: guard,
     };
@@ -107,6 +110,8 @@ struct StreamRelay {
     candidate: Candidate,
     /// Settled on drop with the usage streamed so far.
     hold: Option<Hold>,
+    /// Where a Responses answer is stored once whole, before its last events go out.
+    keep: Option<Keep>,
     /// Events written to the client (estimates output tokens when the upstream's usage never
     /// arrived because the client left first).
     events_out: u64,
@@ -117,6 +122,17 @@ impl StreamRelay {
     /// The next piece of the client's body: waits for one upstream event, then takes every
     /// event already buffered, so a burst becomes one write instead of one write per event.
     async fn next_chunk(&mut self) -> Option<Bytes> {
+        let chunk = self.read_chunk().await;
+        if self.keep.is_some()
+            && let Some(result) = self.translator.take_result()
+            && let Some(keep) = self.keep.take()
+        {
+            keep.keep(result).await;
+        }
+        chunk
+    }
+
+    async fn read_chunk(&mut self) -> Option<Bytes> {
         use futures_util::{FutureExt, StreamExt};
         if self.finished {
             return None;
@@ -146,6 +162,12 @@ impl StreamRelay {
                     self.translator.finish(&mut out);
                     if !self.translator.completed() {
                         self.interrupted("the upstream stream ended early");
+                        // A client API with its own failure events (Responses) gets them.
+                        self.translator.fail(
+                            "upstream_stream_ended",
+                            "the provider's stream ended before the answer was complete",
+                            &mut out,
+                        );
                     }
                     return self.emit(&out);
                 }
@@ -153,12 +175,16 @@ impl StreamRelay {
                     let message = error.to_string();
                     self.finished = true;
                     self.interrupted(&message);
-                    let error = ApiError::new(
-                        ErrorCode::UpstreamError,
-                        format!("the provider's stream broke: {message}"),
-                    )
-                    .with_detail_code("upstream_stream_interrupted")
-                    .with_shape(self.context.shape);
+                    let text = format!("the provider's stream broke: {message}");
+                    if self
+                        .translator
+                        .fail("upstream_stream_interrupted", &text, &mut out)
+                    {
+                        return self.emit(&out);
+                    }
+                    let error = ApiError::new(ErrorCode::UpstreamError, text)
+                        .with_detail_code("upstream_stream_interrupted")
+                        .with_shape(self.context.shape);
                     let mut bytes = self
                         .emit(&out)
                         .map(|bytes| bytes.to_vec())

@@ -17,6 +17,7 @@ use crate::error::ApiError;
 use crate::intake::{REQUEST_ID, RequestContext};
 use crate::metrics::{EndpointLabels, RequestLabels, RouteLabels};
 use crate::relay::{count_key_tokens, stream_response};
+use crate::responses::Keep;
 use crate::spend::Hold;
 use crate::state::AppState;
 use crate::translate::ResponseTranslation;
@@ -32,13 +33,15 @@ pub(crate) const RESPONSE_HEADERS: usize = 16;
 
 /// Turn the attempt loop's outcome into the client's response, with the caller's rate-limit
 /// headers.
-pub(crate) fn respond(
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn respond(
     state: &Arc<AppState>,
     context: RequestContext,
     model: &str,
     requested_route: &RouteRuntime,
     served: Result<crate::dispatch::Served, Box<Failed>>,
     hold: Option<Hold>,
+    keep: Option<Keep>,
     translation_for: impl Fn(&Candidate) -> Box<dyn ResponseTranslation>,
 ) -> Response {
     let mut hold = hold;
@@ -52,21 +55,25 @@ pub(crate) fn respond(
         requested_route,
         served,
         hold,
+        keep,
         translation_for,
-    );
+    )
+    .await;
     if let Some(rate_headers) = rate_headers {
         rate_headers.apply(response.headers_mut());
     }
     response
 }
 
-fn respond_with(
+#[allow(clippy::too_many_arguments)]
+async fn respond_with(
     state: &Arc<AppState>,
     context: RequestContext,
     model: &str,
     requested_route: &RouteRuntime,
     served: Result<crate::dispatch::Served, Box<Failed>>,
     hold: Option<Hold>,
+    keep: Option<Keep>,
     translation_for: impl Fn(&Candidate) -> Box<dyn ResponseTranslation>,
 ) -> Response {
     let served = match served {
@@ -94,13 +101,20 @@ fn respond_with(
     };
     let translation = translation_for(&served.candidate);
     let provider = served.candidate.deployment.provider.name.clone();
-    match served.body {
+    let note = translation.note();
+    let mut response = match served.body {
         ServedBody::Unary(body) => match translation.unary(body) {
             Ok((body, usage)) => {
                 state.metrics.record_usage(&provider, &usage);
                 count_key_tokens(&served.candidate, &usage);
                 if let Some(hold) = hold {
                     hold.settle(&served.candidate, &usage);
+                }
+                if let Some(keep) = keep
+                    && let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&body)
+                {
+                    // Boxed: a rare path, kept out of every request's future.
+                    Box::pin(keep.keep(answer)).await;
                 }
                 finish_unary(
                     state,
@@ -147,8 +161,13 @@ fn respond_with(
             rest,
             translation.stream(),
             hold,
+            keep,
         ),
+    };
+    if let Some((name, value)) = note {
+        response.headers_mut().insert(name, value);
     }
+    response
 }
 
 pub(crate) fn insert_header(headers: &mut HeaderMap, name: HeaderName, value: &str) {

@@ -15,6 +15,7 @@ use skein_types::control::ControlState;
 use crate::health::NodeHealth;
 use crate::metrics::Metrics;
 use crate::pool::UpstreamPool;
+use crate::responses::ResponseStore;
 
 /// Settings of the proxy that are not part of the replicated config.
 #[derive(Debug, Clone)]
@@ -65,6 +66,8 @@ pub struct AppState {
     /// What the probes report.
     pub health: NodeHealth,
     pub(crate) metrics_on_proxy_port: bool,
+    /// Where Responses API answers are kept (in memory until the node sets its store).
+    responses: std::sync::RwLock<Arc<dyn ResponseStore>>,
     body_timeouts: (Duration, Duration),
 }
 
@@ -83,6 +86,7 @@ impl AppState {
             started: Instant::now(),
             health: NodeHealth::default(),
             metrics_on_proxy_port: options.metrics_on_proxy_port,
+            responses: std::sync::RwLock::new(Arc::new(crate::responses::MemoryStore::default())),
             body_timeouts: (options.body_idle_timeout, options.body_timeout),
         })
     }
@@ -123,6 +127,22 @@ impl AppState {
     /// How long a request body may pause between chunks, and take in all.
     pub fn body_timeouts(&self) -> (Duration, Duration) {
         self.body_timeouts
+    }
+
+    /// Where Responses API answers are kept.
+    pub fn responses(&self) -> Arc<dyn ResponseStore> {
+        self.responses
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Keep Responses API answers in `store` from now on.
+    pub fn set_response_store(&self, store: Arc<dyn ResponseStore>) {
+        *self
+            .responses
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = store;
     }
 
     /// Whether `/health/ready` says ready.

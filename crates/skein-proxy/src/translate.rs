@@ -3,6 +3,7 @@
 //! otherwise into OpenAI chat); the inbound API ([`crate::inbound`]) adds the writer from
 //! OpenAI chat into the client's API. [`Then`] puts the two in a row.
 
+use axum::http::{HeaderName, HeaderValue};
 use bytes::Bytes;
 use skein_providers::{ChainedStream, StreamTranslator, TranslateError, Usage};
 
@@ -12,6 +13,10 @@ pub trait ResponseTranslation: Send + Sync {
     fn unary(&self, body: Bytes) -> Result<(Bytes, Usage), TranslateError>;
     /// The stream translator for one streamed answer.
     fn stream(&self) -> Box<dyn StreamTranslator>;
+    /// A header telling the client what the translation left out, if anything.
+    fn note(&self) -> Option<(HeaderName, HeaderValue)> {
+        None
+    }
 }
 
 /// Seconds since the epoch, for OpenAI's `created`.
@@ -42,5 +47,9 @@ impl ResponseTranslation for Then {
             self.first.stream(),
             self.second.stream(),
         ))
+    }
+
+    fn note(&self) -> Option<(HeaderName, HeaderValue)> {
+        self.second.note().or_else(|| self.first.note())
     }
 }

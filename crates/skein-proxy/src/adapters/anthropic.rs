@@ -20,7 +20,7 @@ impl ProviderAdapter for Anthropic {
         match call.api {
             Api::Messages => native(call, candidate, "/v1/messages"),
             Api::CountTokens => native(call, candidate, "/v1/messages/count_tokens"),
-            Api::ChatCompletions => {
+            Api::ChatCompletions | Api::Responses => {
                 let chat = call.chat(candidate, false)?;
                 let translated = anthropic::request_from_openai(&chat, &candidate.deployment.model)
                     .map_err(untranslatable)?;

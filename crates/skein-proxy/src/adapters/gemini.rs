@@ -33,7 +33,7 @@ impl ProviderAdapter for Gemini {
                 })
             }
             Api::Completions | Api::CountTokens => Err(unsupported(candidate, call.api.label())),
-            Api::ChatCompletions | Api::Messages => {
+            Api::ChatCompletions | Api::Messages | Api::Responses => {
                 let chat = call.chat(candidate, false)?;
                 let translated = gemini::request_from_openai(&chat).map_err(untranslatable)?;
                 let stream = call.shape.stream;

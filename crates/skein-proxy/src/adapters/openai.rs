@@ -1,10 +1,12 @@
 //! OpenAI and the OpenAI-compatible family (Mistral, Groq, DeepSeek, vLLM, Ollama…): the
 //! client's OpenAI requests pass through with only `model` (and `stream_options`) rewritten;
-//! an Anthropic client's request is translated into chat.
+//! an Anthropic client's request is translated into chat. The Responses API passes through to
+//! OpenAI itself (and Azure); the compatible family, which mostly lacks it, gets chat.
 
 use bytes::Bytes;
 use skein_core::Candidate;
-use skein_providers::openai;
+use skein_providers::raw::to_json_text;
+use skein_providers::{StreamTranslator, TranslateError, Usage, openai, responses};
 use skein_types::ProviderKind;
 
 use super::ProviderAdapter;
@@ -22,8 +24,20 @@ impl ProviderAdapter for OpenAi {
         })
     }
 
-    fn translation(&self, call: &Call<'_>, _candidate: &Candidate) -> Box<dyn ResponseTranslation> {
-        call.from_openai_chat()
+    fn translation(&self, call: &Call<'_>, candidate: &Candidate) -> Box<dyn ResponseTranslation> {
+        translation(call, candidate)
+    }
+}
+
+/// Whether `candidate` speaks the client's API itself.
+fn native(call: &Call<'_>, candidate: &Candidate) -> bool {
+    match call.api {
+        Api::ChatCompletions | Api::Completions | Api::Embeddings => true,
+        Api::Responses => matches!(
+            candidate.deployment.provider.kind,
+            ProviderKind::OpenAi | ProviderKind::Azure
+        ),
+        Api::Messages | Api::CountTokens => false,
     }
 }
 
@@ -33,30 +47,89 @@ pub(super) fn prepare(
     candidate: &Candidate,
     url: impl Fn(&'static str) -> String,
 ) -> Result<PreparedRequest, ApiError> {
-    match call.api.openai_path() {
-        Some(path) => Ok(PreparedRequest {
+    if call.api == Api::CountTokens {
+        return Err(crate::inbound::unsupported(candidate, "count_tokens"));
+    }
+    if native(call, candidate)
+        && let Some(path) = call.api.openai_path()
+    {
+        let body = if call.api == Api::Responses {
+            responses_body(call, &candidate.deployment.model)?
+        } else {
+            openai::passthrough_body(&call.request, &candidate.deployment.model, call.shape)
+        };
+        return Ok(PreparedRequest {
             uri: upstream_uri(candidate, call.api.label(), || url(path))?,
-            body: Bytes::from(openai::passthrough_body(
-                &call.request,
-                &candidate.deployment.model,
-                call.shape,
-            )),
+            body: Bytes::from(body),
             headers: Vec::new(),
+        });
+    }
+    let provider = &candidate.deployment.provider;
+    let max_completion_tokens = matches!(provider.kind, ProviderKind::OpenAi | ProviderKind::Azure);
+    let chat = call.chat(candidate, max_completion_tokens)?;
+    let path = "/chat/completions";
+    Ok(PreparedRequest {
+        uri: upstream_uri(candidate, Api::ChatCompletions.label(), || url(path))?,
+        body: Bytes::from(chat.to_string()),
+        headers: Vec::new(),
+    })
+}
+
+/// A Responses request for a Responses upstream: the deployment's model, and the conversation
+/// Skein keeps in `input` in place of `previous_response_id` (the upstream need not have it:
+/// the turn before may have been served by another provider). Every other member is copied
+/// byte for byte.
+fn responses_body(call: &Call<'_>, model: &str) -> Result<Vec<u8>, ApiError> {
+    let model_json = to_json_text(&model);
+    let mut body = Vec::with_capacity(call.bytes.len() + 32);
+    let history = call
+        .responses
+        .as_ref()
+        .map(|responses| responses.history.as_slice())
+        .unwrap_or_default();
+    if history.is_empty() {
+        call.request
+            .write_with(&[("model", &model_json)], &mut body);
+    } else {
+        let input = responses::expanded_input(history, call.tree()?);
+        let input_json = to_json_text(&input);
+        call.request.write_with(
+            &[
+                ("model", &model_json),
+                ("input", &input_json),
+                ("previous_response_id", "null"),
+            ],
+            &mut body,
+        );
+    }
+    Ok(body)
+}
+
+/// How an OpenAI-shaped answer becomes the client's.
+pub(super) fn translation(call: &Call<'_>, candidate: &Candidate) -> Box<dyn ResponseTranslation> {
+    match (&call.responses, native(call, candidate)) {
+        (Some(responses), true) => Box::new(NativeResponses {
+            id: responses.echo.id.clone(),
         }),
-        None => {
-            if call.api == Api::CountTokens {
-                return Err(crate::inbound::unsupported(candidate, "count_tokens"));
-            }
-            let provider = &candidate.deployment.provider;
-            let max_completion_tokens =
-                matches!(provider.kind, ProviderKind::OpenAi | ProviderKind::Azure);
-            let chat = call.chat(candidate, max_completion_tokens)?;
-            let path = "/chat/completions";
-            Ok(PreparedRequest {
-                uri: upstream_uri(candidate, Api::ChatCompletions.label(), || url(path))?,
-                body: Bytes::from(chat.to_string()),
-                headers: Vec::new(),
-            })
-        }
+        _ => call.from_openai_chat(),
+    }
+}
+
+/// A Responses answer from a Responses upstream: passed through with Skein's response id.
+struct NativeResponses {
+    id: String,
+}
+
+impl ResponseTranslation for NativeResponses {
+    fn unary(&self, body: Bytes) -> Result<(Bytes, Usage), TranslateError> {
+        let mut response: serde_json::Value = serde_json::from_slice(&body).map_err(|error| {
+            TranslateError::upstream(format!("the provider's answer is not JSON: {error}"))
+        })?;
+        let usage = responses::rename_response(&mut response, &self.id);
+        Ok((Bytes::from(response.to_string()), usage))
+    }
+
+    fn stream(&self) -> Box<dyn StreamTranslator> {
+        Box::new(responses::PassthroughStream::new(self.id.clone()))
     }
 }
