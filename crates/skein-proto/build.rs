@@ -7,8 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let admin = root.join("skein/admin/v1/admin.proto");
     let raft = root.join("skein/raft/v1/raft.proto");
+    let responses = root.join("skein/responses/v1/responses.proto");
     println!("cargo:rerun-if-changed={}", admin.display());
     println!("cargo:rerun-if-changed={}", raft.display());
+    println!("cargo:rerun-if-changed={}", responses.display());
     println!("cargo:rerun-if-env-changed=PROTOC");
     let protoc = match std::env::var_os("PROTOC") {
         Some(path) => PathBuf::from(path),
@@ -16,6 +18,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
-    tonic_prost_build::configure().compile_with_config(config, &[admin, raft], &[root])?;
+    tonic_prost_build::configure().compile_with_config(
+        config,
+        &[admin, raft, responses],
+        &[root],
+    )?;
     Ok(())
 }

@@ -323,6 +323,30 @@ impl ControlPlane {
         serde_json::from_slice(&reply.into_inner().payload).map_err(internal)
     }
 
+    /// The cached channel to a peer's gRPC port (`host:port`).
+    pub fn peer_channel(&self, addr: &str) -> Result<tonic::transport::Channel, ControlError> {
+        self.inner
+            .channels
+            .get(addr)
+            .map_err(|error| ControlError::Unavailable(error.to_string()))
+    }
+
+    /// A request to a peer, carrying the cluster token and this node's identity (addressed to
+    /// `target` when known), as every internal RPC does.
+    pub fn peer_request<T>(&self, message: T, target: Option<NodeId>) -> tonic::Request<T> {
+        self.inner.channels.request(message, target)
+    }
+
+    /// The members of the group (voters and learners) with their gRPC addresses.
+    pub fn members(&self) -> Vec<(NodeId, String)> {
+        self.metrics()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, node)| (*id, node.addr.clone()))
+            .collect()
+    }
+
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.inner.id

@@ -62,9 +62,23 @@ impl AdminService {
     /// The admin service (behind the token check) and the Raft service, as an axum router to
     /// serve on the gRPC listener.
     pub fn into_router(self) -> axum::Router {
+        self.into_router_with(None)
+    }
+
+    /// [`into_router`](Self::into_router) with the stored-responses peer service beside the
+    /// Raft service (behind the same token check).
+    pub fn into_router_with(
+        self,
+        responses: Option<
+            skein_proto::responses::v1::response_peer_server::ResponsePeerServer<
+                crate::responses::PeerService,
+            >,
+        >,
+    ) -> axum::Router {
         let token = self.token.clone();
         // Raft RPCs carry the same token: a node without it cannot join or vote.
         let raft_token = self.token.clone();
+        let token_for_peers = self.token.clone();
         let raft = tonic::service::interceptor::InterceptedService::new(
             self.control.service(),
             move |request: Request<()>| {
@@ -76,9 +90,18 @@ impl AdminService {
             check_token(token.as_deref(), &request)?;
             Ok(request)
         });
-        tonic::service::Routes::new(admin)
-            .add_service(raft)
-            .into_axum_router()
+        let mut routes = tonic::service::Routes::new(admin).add_service(raft);
+        if let Some(responses) = responses {
+            let peer_token = token_for_peers;
+            routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(
+                responses,
+                move |request: Request<()>| {
+                    check_token(peer_token.as_deref(), &request)?;
+                    Ok(request)
+                },
+            ));
+        }
+        routes.into_axum_router()
     }
 
     async fn read(&self, min_version: u64) -> Result<Arc<ControlState>, Status> {

@@ -8,6 +8,7 @@ pub mod env;
 pub mod load;
 pub mod membership;
 pub mod node;
+pub mod responses;
 pub mod spend;
 pub mod spend_log;
 pub mod tls;

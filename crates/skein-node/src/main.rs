@@ -153,6 +153,14 @@ struct ServeArgs {
     /// Seconds a request body has to arrive whole (408 past it).
     #[arg(long, env = "SKEIN_BODY_TIMEOUT_SECS", default_value_t = 300)]
     body_timeout_secs: u64,
+    /// Seconds a stored Responses API answer is kept (for `previous_response_id` and
+    /// `GET /v1/responses/{id}`); 30 days by default, as OpenAI keeps them.
+    #[arg(long, env = "SKEIN_RESPONSES_TTL_SECS", default_value_t = 30 * 24 * 3_600)]
+    responses_ttl_secs: u64,
+    /// Bytes of stored responses this node keeps at most (its own and other nodes' copies);
+    /// past it the soonest to expire go first.
+    #[arg(long, env = "SKEIN_RESPONSES_MAX_BYTES", default_value_t = 1 << 30)]
+    responses_max_bytes: u64,
     /// The gRPC address other nodes reach this one at (default: the gRPC listener's address).
     #[arg(long, env = "SKEIN_ADVERTISE_ADDR")]
     advertise_addr: Option<String>,
@@ -345,6 +353,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             listener
         },
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout_secs),
+        responses_ttl: std::time::Duration::from_secs(args.responses_ttl_secs.max(1)),
+        responses_max_bytes: args.responses_max_bytes,
         cluster,
         admin_token,
         sync_env_providers: source == ConfigSource::Environment,

@@ -42,6 +42,10 @@ pub struct NodeOptions {
     /// Connection limits and timeouts of the proxy port and of the gRPC port.
     pub proxy_listener: skein_proxy::listener::ListenerOptions,
     pub grpc_listener: skein_proxy::listener::ListenerOptions,
+    /// How long a stored Responses API answer is kept.
+    pub responses_ttl: Duration,
+    /// The most bytes of stored responses this node keeps (the oldest go first).
+    pub responses_max_bytes: u64,
 }
 
 /// Where this node gossips, and with whom.
@@ -120,6 +124,8 @@ impl NodeOptions {
             gossip: None,
             proxy_listener: skein_proxy::listener::ListenerOptions::new("proxy"),
             grpc_listener: grpc_listener_defaults(),
+            responses_ttl: Duration::from_secs(30 * 24 * 3_600),
+            responses_max_bytes: 1 << 30,
         }
     }
 }
@@ -238,6 +244,21 @@ pub async fn start_node(
         }
         None => None,
     };
+    // Responses API answers: kept here and on one other member (see `responses.rs`).
+    let responses = Arc::new(
+        crate::responses::LocalStore::open(
+            &cluster.data_dir.join("responses"),
+            options.responses_max_bytes,
+        )
+        .context("opening the response store")?
+        .with_metrics(&state.metrics),
+    );
+    state.set_response_store(Arc::new(crate::responses::ClusterStore::new(
+        responses.clone(),
+        control.clone(),
+        options.responses_ttl,
+        &state.metrics,
+    )));
     let router = AdminService::new(
         state.clone(),
         control.clone(),
@@ -245,7 +266,10 @@ pub async fn start_node(
         options.admin_token.clone(),
         gossip.clone(),
     )
-    .into_router()
+    .into_router_with(Some(crate::responses::PeerService::new(
+        responses.clone(),
+        control.clone(),
+    )))
     .merge(skein_proxy::ops_router(state.clone()));
     let grpc_options = options.grpc_listener.clone();
     let admin = match &options.grpc_tls {
@@ -352,6 +376,9 @@ pub async fn start_node(
             stats,
         )));
     }
+    tasks.push(tokio::spawn(crate::responses::sweep_continuously(
+        responses,
+    )));
     tasks.push(tokio::spawn(spend.clone().journal_continuously()));
     tasks.push(tokio::spawn(
         spend

@@ -1,5 +1,6 @@
 //! gRPC types and stubs generated from `proto/` at build time: the admin API
-//! (`skein.admin.v1`) and Raft between nodes (`skein.raft.v1`). Depends on nothing of Skein's
+//! (`skein.admin.v1`), Raft between nodes (`skein.raft.v1`) and stored responses between nodes
+//! (`skein.responses.v1`). Depends on nothing of Skein's
 //! own.
 
 /// `skein.admin.v1`: the admin API of a node.
@@ -15,5 +16,13 @@ pub mod admin {
 pub mod raft {
     pub mod v1 {
         tonic::include_proto!("skein.raft.v1");
+    }
+}
+
+/// `skein.responses.v1`: stored Responses API answers between nodes.
+#[allow(clippy::unwrap_used, clippy::pedantic, missing_docs)]
+pub mod responses {
+    pub mod v1 {
+        tonic::include_proto!("skein.responses.v1");
     }
 }

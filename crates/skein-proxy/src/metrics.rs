@@ -100,6 +100,13 @@ pub struct Metrics {
     /// Connections and requests shed: over the connection cap, idle, slow headers or body.
     pub connections_shed: Family<ShedLabels, Counter>,
     pub rate_limited: Family<LimitLabels, Counter>,
+    /// Stored Responses API answers on this node, and their bytes.
+    pub responses_stored: Gauge,
+    pub responses_stored_bytes: Gauge,
+    /// Stored responses dropped to keep under the size bound (expiry is not counted).
+    pub responses_evicted: Counter,
+    /// Stored responses whose copy could not be written to any other node.
+    pub responses_unreplicated: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -231,7 +238,35 @@ impl Metrics {
             "Client connections closed or refused, and requests cut, to shed hostile or idle clients: over the connection cap (per node or per client address), idle too long, headers or body too slow",
             connections_shed.clone(),
         );
+        let responses_stored = Gauge::default();
+        registry.register(
+            "responses_stored",
+            "Responses API answers stored on this node (its own and replicas)",
+            responses_stored.clone(),
+        );
+        let responses_stored_bytes = Gauge::default();
+        registry.register(
+            "responses_stored_bytes",
+            "Bytes of the Responses API answers stored on this node",
+            responses_stored_bytes.clone(),
+        );
+        let responses_evicted = Counter::default();
+        registry.register(
+            "responses_evicted",
+            "Stored responses dropped before their expiry to stay within the size bound",
+            responses_evicted.clone(),
+        );
+        let responses_unreplicated = Counter::default();
+        registry.register(
+            "responses_unreplicated",
+            "Stored responses that no other node took a copy of (they live on one node only)",
+            responses_unreplicated.clone(),
+        );
         Metrics {
+            responses_stored,
+            responses_stored_bytes,
+            responses_evicted,
+            responses_unreplicated,
             connections_open,
             connections_shed,
             cluster_refused,
