@@ -387,3 +387,105 @@ async fn a_broken_anthropic_stream_ends_with_an_error_event() {
     let events = named_events(&response.text().await.expect("body"));
     assert_eq!(events.last().map(|(name, _)| name.as_str()), Some("error"));
 }
+
+/// What Claude Code needs of a gateway: its `?beta=true` query kept on the native path, a
+/// `max_tokens` above what the target model can produce clamped to the model's limit (Claude
+/// Code asks every model for 32000; gpt-4o-mini refuses more than 16384), system turns among
+/// the messages, and `/v1/models` in Anthropic's shape.
+#[tokio::test]
+async fn claude_code_fidelity_query_clamp_system_turns_and_models() {
+    let mock = start_mock().await.expect("mock");
+    let config = format!(
+        r#"
+version: 1
+providers:
+  - name: claude
+    kind: anthropic
+    base_url: {url}
+    keys: [{{key: env:ANTHROPIC_KEY}}]
+  - name: oai
+    kind: openai
+    base_url: {url}/v1
+    keys: [{{key: env:OPENAI_KEY}}]
+routes:
+  - name: claude-route
+    deployments: [{{provider: claude, model: claude-3-5-haiku-20241022}}]
+  - name: mini
+    deployments: [{{provider: oai, model: gpt-4o-mini}}]
+  - name: mini-unclamped
+    deployments: [{{provider: oai, model: gpt-4o-mini, max_output_tokens: 100000}}]
+"#,
+        url = mock.url()
+    );
+    let env = MapEnvironment::from_pairs([("ANTHROPIC_KEY", "ant-key"), ("OPENAI_KEY", "oai-key")]);
+    let gateway = Gateway::start(&config, env).await.expect("gateway");
+    let body = json!({"model": "claude-route", "max_tokens": 32000, "messages": [{"role": "user", "content": "hi"}]});
+    let response = gateway
+        .client
+        .post(format!("{}/v1/messages?beta=true", gateway.url))
+        .header("anthropic-version", "2023-06-01")
+        .json(&body)
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(response.status(), 200);
+    let sent = &mock.requests()[0];
+    assert_eq!(sent.path, "/v1/messages");
+    assert_eq!(sent.query.as_deref(), Some("beta=true"));
+    // claude-3-5-haiku produces at most 8192 tokens: clamped on the native path too.
+    assert_eq!(sent.body["max_tokens"], 8192);
+
+    // Translated to an OpenAI model, with a system turn among the messages.
+    mock.clear_requests();
+    let body = json!({"model": "mini", "max_tokens": 32000, "system": "Be brief.", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "reminder"}]},
+        {"role": "user", "content": "again"}
+    ]});
+    let (status, _, answer) = gateway
+        .post_json("/v1/messages", &body)
+        .await
+        .expect("call");
+    assert_eq!(status, 200, "{answer}");
+    let sent = &mock.requests()[0].body;
+    assert_eq!(sent["max_completion_tokens"], 16384);
+    assert_eq!(
+        sent["messages"][2],
+        json!({"role": "system", "content": "reminder"})
+    );
+    // Without the clamp the upstream refuses, as OpenAI does.
+    let body = json!({"model": "mini-unclamped", "max_tokens": 32000, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _, refused) = gateway
+        .post_json("/v1/messages", &body)
+        .await
+        .expect("call");
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["type"], "error");
+
+    // `/v1/models` answers in Anthropic's shape to Anthropic's headers, OpenAI's otherwise.
+    let models: Value = gateway
+        .client
+        .get(format!("{}/v1/models", gateway.url))
+        .header("anthropic-version", "2023-06-01")
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["has_more"], false);
+    assert_eq!(models["data"][0]["type"], "model");
+    assert!(models["data"][0]["display_name"].is_string());
+    assert!(models["first_id"].is_string());
+    let models: Value = gateway
+        .client
+        .get(format!("{}/v1/models", gateway.url))
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["object"], "model");
+}

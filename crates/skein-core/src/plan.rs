@@ -244,6 +244,7 @@ mod tests {
                 provider: provider.to_owned(),
                 model: format!("{provider}-model"),
                 weight: 1,
+                max_output_tokens: None,
             }],
             fallbacks,
             attempt_timeout_ms: None,

@@ -104,6 +104,9 @@ pub struct DeploymentRuntime {
     pub deployment_header: Option<HeaderValue>,
     /// The upstream URIs this deployment was called at, built on first use.
     pub uris: UriCache,
+    /// The most output tokens the model can produce (from the config, else the model
+    /// catalog): requests asking for more are clamped.
+    pub max_output_tokens: Option<u64>,
     in_flight: AtomicU32,
     /// Latency EWMA in microseconds; 0 until the first success.
     latency_ewma_us: AtomicU64,
@@ -259,11 +262,15 @@ impl RuntimeConfig {
             let mut deployments = Vec::new();
             for deployment in &spec.deployments {
                 if let Some(provider) = providers.get(&deployment.provider) {
-                    deployments.push(Arc::new(DeploymentRuntime::new(
+                    let mut runtime = DeploymentRuntime::new(
                         provider.clone(),
                         deployment.model.clone(),
                         deployment.weight,
-                    )));
+                    );
+                    if deployment.max_output_tokens.is_some() {
+                        runtime.max_output_tokens = deployment.max_output_tokens;
+                    }
+                    deployments.push(Arc::new(runtime));
                 }
             }
             let route = RouteRuntime {
@@ -569,6 +576,7 @@ impl DeploymentRuntime {
             provider_header: header_value(&provider.name),
             deployment_header: header_value(&format!("{}/{model}", provider.name)),
             uris: UriCache::default(),
+            max_output_tokens: skein_types::catalog::max_output_tokens(&model),
             provider,
             model,
             weight,

@@ -491,6 +491,24 @@ async fn openai_responses(
     }
 }
 
+/// Models that refuse more output tokens than they can produce, as OpenAI's do.
+const OUTPUT_LIMITS: &[(&str, u64)] = &[("gpt-4o-mini", 16_384), ("gpt-4o", 16_384)];
+
+/// The refusal of a request that asks `model` for more output tokens than it has.
+fn over_output_limit(incoming: &Incoming) -> Option<String> {
+    let (_, limit) = OUTPUT_LIMITS
+        .iter()
+        .find(|(model, _)| *model == incoming.model)?;
+    let asked = ["max_tokens", "max_completion_tokens"]
+        .iter()
+        .find_map(|name| incoming.body[*name].as_u64())?;
+    (asked > *limit).then(|| {
+        format!(
+            "max_tokens is too large: {asked}. This model supports at most {limit} completion tokens, whereas you provided {asked}."
+        )
+    })
+}
+
 async fn openai_chat(
     State(state): State<Arc<MockState>>,
     method: Method,
@@ -499,7 +517,16 @@ async fn openai_chat(
     body: Bytes,
 ) -> Response {
     match intake(&state, &method, &uri, &headers, &body, Flavor::OpenAi).await {
-        Ok(incoming) => crate::openai::chat(&state, incoming).await,
+        Ok(incoming) => match over_output_limit(&incoming) {
+            Some(message) => error_response(
+                &Flavor::OpenAi,
+                400,
+                "invalid_request_error",
+                &message,
+                None,
+            ),
+            None => crate::openai::chat(&state, incoming).await,
+        },
         Err(response) => response,
     }
 }

@@ -676,6 +676,14 @@ fn request_to_openai_text(
                 }
                 messages.push(assistant);
             }
+            // Claude Code sends system turns among the messages (reminders mid-conversation).
+            "system" => {
+                let text: Vec<&str> = blocks
+                    .iter()
+                    .filter_map(|block| block["text"].as_str())
+                    .collect();
+                messages.push(json!({"role": "system", "content": text.join("\n")}));
+            }
             other => return Err(format!("messages[{index}].role `{other}` is not supported")),
         }
     }

@@ -91,6 +91,16 @@ pub fn passthrough_body(
     upstream_model: &str,
     shape: StreamShape,
 ) -> Vec<u8> {
+    passthrough_body_with(request, upstream_model, shape, &[])
+}
+
+/// [`passthrough_body`] with more members replaced (or added): `extra`, as JSON text.
+pub fn passthrough_body_with(
+    request: &RawObject<'_>,
+    upstream_model: &str,
+    shape: StreamShape,
+    extra: &[(&str, &str)],
+) -> Vec<u8> {
     let model_json = to_json_text(&upstream_model);
     let stream_options_json = if !shape.stream || shape.client_wants_usage {
         None
@@ -114,7 +124,13 @@ pub fn passthrough_body(
     ];
     let used = if stream_options_json.is_some() { 2 } else { 1 };
     let mut body = Vec::new();
-    request.write_with(&replacements[..used], &mut body);
+    if extra.is_empty() {
+        request.write_with(&replacements[..used], &mut body);
+    } else {
+        let mut all = replacements[..used].to_vec();
+        all.extend_from_slice(extra);
+        request.write_with(&all, &mut body);
+    }
     body
 }
 

@@ -63,6 +63,8 @@ pub struct Echo {
     settings: Map<String, Value>,
     /// Names of the request's custom (freeform) tools, whose calls are `custom_tool_call`s.
     custom_tools: HashSet<String>,
+    /// Tools offered inside a `namespace` tool: (tool, namespace). Their calls name it.
+    namespaces: Vec<(String, String)>,
 }
 
 /// A member's default, when the request leaves it out.
@@ -99,22 +101,35 @@ impl Echo {
             };
             settings.insert((*name).to_owned(), value);
         }
-        let custom_tools = request["tools"]
-            .as_array()
-            .map(|tools| {
-                tools
-                    .iter()
-                    .filter(|tool| tool["type"] == "custom")
-                    .filter_map(|tool| tool["name"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut custom_tools = HashSet::new();
+        let mut namespaces = Vec::new();
+        for tool in request["tools"].as_array().into_iter().flatten() {
+            let inner: Vec<&Value> = if tool["type"] == "namespace" {
+                tool["tools"].as_array().into_iter().flatten().collect()
+            } else {
+                vec![tool]
+            };
+            for member in inner {
+                let Some(name) = member["name"].as_str() else {
+                    continue;
+                };
+                if member["type"] == "custom" {
+                    custom_tools.insert(name.to_owned());
+                }
+                if tool["type"] == "namespace"
+                    && let Some(namespace) = tool["name"].as_str()
+                {
+                    namespaces.push((name.to_owned(), namespace.to_owned()));
+                }
+            }
+        }
         Echo {
             id,
             model: model.to_owned(),
             created_at,
             settings,
             custom_tools,
+            namespaces,
         }
     }
 
@@ -138,6 +153,25 @@ impl Echo {
             usage.map(usage_json).unwrap_or(Value::Null),
         );
         Value::Object(response)
+    }
+
+    /// The namespace a tool was offered in, if any.
+    fn namespace_of(&self, tool: &str) -> Option<&str> {
+        self.namespaces
+            .iter()
+            .find(|(name, _)| name == tool)
+            .map(|(_, namespace)| namespace.as_str())
+    }
+
+    /// A call item with the namespace of its tool, when it has one.
+    fn with_namespace(&self, mut item: Value) -> Value {
+        if let Some(namespace) = item["name"]
+            .as_str()
+            .and_then(|name| self.namespace_of(name))
+        {
+            item["namespace"] = json!(namespace);
+        }
+        item
     }
 
     /// An item id derived from the response id (`msg_…`, `fc_…`), unique within the response.
@@ -275,6 +309,15 @@ fn request_to_chat_text(
             match tool["type"].as_str().unwrap_or("function") {
                 "function" => functions.push(function_tool(tool, index)?),
                 "custom" => functions.push(custom_tool(tool, index)?),
+                // A group of tools (Codex's sub-agent tools): its tools, each on its own.
+                "namespace" => {
+                    for inner in tool["tools"].as_array().into_iter().flatten() {
+                        match inner["type"].as_str().unwrap_or("function") {
+                            "custom" => functions.push(custom_tool(inner, index)?),
+                            _ => functions.push(function_tool(inner, index)?),
+                        }
+                    }
+                }
                 kind if BUILT_IN_TOOLS.contains(&kind) => {
                     if !dropped.iter().any(|seen: &String| seen == kind) {
                         dropped.push(kind.to_owned());
@@ -627,6 +670,10 @@ pub fn response_from_chat(body: &[u8], echo: &Echo) -> Result<(Value, Usage), Tr
 
 /// A finished tool call as an output item: `custom_tool_call` for a custom tool.
 fn tool_call_item(echo: &Echo, index: usize, call_id: &str, name: &str, arguments: &str) -> Value {
+    echo.with_namespace(plain_call_item(echo, index, call_id, name, arguments))
+}
+
+fn plain_call_item(echo: &Echo, index: usize, call_id: &str, name: &str, arguments: &str) -> Value {
     if echo.custom_tools.contains(name) {
         json!({
             "type": "custom_tool_call", "id": echo.item_id("ctc", index), "status": "completed",
@@ -785,6 +832,7 @@ impl ChatToResponsesStream {
                 }
             }
         };
+        let item = self.echo.with_namespace(item);
         self.emit(
             out,
             "response.output_item.done",
@@ -853,6 +901,7 @@ impl ChatToResponsesStream {
                 let id = self.echo.item_id("fc", index);
                 json!({"type": "function_call", "id": id, "status": "in_progress", "call_id": call_id, "name": name, "arguments": ""})
             };
+            let item = self.echo.with_namespace(item);
             let id = item["id"].as_str().unwrap_or("").to_owned();
             self.emit(
                 out,

@@ -44,16 +44,40 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) 
     serve(state, Api::CountTokens, request).await
 }
 
+/// `GET /v1/models`: the routes the caller may use, in OpenAI's shape, or in Anthropic's when
+/// asked with Anthropic's `anthropic-version` header (as Claude Code and the Anthropic SDKs
+/// do).
 pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let anthropic = headers.contains_key("anthropic-version");
     let caller = match authenticate(&state, &headers) {
         Ok(caller) => caller,
-        Err(error) => return error.into_response(),
+        Err(error) => {
+            let shape = if anthropic {
+                crate::error::ErrorShape::Anthropic
+            } else {
+                crate::error::ErrorShape::OpenAi
+            };
+            return error.with_shape(shape).into_response();
+        }
     };
     let snapshot = state.config.load();
-    let data: Vec<serde_json::Value> = snapshot
-        .models
-        .iter()
-        .filter(|entry| caller.as_ref().is_none_or(|caller| caller.allows_model(&entry.id)))
+    let allowed = snapshot.models.iter().filter(|entry| {
+        caller
+            .as_ref()
+            .is_none_or(|caller| caller.allows_model(&entry.id))
+    });
+    if anthropic {
+        let data: Vec<serde_json::Value> = allowed
+            .map(|entry| json!({"type": "model", "id": entry.id, "display_name": entry.id, "created_at": "1970-01-01T00:00:00Z"}))
+            .collect();
+        let first = data.first().map(|model| model["id"].clone());
+        let last = data.last().map(|model| model["id"].clone());
+        return axum::Json(
+            json!({"data": data, "has_more": false, "first_id": first, "last_id": last}),
+        )
+        .into_response();
+    }
+    let data: Vec<serde_json::Value> = allowed
         .map(|entry| json!({"id": entry.id, "object": "model", "created": 0, "owned_by": entry.owned_by}))
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()

@@ -117,13 +117,15 @@ pub struct Call<'a> {
     pub bytes: &'a Bytes,
     /// The client's headers (for the ones passed on, such as `anthropic-beta`).
     pub headers: &'a HeaderMap,
+    /// The query string of the client's URL (`beta=true`), passed on by native adapters.
+    pub query: Option<&'a str>,
     /// The model the client asked for.
     pub requested_model: &'a str,
     pub shape: StreamShape,
     /// The request as a JSON tree, built once on first use (by a translation).
     tree: OnceLock<Result<Value, String>>,
     /// For the Responses API: the response's id, what it echoes, and the conversation before.
-    pub responses: Option<ResponsesCall>,
+    pub responses: Option<Box<ResponsesCall>>,
 }
 
 /// What a Responses call carries besides its body.
@@ -141,6 +143,7 @@ impl<'a> Call<'a> {
         request: RawObject<'a>,
         bytes: &'a Bytes,
         headers: &'a HeaderMap,
+        query: Option<&'a str>,
         requested_model: &'a str,
         shape: StreamShape,
     ) -> Call<'a> {
@@ -149,6 +152,7 @@ impl<'a> Call<'a> {
             request,
             bytes,
             headers,
+            query,
             requested_model,
             shape,
             tree: OnceLock::new(),

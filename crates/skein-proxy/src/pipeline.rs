@@ -45,6 +45,8 @@ use crate::state::AppState;
 pub async fn serve(state: Arc<AppState>, api: Api, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
+    // Only the query is kept (rarely there): the whole URI would grow every request's future.
+    let query: Option<Box<str>> = parts.uri.query().map(Box::from);
     // 1. intake
     let context = RequestContext::new(&state, &headers, api.label(), api.error_shape());
     // 2. auth
@@ -74,7 +76,15 @@ pub async fn serve(state: Arc<AppState>, api: Api, request: Request) -> Response
         Ok(shape) => shape,
         Err(error) => return finish_error(&state, &context, Some(&model), None, error),
     };
-    let mut call = Call::new(api, request, &bytes, &headers, &model, shape);
+    let mut call = Call::new(
+        api,
+        request,
+        &bytes,
+        &headers,
+        query.as_deref(),
+        &model,
+        shape,
+    );
     // The Responses API: its id, and the conversation before it.
     let keep = if api == Api::Responses {
         // Boxed: a rare path, kept out of every request's future.

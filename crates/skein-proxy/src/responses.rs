@@ -385,11 +385,11 @@ pub(crate) async fn open(
             })?,
         None => Vec::new(),
     };
-    call.responses = Some(crate::inbound::ResponsesCall {
+    call.responses = Some(Box::new(crate::inbound::ResponsesCall {
         echo,
         history,
         dropped,
-    });
+    }));
     let expires_at_ms = skein_types::now_ms().saturating_add(store.ttl_ms());
     Ok(wants_store.then(|| Keep {
         store,

@@ -256,6 +256,10 @@ pub struct DeploymentSpec {
     pub model: String,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// The most output tokens the model can produce: a request asking for more is clamped
+    /// to it. Defaults to what the model catalog knows of the model (none: not clamped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
 }
 
 /// How a route spreads requests over its deployments.

@@ -4,6 +4,7 @@
 //!
 //! This crate owns no I/O: it must not depend on tokio, axum, reqwest or any storage.
 
+pub mod catalog;
 pub mod config;
 pub mod control;
 pub mod duration;

@@ -310,6 +310,7 @@ mod tests {
                 provider: provider.to_owned(),
                 model: "m".to_owned(),
                 weight: 1,
+                max_output_tokens: None,
             }],
             fallbacks: fallbacks.iter().map(|name| (*name).to_owned()).collect(),
             attempt_timeout_ms: None,

@@ -22,8 +22,14 @@ impl ProviderAdapter for Anthropic {
             Api::CountTokens => native(call, candidate, "/v1/messages/count_tokens"),
             Api::ChatCompletions | Api::Responses => {
                 let chat = call.chat(candidate, false)?;
-                let translated = anthropic::request_from_openai(&chat, &candidate.deployment.model)
-                    .map_err(untranslatable)?;
+                let mut translated =
+                    anthropic::request_from_openai(&chat, &candidate.deployment.model)
+                        .map_err(untranslatable)?;
+                super::clamp_tree(
+                    &mut translated,
+                    candidate.deployment.max_output_tokens,
+                    &["max_tokens"],
+                );
                 request(
                     call,
                     candidate,
@@ -54,8 +60,14 @@ fn native(
 ) -> Result<PreparedRequest, ApiError> {
     let model_json = serde_json::to_string(&candidate.deployment.model).unwrap_or_default();
     let mut body = Vec::with_capacity(call.bytes.len() + 32);
-    call.request
-        .write_with(&[("model", &model_json)], &mut body);
+    let clamped = super::clamped(
+        &call.request,
+        candidate.deployment.max_output_tokens,
+        &["max_tokens"],
+    );
+    let mut replacements: Vec<(&str, &str)> = vec![("model", &model_json)];
+    replacements.extend(clamped.iter().map(|(name, value)| (*name, value.as_str())));
+    call.request.write_with(&replacements, &mut body);
     request(call, candidate, path, Bytes::from(body), true)
 }
 
@@ -76,9 +88,14 @@ fn request(
     if let Some(beta) = header("anthropic-beta") {
         headers.push((HeaderName::from_static("anthropic-beta"), beta.clone()));
     }
-    let uri = upstream_uri(candidate, path, || {
-        format!("{}{path}", candidate.deployment.provider.base_url)
-    })?;
+    let base = &candidate.deployment.provider.base_url;
+    let uri = match call.query.filter(|_| client_headers) {
+        // The client's query (Claude Code's `?beta=true`) goes on with its own request.
+        Some(query) => format!("{base}{path}?{query}").parse().map_err(|_| {
+            crate::error::ApiError::invalid("the request's query string is not valid")
+        })?,
+        None => upstream_uri(candidate, path, || format!("{base}{path}"))?,
+    };
     Ok(PreparedRequest { uri, body, headers })
 }
 

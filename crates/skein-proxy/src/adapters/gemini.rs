@@ -35,7 +35,14 @@ impl ProviderAdapter for Gemini {
             Api::Completions | Api::CountTokens => Err(unsupported(candidate, call.api.label())),
             Api::ChatCompletions | Api::Messages | Api::Responses => {
                 let chat = call.chat(candidate, false)?;
-                let translated = gemini::request_from_openai(&chat).map_err(untranslatable)?;
+                let mut translated = gemini::request_from_openai(&chat).map_err(untranslatable)?;
+                if let Some(config) = translated.get_mut("generationConfig") {
+                    super::clamp_tree(
+                        config,
+                        candidate.deployment.max_output_tokens,
+                        &["maxOutputTokens"],
+                    );
+                }
                 let stream = call.shape.stream;
                 let purpose = if stream {
                     "gemini_stream"

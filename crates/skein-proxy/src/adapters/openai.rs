@@ -53,10 +53,21 @@ pub(super) fn prepare(
     if native(call, candidate)
         && let Some(path) = call.api.openai_path()
     {
+        let limit = candidate.deployment.max_output_tokens;
         let body = if call.api == Api::Responses {
-            responses_body(call, &candidate.deployment.model)?
+            responses_body(call, &candidate.deployment.model, limit)?
         } else {
-            openai::passthrough_body(&call.request, &candidate.deployment.model, call.shape)
+            let clamped = super::clamped(&call.request, limit, super::LIMIT_MEMBERS);
+            let extra: Vec<(&str, &str)> = clamped
+                .iter()
+                .map(|(name, value)| (*name, value.as_str()))
+                .collect();
+            openai::passthrough_body_with(
+                &call.request,
+                &candidate.deployment.model,
+                call.shape,
+                &extra,
+            )
         };
         return Ok(PreparedRequest {
             uri: upstream_uri(candidate, call.api.label(), || url(path))?,
@@ -66,7 +77,14 @@ pub(super) fn prepare(
     }
     let provider = &candidate.deployment.provider;
     let max_completion_tokens = matches!(provider.kind, ProviderKind::OpenAi | ProviderKind::Azure);
-    let chat = call.chat(candidate, max_completion_tokens)?;
+    let mut chat = call.chat(candidate, max_completion_tokens)?;
+    if let Some(limit) = candidate.deployment.max_output_tokens
+        && super::LIMIT_MEMBERS
+            .iter()
+            .any(|name| chat.get(*name).and_then(serde_json::Value::as_u64) > Some(limit))
+    {
+        super::clamp_tree(chat.to_mut(), Some(limit), super::LIMIT_MEMBERS);
+    }
     let path = "/chat/completions";
     Ok(PreparedRequest {
         uri: upstream_uri(candidate, Api::ChatCompletions.label(), || url(path))?,
@@ -79,29 +97,25 @@ pub(super) fn prepare(
 /// Skein keeps in `input` in place of `previous_response_id` (the upstream need not have it:
 /// the turn before may have been served by another provider). Every other member is copied
 /// byte for byte.
-fn responses_body(call: &Call<'_>, model: &str) -> Result<Vec<u8>, ApiError> {
+fn responses_body(call: &Call<'_>, model: &str, limit: Option<u64>) -> Result<Vec<u8>, ApiError> {
     let model_json = to_json_text(&model);
+    let clamped = super::clamped(&call.request, limit, &["max_output_tokens"]);
     let mut body = Vec::with_capacity(call.bytes.len() + 32);
     let history = call
         .responses
         .as_ref()
         .map(|responses| responses.history.as_slice())
         .unwrap_or_default();
-    if history.is_empty() {
-        call.request
-            .write_with(&[("model", &model_json)], &mut body);
-    } else {
+    let mut replacements: Vec<(&str, &str)> = vec![("model", &model_json)];
+    replacements.extend(clamped.iter().map(|(name, value)| (*name, value.as_str())));
+    let input_json;
+    if !history.is_empty() {
         let input = responses::expanded_input(history, call.tree()?);
-        let input_json = to_json_text(&input);
-        call.request.write_with(
-            &[
-                ("model", &model_json),
-                ("input", &input_json),
-                ("previous_response_id", "null"),
-            ],
-            &mut body,
-        );
+        input_json = to_json_text(&input);
+        replacements.push(("input", &input_json));
+        replacements.push(("previous_response_id", "null"));
     }
+    call.request.write_with(&replacements, &mut body);
     Ok(body)
 }
 
