@@ -89,6 +89,10 @@ providers:
     kind: anthropic
     base_url: {mock_url}
     keys: [{{key: env:SKEIN_TEST_MOCK_KEY}}]
+  - name: mock-openai
+    kind: openai
+    base_url: {mock_url}/v1
+    keys: [{{key: env:SKEIN_TEST_MOCK_KEY}}]
   - name: broken
     kind: openai_compatible
     base_url: {mock_url}/v1
@@ -103,6 +107,10 @@ routes:
   - name: failing
     retry: {{max_attempts: 1}}
     deployments: [{{provider: broken, model: mock-gpt}}]
+  - name: native
+    deployments: [{{provider: mock-openai, model: gpt-upstream}}]
+  - name: mini
+    deployments: [{{provider: mock-openai, model: gpt-4o-mini}}]
 """
     directory = tmp_path_factory.mktemp("skein")
     path = directory / "skein.yaml"

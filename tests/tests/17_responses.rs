@@ -459,6 +459,21 @@ async fn a_stream_cut_short_ends_with_response_failed_and_a_fallback_still_answe
     assert_eq!(status, 200, "{body}");
     assert_eq!(headers["x-skein-provider"], "claude");
     assert_eq!(output_text(&body), "Mock reply from claude-upstream: hi");
+    // A WebSocket attempt on `GET /v1/responses` is refused at once, so a client falls back
+    // to HTTP without waiting.
+    let started = std::time::Instant::now();
+    let upgrade = gateway
+        .client
+        .get(format!("{}/v1/responses", gateway.url))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(upgrade.status(), 405);
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
     // Errors are OpenAI-shaped.
     let (status, _, body) = create(&gateway, None, &json!({"model": "native", "input": 5})).await;
     assert_eq!(status, 400, "{body}");

@@ -155,6 +155,13 @@ impl Echo {
         Value::Object(response)
     }
 
+    /// The `previous_response_id` the request named.
+    pub fn previous_response_id(&self) -> Option<&str> {
+        self.settings
+            .get("previous_response_id")
+            .and_then(Value::as_str)
+    }
+
     /// The namespace a tool was offered in, if any.
     fn namespace_of(&self, tool: &str) -> Option<&str> {
         self.namespaces
@@ -1045,9 +1052,13 @@ impl StreamTranslator for ChatToResponsesStream {
 // Native: a Responses upstream answering a Responses client
 
 /// Put Skein's response id on a response object from the upstream; read its usage.
-pub fn rename_response(response: &mut Value, id: &str) -> Usage {
+pub fn rename_response(response: &mut Value, id: &str, previous: Option<&str>) -> Usage {
     if let Some(object) = response.as_object_mut() {
         object.insert("id".to_owned(), json!(id));
+        // The upstream was sent the whole conversation, not the id; the client named one.
+        if let Some(previous) = previous {
+            object.insert("previous_response_id".to_owned(), json!(previous));
+        }
     }
     usage_of(&response["usage"])
 }
@@ -1060,12 +1071,14 @@ pub struct PassthroughStream {
     usage: Usage,
     done: bool,
     result: Option<Value>,
+    previous: Option<String>,
 }
 
 impl PassthroughStream {
-    pub fn new(id: String) -> PassthroughStream {
+    pub fn new(id: String, previous: Option<String>) -> PassthroughStream {
         PassthroughStream {
             id,
+            previous,
             usage: Usage::default(),
             done: false,
             result: None,
@@ -1106,7 +1119,7 @@ impl StreamTranslator for PassthroughStream {
             .map_err(|error| TranslateError::upstream(format!("invalid event JSON: {error}")))?;
         let kind = value["type"].as_str().unwrap_or("").to_owned();
         if let Some(response) = value.get_mut("response") {
-            let usage = rename_response(response, &self.id);
+            let usage = rename_response(response, &self.id, self.previous.as_deref());
             if matches!(
                 kind.as_str(),
                 "response.completed" | "response.incomplete" | "response.failed"

@@ -107,7 +107,10 @@ const TABLE: &[(&str, Run)] = &[
     }),
     ("responses/stream_passthrough", |input| {
         run_stream(
-            Box::new(responses::PassthroughStream::new("resp_skein".to_owned())),
+            Box::new(responses::PassthroughStream::new(
+                "resp_skein".to_owned(),
+                None,
+            )),
             input,
         )
     }),

@@ -124,6 +124,7 @@ pub(super) fn translation(call: &Call<'_>, candidate: &Candidate) -> Box<dyn Res
     match (&call.responses, native(call, candidate)) {
         (Some(responses), true) => Box::new(NativeResponses {
             id: responses.echo.id.clone(),
+            previous: responses.echo.previous_response_id().map(str::to_owned),
         }),
         _ => call.from_openai_chat(),
     }
@@ -132,6 +133,8 @@ pub(super) fn translation(call: &Call<'_>, candidate: &Candidate) -> Box<dyn Res
 /// A Responses answer from a Responses upstream: passed through with Skein's response id.
 struct NativeResponses {
     id: String,
+    /// The client's `previous_response_id`, put back on the answer.
+    previous: Option<String>,
 }
 
 impl ResponseTranslation for NativeResponses {
@@ -139,11 +142,14 @@ impl ResponseTranslation for NativeResponses {
         let mut response: serde_json::Value = serde_json::from_slice(&body).map_err(|error| {
             TranslateError::upstream(format!("the provider's answer is not JSON: {error}"))
         })?;
-        let usage = responses::rename_response(&mut response, &self.id);
+        let usage = responses::rename_response(&mut response, &self.id, self.previous.as_deref());
         Ok((Bytes::from(response.to_string()), usage))
     }
 
     fn stream(&self) -> Box<dyn StreamTranslator> {
-        Box::new(responses::PassthroughStream::new(self.id.clone()))
+        Box::new(responses::PassthroughStream::new(
+            self.id.clone(),
+            self.previous.clone(),
+        ))
     }
 }
