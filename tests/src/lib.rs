@@ -111,6 +111,23 @@ impl Gateway {
 }
 
 /// The `data:` payloads of an SSE body, in order.
+/// (event name, data) pairs of an SSE body whose events are named (Anthropic, Responses).
+pub fn named_events(text: &str) -> Vec<(String, serde_json::Value)> {
+    let mut events = Vec::new();
+    let mut name = String::new();
+    for line in text.lines() {
+        if let Some(event) = line.strip_prefix("event: ") {
+            name = event.to_owned();
+        } else if let Some(data) = line.strip_prefix("data: ") {
+            events.push((
+                std::mem::take(&mut name),
+                serde_json::from_str(data).expect("event json"),
+            ));
+        }
+    }
+    events
+}
+
 pub fn sse_data(text: &str) -> Vec<String> {
     text.lines()
         .filter_map(|line| {

@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 use skein_mock::MockServer;
 use skein_node::MapEnvironment;
-use skein_tests::{Gateway, metric_value, start_mock};
+use skein_tests::{Gateway, metric_value, named_events, start_mock};
 
 async fn setup() -> (MockServer, Gateway) {
     let mock = start_mock().await.expect("mock");
@@ -44,23 +44,6 @@ fn tools_anthropic() -> Value {
         {"name": "get_weather", "description": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}},
         {"name": "get_time", "input_schema": {"type": "object"}}
     ])
-}
-
-/// (event name, data) pairs of an SSE body.
-fn named_events(text: &str) -> Vec<(String, Value)> {
-    let mut events = Vec::new();
-    let mut name = String::new();
-    for line in text.lines() {
-        if let Some(event) = line.strip_prefix("event: ") {
-            name = event.to_owned();
-        } else if let Some(data) = line.strip_prefix("data: ") {
-            events.push((
-                std::mem::take(&mut name),
-                serde_json::from_str(data).expect("event json"),
-            ));
-        }
-    }
-    events
 }
 
 #[tokio::test]

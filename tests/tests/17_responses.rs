@@ -8,7 +8,7 @@ use skein_mock::MockServer;
 use skein_node::MapEnvironment;
 use skein_proto::admin::v1::CreateKeyRequest;
 use skein_proto::admin::v1::admin_client::AdminClient;
-use skein_tests::{Gateway, authorized, start_mock};
+use skein_tests::{Gateway, authorized, named_events, start_mock};
 
 const TOKEN: &str = "responses-admin-token";
 
@@ -65,23 +65,6 @@ async fn setup() -> (MockServer, Gateway) {
         .await
         .expect("gateway");
     (mock, gateway)
-}
-
-/// (event name, data) pairs of an SSE body.
-fn named_events(text: &str) -> Vec<(String, Value)> {
-    let mut events = Vec::new();
-    let mut name = String::new();
-    for line in text.lines() {
-        if let Some(event) = line.strip_prefix("event: ") {
-            name = event.to_owned();
-        } else if let Some(data) = line.strip_prefix("data: ") {
-            events.push((
-                std::mem::take(&mut name),
-                serde_json::from_str(data).expect("event json"),
-            ));
-        }
-    }
-    events
 }
 
 async fn create(
@@ -281,7 +264,8 @@ async fn translated_to_anthropic_with_tools_custom_tools_and_a_built_in_tool() {
     let tools = json!([
         {"type": "function", "name": "shell", "description": "run a command", "parameters": {"type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}}}, "required": ["command"]}},
         {"type": "custom", "name": "apply_patch", "description": "edit files", "format": {"type": "grammar", "syntax": "lark", "definition": "start: patch"}},
-        {"type": "web_search"}
+        {"type": "web_search"},
+        {"type": "code_interpreter", "container": {"type": "auto"}}
     ]);
     let request = json!({
         "model": "claude", "instructions": "You are a coding agent.", "tools": tools,
@@ -291,7 +275,9 @@ async fn translated_to_anthropic_with_tools_custom_tools_and_a_built_in_tool() {
     let (status, headers, body) = create(&gateway, None, &request).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(headers["x-skein-provider"], "claude");
-    assert_eq!(headers["x-skein-dropped-tools"], "web_search");
+    // Anthropic runs a web search of its own; it has no code interpreter to offer.
+    assert_eq!(headers["x-skein-dropped-tools"], "code_interpreter");
+    assert!(output_text(&body).is_empty() || output_text(&body).contains("searched the web"));
     let output = body["output"].as_array().expect("output");
     let calls: Vec<&Value> = output
         .iter()
@@ -317,7 +303,8 @@ async fn translated_to_anthropic_with_tools_custom_tools_and_a_built_in_tool() {
         .iter()
         .filter_map(|tool| tool["name"].as_str())
         .collect();
-    assert_eq!(names, ["shell", "apply_patch"]);
+    assert_eq!(names, ["shell", "apply_patch", "web_search"]);
+    assert_eq!(sent.body["tools"][2]["type"], "web_search_20250305");
     assert_eq!(
         sent.body["tools"][1]["input_schema"]["required"],
         json!(["input"])
@@ -377,6 +364,60 @@ async fn translated_to_anthropic_with_tools_custom_tools_and_a_built_in_tool() {
         .position(|name| *name == "response.output_text.done")
         .expect("done");
     assert!(added < first_delta && first_delta < done, "{names:?}");
+}
+
+#[tokio::test]
+async fn a_web_search_tool_runs_where_the_provider_has_one_and_is_named_where_not() {
+    let (mock, gateway) = setup().await;
+    let request =
+        |model: &str| json!({"model": model, "input": "news?", "tools": [{"type": "web_search"}]});
+    // Gemini grounds with Google Search.
+    let (status, headers, body) = create(&gateway, None, &request("gemini")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(headers.get("x-skein-dropped-tools").is_none());
+    assert!(
+        output_text(&body).starts_with("[searched the web]"),
+        "{body}"
+    );
+    let sent = mock
+        .requests()
+        .into_iter()
+        .find(|request| request.path.contains("gemini-upstream"))
+        .expect("gemini call");
+    assert!(
+        sent.body["tools"]
+            .as_array()
+            .expect("tools")
+            .iter()
+            .any(|tool| tool.get("google_search").is_some())
+    );
+    // Anthropic runs its own web search tool.
+    let (status, headers, body) = create(&gateway, None, &request("claude")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(headers.get("x-skein-dropped-tools").is_none());
+    assert!(
+        output_text(&body).starts_with("[searched the web]"),
+        "{body}"
+    );
+    // An OpenAI-compatible chat upstream has none: the tool is left out, and the header says so.
+    mock.clear_requests();
+    let (status, headers, body) = create(&gateway, None, &request("chat")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-skein-dropped-tools"], "web_search");
+    let sent = &mock.requests()[0].body;
+    assert!(
+        sent.get("tools").is_none() && sent.get("web_search_options").is_none(),
+        "{sent}"
+    );
+    // OpenAI itself gets the tool as it was sent.
+    mock.clear_requests();
+    let (status, headers, _) = create(&gateway, None, &request("native")).await;
+    assert_eq!(status, 200);
+    assert!(headers.get("x-skein-dropped-tools").is_none());
+    assert_eq!(
+        mock.requests()[0].body["tools"],
+        json!([{"type": "web_search"}])
+    );
 }
 
 #[tokio::test]

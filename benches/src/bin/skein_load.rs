@@ -42,9 +42,10 @@ struct Args {
     /// falls on each of them alike.
     #[arg(long, required = true)]
     url: Vec<String>,
-    /// The JSON body of every request.
-    #[arg(long)]
-    body: String,
+    /// The JSON body of every request; repeated, one per `--url` in order (the first is used
+    /// for any URL without one), to compare two APIs of one server.
+    #[arg(long, required = true)]
+    body: Vec<String>,
     /// Requests per second (open loop); 0 runs closed loop at maximum speed.
     #[arg(long, default_value_t = 0)]
     rate: u64,
@@ -136,6 +137,8 @@ static AUTHORIZATION: std::sync::OnceLock<Option<String>> = std::sync::OnceLock:
 /// One URL under load, with its own connections.
 struct Target {
     label: String,
+    /// The body of every request to this target.
+    body: Bytes,
     uri: hyper::Uri,
     client: HttpClient,
     cpu_pid: Option<u32>,
@@ -147,9 +150,8 @@ struct Target {
     halts: Vec<u64>,
 }
 
-/// What every open-loop turn shares: the body, the rate, and where samples go.
+/// What every open-loop turn shares: the rate, and where samples go.
 struct Run {
-    body: Bytes,
     rate: u64,
     max_in_flight: u64,
     samples: mpsc::UnboundedSender<Sample>,
@@ -194,6 +196,13 @@ async fn run(args: Args) -> anyhow::Result<Vec<serde_json::Value>> {
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
         targets.push(Target {
+            body: Bytes::from(
+                args.body
+                    .get(index)
+                    .or(args.body.first())
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
             label: match args.label.get(index) {
                 Some(label) => label.clone(),
                 None if args.url.len() == 1 => "run".to_owned(),
@@ -211,7 +220,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<serde_json::Value>> {
             halts: Vec::new(),
         });
     }
-    let body = Bytes::from(args.body.clone());
+    let body = targets[0].body.clone();
     let (sender, mut receiver) = mpsc::unbounded_channel::<Sample>();
     let warmup = Duration::from_secs_f64(args.warmup_secs);
     let measured = Duration::from_secs_f64(args.duration_secs);
@@ -228,7 +237,6 @@ async fn run(args: Args) -> anyhow::Result<Vec<serde_json::Value>> {
         .await;
     } else {
         let run = Run {
-            body,
             rate: args.rate,
             max_in_flight: args.max_in_flight,
             samples: sender.clone(),
@@ -463,7 +471,7 @@ async fn open_loop_turn(run: &Run, targets: &mut [Target], index: usize, turn: T
         let (client, uri, body, sender, in_flight, origin) = (
             target.client.clone(),
             target.uri.clone(),
-            run.body.clone(),
+            target.body.clone(),
             run.samples.clone(),
             in_flight.clone(),
             turn.origin,

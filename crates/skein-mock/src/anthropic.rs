@@ -96,6 +96,16 @@ fn decide_blocks(body: &Value, model: &str) -> (Vec<Block>, &'static str) {
         }
     }
     let mut text = reply_text(model, &last_user_text(body));
+    // Anthropic's own web search, when offered, "runs" and says so.
+    if body["tools"].as_array().is_some_and(|tools| {
+        tools.iter().any(|tool| {
+            tool["type"]
+                .as_str()
+                .is_some_and(|kind| kind.starts_with("web_search_"))
+        })
+    }) {
+        text = format!("[searched the web] {text}");
+    }
     let mut stop_reason = "end_turn";
     if let Some(max_tokens) = body["max_tokens"].as_u64() {
         let words: Vec<&str> = text.split(' ').collect();

@@ -83,7 +83,15 @@ pub(crate) async fn generate(state: &MockState, incoming: Incoming, stream: bool
     } else if body["generationConfig"]["responseMimeType"] == "application/json" {
         "{\"mock\":true}".to_owned()
     } else {
-        reply_text(&model, &last_user_text(&body))
+        let searched = body["tools"]
+            .as_array()
+            .is_some_and(|tools| tools.iter().any(|tool| tool.get("google_search").is_some()));
+        let text = reply_text(&model, &last_user_text(&body));
+        if searched {
+            format!("[searched the web] {text}")
+        } else {
+            text
+        }
     };
     let output = count_tokens(&text) + if calls.is_empty() { 0 } else { 8 };
     let thought_tokens = if thoughts { 4 } else { 0 };

@@ -334,7 +334,7 @@ pub(crate) async fn responses(state: &MockState, incoming: Incoming) -> Response
         ChatToResponsesStream, Echo, request_to_chat, response_from_chat,
     };
     let Incoming { body, model } = incoming;
-    let chat = match request_to_chat(&body, &[], &model, false) {
+    let chat = match request_to_chat(&body, &[], &model, false, false) {
         Ok(chat) => chat.body,
         Err(error) => {
             let answer = json!({"error": {"message": error.message(), "type": "invalid_request_error", "param": null, "code": null}});

@@ -268,6 +268,17 @@ fn request_from_openai_text(request: &Value, model: &str) -> Result<Value, Strin
             );
         }
     }
+    // OpenAI chat's `web_search_options` (a Responses `web_search` tool): Anthropic's own web
+    // search, which Anthropic runs itself.
+    if object.contains_key("web_search_options") {
+        let search = json!({"type": "web_search_20250305", "name": "web_search", "max_uses": 5});
+        match output.get_mut("tools").and_then(Value::as_array_mut) {
+            Some(tools) => tools.push(search),
+            None => {
+                output.insert("tools".to_owned(), json!([search]));
+            }
+        }
+    }
     Ok(Value::Object(output))
 }
 

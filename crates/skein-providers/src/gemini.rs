@@ -220,6 +220,17 @@ fn request_from_openai_text(request: &Value) -> Result<Value, String> {
             json!({"functionCallingConfig": config}),
         );
     }
+    // OpenAI chat's `web_search_options` (a Responses `web_search` tool): grounding with
+    // Google Search, which Gemini runs itself.
+    if object.contains_key("web_search_options") {
+        let search = json!({"google_search": {}});
+        match output.get_mut("tools").and_then(Value::as_array_mut) {
+            Some(tools) => tools.push(search),
+            None => {
+                output.insert("tools".to_owned(), json!([search]));
+            }
+        }
+    }
     Ok(Value::Object(output))
 }
 

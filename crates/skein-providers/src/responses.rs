@@ -271,13 +271,17 @@ pub struct ChatRequest {
 /// Translate a Responses request into an OpenAI chat request for `model`. `history` holds the
 /// items of the conversation before it (from `previous_response_id`), oldest first.
 /// `max_completion_tokens` selects that member (OpenAI and Azure) over `max_tokens`.
+/// `web_search` says the target runs a web search of its own (Anthropic, Gemini): a
+/// `web_search` tool then becomes chat's `web_search_options`, which their translations turn
+/// into their own search tool; otherwise it is left out (and named in `dropped`).
 pub fn request_to_chat(
     request: &Value,
     history: &[Value],
     model: &str,
     max_completion_tokens: bool,
+    web_search: bool,
 ) -> Result<ChatRequest, TranslateError> {
-    request_to_chat_text(request, history, model, max_completion_tokens)
+    request_to_chat_text(request, history, model, max_completion_tokens, web_search)
         .map_err(TranslateError::Client)
 }
 
@@ -286,6 +290,7 @@ fn request_to_chat_text(
     history: &[Value],
     model: &str,
     max_completion_tokens: bool,
+    web_search: bool,
 ) -> Result<ChatRequest, String> {
     let object = request
         .as_object()
@@ -324,6 +329,13 @@ fn request_to_chat_text(
                             _ => functions.push(function_tool(inner, index)?),
                         }
                     }
+                }
+                kind if web_search && kind.starts_with("web_search") => {
+                    let mut options = Map::new();
+                    if let Some(size) = tool.get("search_context_size") {
+                        options.insert("search_context_size".to_owned(), size.clone());
+                    }
+                    output.insert("web_search_options".to_owned(), Value::Object(options));
                 }
                 kind if BUILT_IN_TOOLS.contains(&kind) => {
                     if !dropped.iter().any(|seen: &String| seen == kind) {

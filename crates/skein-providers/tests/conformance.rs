@@ -92,8 +92,15 @@ const TABLE: &[(&str, Run)] = &[
     }),
     ("responses/request_to_chat", |input| {
         let history = input["history"].as_array().cloned().unwrap_or_default();
-        responses::request_to_chat(&input["request"], &history, "chat-upstream", true)
-            .map(|chat| json!({"body": chat.body, "dropped": chat.dropped}))
+        let web_search = input["web_search"].as_bool().unwrap_or(false);
+        responses::request_to_chat(
+            &input["request"],
+            &history,
+            "chat-upstream",
+            true,
+            web_search,
+        )
+        .map(|chat| json!({"body": chat.body, "dropped": chat.dropped}))
     }),
     ("responses/response_from_chat", |input| {
         pair(responses::response_from_chat(

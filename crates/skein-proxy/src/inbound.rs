@@ -171,11 +171,13 @@ impl<'a> Call<'a> {
     }
 
     /// The request in OpenAI chat form, for `candidate` (whose model it names, with
-    /// `max_completion_tokens` rather than `max_tokens` when the upstream wants that).
+    /// `max_completion_tokens` rather than `max_tokens` when the upstream wants that, and a
+    /// Responses `web_search` tool as `web_search_options` when it runs a search of its own).
     pub fn chat(
         &self,
         candidate: &Candidate,
         max_completion_tokens: bool,
+        web_search: bool,
     ) -> Result<Cow<'_, Value>, ApiError> {
         let model = &candidate.deployment.model;
         match self.api {
@@ -191,9 +193,15 @@ impl<'a> Call<'a> {
                     .as_ref()
                     .map(|call| call.history.as_slice())
                     .unwrap_or_default();
-                responses::request_to_chat(self.tree()?, history, model, max_completion_tokens)
-                    .map(|chat| Cow::Owned(chat.body))
-                    .map_err(untranslatable)
+                responses::request_to_chat(
+                    self.tree()?,
+                    history,
+                    model,
+                    max_completion_tokens,
+                    web_search,
+                )
+                .map(|chat| Cow::Owned(chat.body))
+                .map_err(untranslatable)
             }
             Api::Completions | Api::Embeddings | Api::CountTokens => {
                 Err(unsupported(candidate, self.api.label()))
@@ -211,9 +219,13 @@ impl<'a> Call<'a> {
     }
 
     /// The client's translation when the upstream's answer has been read into OpenAI chat by
-    /// `reader`.
-    pub fn after_chat(&self, reader: Box<dyn ResponseTranslation>) -> Box<dyn ResponseTranslation> {
-        match self.chat_writer() {
+    /// `reader` (`web_search`: the upstream ran the request's web search itself).
+    pub fn after_chat(
+        &self,
+        reader: Box<dyn ResponseTranslation>,
+        web_search: bool,
+    ) -> Box<dyn ResponseTranslation> {
+        match self.chat_writer(web_search) {
             None => reader,
             Some(writer) => Box::new(Then {
                 first: reader,
@@ -224,7 +236,7 @@ impl<'a> Call<'a> {
 
     /// The client's translation when the upstream answered in OpenAI chat itself.
     pub fn from_openai_chat(&self) -> Box<dyn ResponseTranslation> {
-        self.chat_writer().unwrap_or_else(|| {
+        self.chat_writer(false).unwrap_or_else(|| {
             Box::new(OpenAiPassthrough {
                 client_wants_usage: self.shape.client_wants_usage,
             })
@@ -232,15 +244,21 @@ impl<'a> Call<'a> {
     }
 
     /// What writes the client's shape from OpenAI chat (none for a chat client).
-    fn chat_writer(&self) -> Option<Box<dyn ResponseTranslation>> {
+    fn chat_writer(&self, web_search: bool) -> Option<Box<dyn ResponseTranslation>> {
         match self.api {
             Api::Messages => Some(Box::new(ChatToMessages {
                 requested_model: self.requested_model.to_owned(),
             })),
             Api::Responses => self.responses.as_ref().map(|call| {
+                let dropped: Vec<&str> = call
+                    .dropped
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|kind| !(web_search && kind.starts_with("web_search")))
+                    .collect();
                 Box::new(ChatToResponses {
                     echo: call.echo.clone(),
-                    dropped: call.dropped.join(","),
+                    dropped: dropped.join(","),
                 }) as Box<dyn ResponseTranslation>
             }),
             Api::ChatCompletions | Api::Completions | Api::Embeddings | Api::CountTokens => None,

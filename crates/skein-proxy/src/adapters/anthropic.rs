@@ -21,7 +21,7 @@ impl ProviderAdapter for Anthropic {
             Api::Messages => native(call, candidate, "/v1/messages"),
             Api::CountTokens => native(call, candidate, "/v1/messages/count_tokens"),
             Api::ChatCompletions | Api::Responses => {
-                let chat = call.chat(candidate, false)?;
+                let chat = call.chat(candidate, false, true)?;
                 let mut translated =
                     anthropic::request_from_openai(&chat, &candidate.deployment.model)
                         .map_err(untranslatable)?;
@@ -45,9 +45,12 @@ impl ProviderAdapter for Anthropic {
     fn translation(&self, call: &Call<'_>, _candidate: &Candidate) -> Box<dyn ResponseTranslation> {
         match call.api {
             Api::Messages | Api::CountTokens => Box::new(Native),
-            _ => call.after_chat(Box::new(ToChat {
-                client_wants_usage: call.chat_usage(),
-            })),
+            _ => call.after_chat(
+                Box::new(ToChat {
+                    client_wants_usage: call.chat_usage(),
+                }),
+                true,
+            ),
         }
     }
 }

@@ -34,7 +34,7 @@ impl ProviderAdapter for Gemini {
             }
             Api::Completions | Api::CountTokens => Err(unsupported(candidate, call.api.label())),
             Api::ChatCompletions | Api::Messages | Api::Responses => {
-                let chat = call.chat(candidate, false)?;
+                let chat = call.chat(candidate, false, true)?;
                 let mut translated = gemini::request_from_openai(&chat).map_err(untranslatable)?;
                 if let Some(config) = translated.get_mut("generationConfig") {
                     super::clamp_tree(
@@ -73,10 +73,13 @@ impl ProviderAdapter for Gemini {
                     .is_some_and(|format| format == "base64");
                 Box::new(Embeddings { model, base64 })
             }
-            _ => call.after_chat(Box::new(ToChat {
-                client_wants_usage: call.chat_usage(),
-                model,
-            })),
+            _ => call.after_chat(
+                Box::new(ToChat {
+                    client_wants_usage: call.chat_usage(),
+                    model,
+                }),
+                true,
+            ),
         }
     }
 }

@@ -77,7 +77,7 @@ pub(super) fn prepare(
     }
     let provider = &candidate.deployment.provider;
     let max_completion_tokens = matches!(provider.kind, ProviderKind::OpenAi | ProviderKind::Azure);
-    let mut chat = call.chat(candidate, max_completion_tokens)?;
+    let mut chat = call.chat(candidate, max_completion_tokens, false)?;
     if let Some(limit) = candidate.deployment.max_output_tokens
         && super::LIMIT_MEMBERS
             .iter()

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Where a proxy's time goes, request by request, at one fixed rate. While nginx and Skein each
 # carry an open-loop run (placed as in benches/run.sh), tcpdump captures the loopback packets,
-# and benches/phases.py splits every request that had the proxy to itself into
+# and benches/diag/phases.py splits every request that had the proxy to itself into
 #   in        the client's request reaches the proxy -> the proxy's request leaves for the mock
 #   upstream  -> the mock's last response packet
 #   out       -> the proxy's last packet to the client
 # It also reports the proxy's CPU time per request during the run (from /proc), and the load
 # generator's own service latency p50/p99 over the same run (every request, from the client).
-# And it counts the halts per request of each core (see benches/README.md, "Halts").
-# Usage: benches/phases.sh [--rate R] [--unary] [--repeat N] [--duration S] [--halt-poll NS] [--kdamond-off]
+# And it counts the halts per request of each core (see benches/diag/README.md, "Halts").
+# Usage: benches/diag/phases.sh [--rate R] [--unary] [--repeat N] [--duration S] [--halt-poll NS] [--kdamond-off]
 # Needs: taskset, nginx and tcpdump (installed if missing, as root).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 rate=500; mode=stream; repeat=3; duration=5; poll=""; kdamond_off=""
 while [ $# -gt 0 ]; do
@@ -58,7 +58,7 @@ for round in $(seq 1 "$repeat"); do
     cpu_us=$(python3 -c "print(round(($after - $before) / $hz * 1e6 / max($sent, 1), 1))")
     per_request=$(halts_per_request "$halts_before" "$halts_after" "$sent")
     tcpdump -r "$work/$target.pcap" -n -tt --time-stamp-precision=nano 2>/dev/null > "$work/$target.txt"
-    python3 benches/phases.py "$work/$target.txt" "$port" "$mock_port" "$target/$mode/$rate" "$cpu_us" "$line" "$per_request" \
+    python3 benches/diag/phases.py "$work/$target.txt" "$port" "$mock_port" "$target/$mode/$rate" "$cpu_us" "$line" "$per_request" \
       | tee -a "$results"
   done
 done

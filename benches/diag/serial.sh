@@ -4,11 +4,11 @@
 # in benches/run.sh, in interleaved rounds. No request waits behind another, so the added
 # latency is each proxy's own pass in and pass out. With --halt-poll NS (as root, on a guest
 # with the haltpoll cpuidle driver), an idle vCPU polls up to NS ns before it halts, which
-# takes the hypervisor's wake-ups out of the figures (see benches/README.md, "Halts").
-# Usage: benches/serial.sh [--rounds N] [--duration S] [--halt-poll NS] [--kdamond-off]
+# takes the hypervisor's wake-ups out of the figures (see benches/diag/README.md, "Halts").
+# Usage: benches/diag/serial.sh [--rounds N] [--duration S] [--halt-poll NS] [--kdamond-off]
 # Results: benches/results/serial-<timestamp>.jsonl and a Markdown table of medians.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 rounds=5; duration=4; poll=""; kdamond_off=""
 while [ $# -gt 0 ]; do

@@ -3,11 +3,11 @@
 # process makes while an open-loop load of 1500 requests (500 req/s for 3 s) runs, after a
 # 1 s warm-up. Placed as in benches/run.sh (Skein on core 0; the mock and the load generator
 # on core 1).
-# Usage: benches/allocs.sh [--model NAME]   (default: the configured route `bench`; try
+# Usage: benches/diag/allocs.sh [--model NAME]   (default: the configured route `bench`; try
 #        `mock/bench` for a provider/model name)
 # Needs: root, taskset, and perf (installed if missing). Leaves no probes behind.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 model=bench
 while [ $# -gt 0 ]; do

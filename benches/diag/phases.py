@@ -1,6 +1,6 @@
 """Split a proxy's requests into phases from a loopback packet capture (tcpdump's text output).
 
-Usage: python3 benches/phases.py CAPTURE.txt PROXY_PORT MOCK_PORT LABEL CPU_US_PER_REQUEST \
+Usage: python3 benches/diag/phases.py CAPTURE.txt PROXY_PORT MOCK_PORT LABEL CPU_US_PER_REQUEST \
            [LOAD_GENERATOR_JSON [HALTS_PER_REQUEST_JSON]]
 
 For each request, with only payload-carrying packets considered:
