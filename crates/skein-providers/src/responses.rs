@@ -772,7 +772,11 @@ impl ChatToResponsesStream {
         data["type"] = json!(kind);
         data["sequence_number"] = json!(self.sequence);
         self.sequence += 1;
-        out.push(OutEvent::named(kind, data.to_string()));
+        // `to_string` of a `Value` goes through `Display`, several times slower.
+        out.push(OutEvent::named(
+            kind,
+            serde_json::to_string(&data).unwrap_or_default(),
+        ));
     }
 
     fn start(&mut self, out: &mut Vec<OutEvent>) {

@@ -290,7 +290,7 @@ struct ChatToMessages {
 impl ResponseTranslation for ChatToMessages {
     fn unary(&self, body: Bytes) -> Result<(Bytes, Usage), TranslateError> {
         let (answer, usage) = anthropic::response_from_openai(&body, &self.requested_model)?;
-        Ok((Bytes::from(answer.to_string()), usage))
+        Ok((crate::translate::json_bytes(&answer), usage))
     }
 
     fn stream(&self) -> Box<dyn StreamTranslator> {
@@ -310,7 +310,7 @@ struct ChatToResponses {
 impl ResponseTranslation for ChatToResponses {
     fn unary(&self, body: Bytes) -> Result<(Bytes, Usage), TranslateError> {
         let (answer, usage) = responses::response_from_chat(&body, &self.echo)?;
-        Ok((Bytes::from(answer.to_string()), usage))
+        Ok((crate::translate::json_bytes(&answer), usage))
     }
 
     fn stream(&self) -> Box<dyn StreamTranslator> {

@@ -34,7 +34,7 @@ impl ProviderAdapter for Anthropic {
                     call,
                     candidate,
                     "/v1/messages",
-                    Bytes::from(translated.to_string()),
+                    crate::translate::json_bytes(&translated),
                     false,
                 )
             }
@@ -124,7 +124,7 @@ struct ToChat {
 impl ResponseTranslation for ToChat {
     fn unary(&self, body: Bytes) -> Result<(Bytes, Usage), TranslateError> {
         let (answer, usage) = anthropic::response_to_openai(&body, unix_now())?;
-        Ok((Bytes::from(answer.to_string()), usage))
+        Ok((crate::translate::json_bytes(&answer), usage))
     }
 
     fn stream(&self) -> Box<dyn StreamTranslator> {

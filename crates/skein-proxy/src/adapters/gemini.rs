@@ -28,7 +28,7 @@ impl ProviderAdapter for Gemini {
                 })?;
                 Ok(PreparedRequest {
                     uri,
-                    body: Bytes::from(translated.to_string()),
+                    body: crate::translate::json_bytes(&translated),
                     headers: Vec::new(),
                 })
             }
@@ -54,7 +54,7 @@ impl ProviderAdapter for Gemini {
                 })?;
                 Ok(PreparedRequest {
                     uri,
-                    body: Bytes::from(translated.to_string()),
+                    body: crate::translate::json_bytes(&translated),
                     headers: Vec::new(),
                 })
             }
@@ -93,7 +93,7 @@ struct ToChat {
 impl ResponseTranslation for ToChat {
     fn unary(&self, body: Bytes) -> Result<(Bytes, Usage), TranslateError> {
         let (answer, usage) = gemini::response_to_openai(&body, &self.model, unix_now())?;
-        Ok((Bytes::from(answer.to_string()), usage))
+        Ok((crate::translate::json_bytes(&answer), usage))
     }
 
     fn stream(&self) -> Box<dyn StreamTranslator> {
@@ -115,7 +115,7 @@ impl ResponseTranslation for Embeddings {
     fn unary(&self, body: Bytes) -> Result<(Bytes, Usage), TranslateError> {
         let (answer, usage) =
             gemini::embeddings_response_to_openai(&body, &self.model, self.base64)?;
-        Ok((Bytes::from(answer.to_string()), usage))
+        Ok((crate::translate::json_bytes(&answer), usage))
     }
 
     fn stream(&self) -> Box<dyn StreamTranslator> {

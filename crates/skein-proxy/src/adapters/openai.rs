@@ -88,7 +88,7 @@ pub(super) fn prepare(
     let path = "/chat/completions";
     Ok(PreparedRequest {
         uri: upstream_uri(candidate, Api::ChatCompletions.label(), || url(path))?,
-        body: Bytes::from(chat.to_string()),
+        body: crate::translate::json_bytes(&chat),
         headers: Vec::new(),
     })
 }
@@ -143,7 +143,7 @@ impl ResponseTranslation for NativeResponses {
             TranslateError::upstream(format!("the provider's answer is not JSON: {error}"))
         })?;
         let usage = responses::rename_response(&mut response, &self.id, self.previous.as_deref());
-        Ok((Bytes::from(response.to_string()), usage))
+        Ok((crate::translate::json_bytes(&response), usage))
     }
 
     fn stream(&self) -> Box<dyn StreamTranslator> {
