@@ -339,7 +339,11 @@ impl ControlPlane {
 
     /// The members of the group (voters and learners) with their gRPC addresses.
     pub fn members(&self) -> Vec<(NodeId, String)> {
-        self.metrics()
+        // Read in place: the whole metrics would be cloned for a list of a few nodes.
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
             .membership_config
             .membership()
             .nodes()

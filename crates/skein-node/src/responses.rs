@@ -66,6 +66,10 @@ fn expiry_key(expires_at_ms: u64, id: &str) -> Vec<u8> {
     key
 }
 
+fn encode(record: &StoredResponse) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(record).map_err(|error| StoreError(format!("unencodable response: {error}")))
+}
+
 fn storage(error: sled::Error) -> StoreError {
     StoreError(format!("the response store failed: {error}"))
 }
@@ -121,13 +125,29 @@ impl LocalStore {
 
     /// Keep a record (its JSON), replacing one with the same id.
     pub fn put(&self, record: &StoredResponse) -> Result<(), StoreError> {
-        let encoded = serde_json::to_vec(record)
-            .map_err(|error| StoreError(format!("unencodable response: {error}")))?;
-        self.remove(&record.id)?;
+        self.put_encoded(record, &encode(record)?)
+    }
+
+    /// [`put`](Self::put) with the record's JSON already made (it is sent to a peer too).
+    pub fn put_encoded(&self, record: &StoredResponse, encoded: &[u8]) -> Result<(), StoreError> {
         let length = encoded.len() as u64;
-        self.records
+        // A record put again (a replica's copy retried) replaces the old one.
+        if let Some(old) = self
+            .records
             .insert(record.id.as_bytes(), encoded)
-            .map_err(storage)?;
+            .map_err(storage)?
+        {
+            self.bytes.fetch_sub(
+                (old.len() as u64).min(self.bytes.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+            self.count.fetch_sub(1, Ordering::Relaxed);
+            if let Ok(old) = serde_json::from_slice::<StoredResponse>(&old) {
+                self.expiry
+                    .remove(expiry_key(old.expires_at_ms, &old.id))
+                    .map_err(storage)?;
+            }
+        }
         self.expiry
             .insert(expiry_key(record.expires_at_ms, &record.id), &[])
             .map_err(storage)?;
@@ -350,7 +370,8 @@ impl ResponseStore for ClusterStore {
     }
 
     async fn put(&self, record: StoredResponse) -> Result<(), StoreError> {
-        self.local.put(&record)?;
+        let encoded = encode(&record)?;
+        self.local.put_encoded(&record, &encoded)?;
         let random = record
             .id
             .strip_prefix("resp_")
@@ -361,8 +382,6 @@ impl ResponseStore for ClusterStore {
         if peers.is_empty() {
             return Ok(());
         }
-        let encoded = serde_json::to_vec(&record)
-            .map_err(|error| StoreError(format!("unencodable response: {error}")))?;
         for (node, addr) in peers.iter().take(3) {
             match self.put_on(*node, addr, &encoded).await {
                 Ok(()) => return Ok(()),

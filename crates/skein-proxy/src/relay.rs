@@ -16,8 +16,8 @@ use skein_types::ErrorCode;
 use crate::dispatch::EventStream;
 use crate::error::{ApiError, ErrorShape};
 use crate::intake::RequestContext;
-use crate::metrics::{ProviderLabels, RouteLabels};
-use crate::respond::{RESPONSE_HEADERS, record_request, served_headers};
+use crate::metrics::ProviderLabels;
+use crate::respond::{RESPONSE_HEADERS, count_fallback, record_request, served_headers};
 use crate::responses::Keep;
 use crate::spend::Hold;
 use crate::state::AppState;
@@ -37,15 +37,7 @@ pub(crate) fn stream_response(
     hold: Option<Hold>,
     keep: Option<Keep>,
 ) -> Response {
-    if candidate.route.name != requested_route.name {
-        state
-            .metrics
-            .fallbacks
-            .get_or_create(&RouteLabels {
-                route: requested_route.name.clone(),
-            })
-            .inc();
-    }
+    count_fallback(state, requested_route, &candidate);
     record_request(
         state,
         &context,

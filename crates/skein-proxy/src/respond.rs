@@ -170,6 +170,23 @@ async fn respond_with(
     response
 }
 
+/// Count a request served by a fallback route (another route than the one asked for).
+pub(crate) fn count_fallback(
+    state: &AppState,
+    requested_route: &RouteRuntime,
+    candidate: &Candidate,
+) {
+    if candidate.route.name != requested_route.name {
+        state
+            .metrics
+            .fallbacks
+            .get_or_create(&RouteLabels {
+                route: requested_route.name.clone(),
+            })
+            .inc();
+    }
+}
+
 pub(crate) fn insert_header(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
         headers.insert(name, value);
@@ -290,15 +307,7 @@ pub(crate) fn finish_unary(
     waited: Duration,
     body: Bytes,
 ) -> Response {
-    if candidate.route.name != requested_route.name {
-        state
-            .metrics
-            .fallbacks
-            .get_or_create(&RouteLabels {
-                route: requested_route.name.clone(),
-            })
-            .inc();
-    }
+    count_fallback(state, requested_route, candidate);
     record_request(
         state,
         context,
