@@ -351,7 +351,10 @@ pub(crate) async fn responses(state: &MockState, incoming: Incoming) -> Response
         ChatAnswer::Whole(answer, pieces) => {
             let bytes = answer.to_string();
             match response_from_chat(bytes.as_bytes(), &echo) {
-                Ok((response, _)) => json_answer(state, pieces, response).await,
+                Ok((response, _)) => {
+                    let response = serde_json::from_slice(&response).unwrap_or_default();
+                    json_answer(state, pieces, response).await
+                }
                 Err(error) => (
                     axum::http::StatusCode::INTERNAL_SERVER_ERROR,
                     error.message().to_owned(),

@@ -538,7 +538,7 @@ mod tests {
             expires_at_ms,
             previous_response_id: None,
             input: vec![json!({"type": "message", "content": "x".repeat(size)})],
-            response: json!({"id": id}),
+            response: serde_json::value::to_raw_value(&json!({"id": id})).expect("JSON"),
         }
     }
 

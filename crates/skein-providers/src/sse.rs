@@ -77,8 +77,8 @@ pub trait StreamTranslator: Send {
         false
     }
     /// The whole answer, once the stream completed, for a translator that builds one (the
-    /// Responses API's final response, which is stored); taken once.
-    fn take_result(&mut self) -> Option<serde_json::Value> {
+    /// Responses API's final response, which is stored), as its JSON; taken once.
+    fn take_result(&mut self) -> Option<Box<serde_json::value::RawValue>> {
         None
     }
 }
@@ -144,7 +144,7 @@ impl StreamTranslator for ChainedStream {
         self.second.fail(code, message, out)
     }
 
-    fn take_result(&mut self) -> Option<serde_json::Value> {
+    fn take_result(&mut self) -> Option<Box<serde_json::value::RawValue>> {
         self.second.take_result()
     }
 }

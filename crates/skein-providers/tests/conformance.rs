@@ -103,10 +103,16 @@ const TABLE: &[(&str, Run)] = &[
         .map(|chat| json!({"body": chat.body, "dropped": chat.dropped}))
     }),
     ("responses/response_from_chat", |input| {
-        pair(responses::response_from_chat(
-            input["answer"].to_string().as_bytes(),
-            &echo(&input["request"]),
-        ))
+        pair(
+            responses::response_from_chat(
+                input["answer"].to_string().as_bytes(),
+                &echo(&input["request"]),
+            )
+            .map(|(answer, usage)| {
+                let answer: Value = serde_json::from_slice(&answer).expect("a response is JSON");
+                (answer, usage)
+            }),
+        )
     }),
     ("responses/stream_from_chat", |input| {
         let translator = responses::ChatToResponsesStream::new(echo(&input["request"]));

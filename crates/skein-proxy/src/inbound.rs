@@ -130,7 +130,7 @@ pub struct Call<'a> {
 
 /// What a Responses call carries besides its body.
 pub struct ResponsesCall {
-    pub echo: responses::Echo,
+    pub echo: std::sync::Arc<responses::Echo>,
     /// The items of the conversation before this turn (from `previous_response_id`).
     pub history: Vec<Value>,
     /// Built-in tools a translated request leaves out.
@@ -257,7 +257,7 @@ impl<'a> Call<'a> {
                     .filter(|kind| !(web_search && kind.starts_with("web_search")))
                     .collect();
                 Box::new(ChatToResponses {
-                    echo: call.echo.clone(),
+                    echo: std::sync::Arc::clone(&call.echo),
                     dropped: dropped.join(","),
                 }) as Box<dyn ResponseTranslation>
             }),
@@ -302,7 +302,7 @@ impl ResponseTranslation for ChatToMessages {
 
 /// OpenAI chat → a Responses API answer.
 struct ChatToResponses {
-    echo: responses::Echo,
+    echo: std::sync::Arc<responses::Echo>,
     /// Built-in tools the translated request left out, comma-separated.
     dropped: String,
 }
@@ -310,11 +310,13 @@ struct ChatToResponses {
 impl ResponseTranslation for ChatToResponses {
     fn unary(&self, body: Bytes) -> Result<(Bytes, Usage), TranslateError> {
         let (answer, usage) = responses::response_from_chat(&body, &self.echo)?;
-        Ok((crate::translate::json_bytes(&answer), usage))
+        Ok((Bytes::from(answer), usage))
     }
 
     fn stream(&self) -> Box<dyn StreamTranslator> {
-        Box::new(responses::ChatToResponsesStream::new(self.echo.clone()))
+        Box::new(responses::ChatToResponsesStream::new(
+            std::sync::Arc::clone(&self.echo),
+        ))
     }
 
     fn note(&self) -> Option<(HeaderName, HeaderValue)> {

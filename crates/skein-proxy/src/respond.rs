@@ -111,7 +111,8 @@ async fn respond_with(
                     hold.settle(&served.candidate, &usage);
                 }
                 if let Some(keep) = keep
-                    && let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&body)
+                    && let Ok(answer) =
+                        serde_json::from_slice::<Box<serde_json::value::RawValue>>(&body)
                 {
                     // Boxed: a rare path, kept out of every request's future.
                     Box::pin(keep.keep(answer)).await;

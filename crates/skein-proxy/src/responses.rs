@@ -12,6 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use skein_types::ErrorCode;
 
@@ -23,7 +24,7 @@ use crate::state::AppState;
 pub const MAX_CHAIN: usize = 1_000;
 
 /// One stored response: what the client sent in its turn and what it got.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredResponse {
     pub id: String,
     /// The virtual key that made it (none in open mode); only that key may read it.
@@ -36,21 +37,25 @@ pub struct StoredResponse {
     pub previous_response_id: Option<String>,
     /// This turn's input items (a string input as one user message), each with an id.
     pub input: Vec<Value>,
-    /// The response object as the client got it.
-    pub response: Value,
+    /// The response object as the client got it (its JSON, kept as it was written).
+    pub response: Box<RawValue>,
 }
 
 impl StoredResponse {
     /// The conversation up to and including this turn, as input items: its input, then its
     /// output.
-    fn turn(&self) -> impl Iterator<Item = &Value> {
-        self.input.iter().chain(
-            self.response["output"]
-                .as_array()
-                .map(|items| items.iter())
-                .into_iter()
-                .flatten(),
-        )
+    fn turn(&self) -> Vec<Value> {
+        #[derive(Deserialize)]
+        struct Output {
+            #[serde(default)]
+            output: Vec<Value>,
+        }
+        let output = serde_json::from_str::<Output>(self.response.get())
+            .map(|response| response.output)
+            .unwrap_or_default();
+        let mut items = self.input.clone();
+        items.extend(output);
+        items
     }
 
     /// Whether `key_id` may see it.
@@ -182,7 +187,7 @@ pub async fn history(
     }
     let mut items = Vec::new();
     for record in turns.iter().rev() {
-        items.extend(record.turn().cloned());
+        items.extend(record.turn());
     }
     Ok(Some(items))
 }
@@ -310,6 +315,11 @@ pub async fn input_items(
     .into_response()
 }
 
+/// `null`, for a record not filled in yet.
+pub fn null_json() -> Box<RawValue> {
+    RawValue::NULL.to_owned()
+}
+
 /// A finished response to keep, once the answer is whole.
 pub struct Keep {
     store: Arc<dyn ResponseStore>,
@@ -319,8 +329,17 @@ pub struct Keep {
 impl Keep {
     /// Store `response` (a failed one is not kept). Called before the client sees the end of
     /// the answer, so a `previous_response_id` it sends next is found.
-    pub async fn keep(mut self, response: Value) {
-        if response["status"] == "failed" {
+    pub async fn keep(mut self, response: Box<RawValue>) {
+        #[derive(Deserialize)]
+        struct Status<'a> {
+            #[serde(borrow, default)]
+            status: Option<std::borrow::Cow<'a, str>>,
+        }
+        let status = serde_json::from_str::<Status<'_>>(response.get());
+        if matches!(
+            status.as_ref().map(|status| status.status.as_deref()),
+            Ok(Some("failed"))
+        ) {
             return;
         }
         self.record.response = response;
@@ -356,16 +375,24 @@ pub(crate) async fn open(
                     .with_param("previous_response_id"));
             }
         };
-        let echo = wire::Echo::from_request(
+        let echo = wire::Echo::from_raw(
+            &call.request,
             tree,
             id.clone(),
             call.requested_model,
             crate::translate::unix_now(),
         );
-        let stem = id.strip_prefix("resp_").unwrap_or(&id);
-        let input = wire::input_items(tree, stem)
-            .map_err(|error| ApiError::invalid(error.message().to_owned()).with_param("input"))?;
         let wants_store = tree["store"].as_bool().unwrap_or(true);
+        // The input items are kept only with the response (and checked again by the
+        // translation): with `store: false` they are not made.
+        let input = if wants_store {
+            let stem = id.strip_prefix("resp_").unwrap_or(&id);
+            wire::input_items(tree, stem).map_err(|error| {
+                ApiError::invalid(error.message().to_owned()).with_param("input")
+            })?
+        } else {
+            Vec::new()
+        };
         (
             echo,
             input,
@@ -386,7 +413,7 @@ pub(crate) async fn open(
         None => Vec::new(),
     };
     call.responses = Some(Box::new(crate::inbound::ResponsesCall {
-        echo,
+        echo: Arc::new(echo),
         history,
         dropped,
     }));
@@ -400,7 +427,7 @@ pub(crate) async fn open(
             expires_at_ms,
             previous_response_id: previous,
             input,
-            response: Value::Null,
+            response: null_json(),
         },
     }))
 }

@@ -1,0 +1,589 @@
+//! OpenAI chat stream → Responses stream.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use super::wire::{self, Item, Items, Part};
+use super::{Echo, Ending, custom_input};
+use crate::error::TranslateError;
+use crate::sse::{OutEvent, StreamTranslator};
+use crate::usage::Usage;
+
+/// The item being streamed.
+#[derive(Debug)]
+enum Open {
+    Reasoning {
+        id: String,
+        text: String,
+    },
+    Message {
+        id: String,
+        text: String,
+    },
+    Call {
+        id: String,
+        call_id: String,
+        name: String,
+        arguments: String,
+        chat_index: u64,
+        custom: bool,
+    },
+}
+
+/// Turns OpenAI chat chunks into the Responses API's events, numbered as OpenAI numbers them
+/// (`sequence_number` from 0), with `response.completed` (or `response.incomplete`) carrying
+/// the whole response and its usage. Chunks are read into borrowed structs and events written
+/// from structs: no JSON tree is built.
+pub struct ChatToResponsesStream {
+    echo: Arc<Echo>,
+    sequence: u64,
+    started: bool,
+    open: Option<Open>,
+    output: Items,
+    finish_reason: Option<String>,
+    usage: Usage,
+    done: bool,
+    /// The final response object's JSON, once there is one.
+    result: Option<Vec<u8>>,
+}
+
+// The events' members besides `type` and `sequence_number`.
+
+#[derive(Serialize)]
+struct ItemEvent<'a> {
+    output_index: usize,
+    item: &'a Item<'a>,
+}
+
+#[derive(Serialize)]
+struct ContentPart<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: usize,
+    part: &'a Part<'a>,
+}
+
+#[derive(Serialize)]
+struct SummaryPart<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    summary_index: usize,
+    part: &'a Part<'a>,
+}
+
+#[derive(Serialize)]
+struct TextDelta<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: usize,
+    delta: &'a str,
+    logprobs: [(); 0],
+}
+
+#[derive(Serialize)]
+struct TextDone<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: usize,
+    text: &'a str,
+    logprobs: [(); 0],
+}
+
+#[derive(Serialize)]
+struct SummaryDelta<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    summary_index: usize,
+    delta: &'a str,
+}
+
+#[derive(Serialize)]
+struct SummaryDone<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    summary_index: usize,
+    text: &'a str,
+}
+
+#[derive(Serialize)]
+struct Delta<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    delta: &'a str,
+}
+
+#[derive(Serialize)]
+struct ArgumentsDone<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    name: &'a str,
+    arguments: &'a str,
+}
+
+#[derive(Serialize)]
+struct InputDone<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    input: &'a str,
+}
+
+#[derive(Serialize)]
+struct ErrorEvent<'a> {
+    code: &'a str,
+    message: &'a str,
+    param: (),
+}
+
+impl ChatToResponsesStream {
+    pub fn new(echo: impl Into<Arc<Echo>>) -> ChatToResponsesStream {
+        ChatToResponsesStream {
+            echo: echo.into(),
+            sequence: 0,
+            started: false,
+            open: None,
+            output: Items::default(),
+            finish_reason: None,
+            usage: Usage::default(),
+            done: false,
+            result: None,
+        }
+    }
+
+    fn emit(&mut self, out: &mut Vec<OutEvent>, kind: &'static str, body: &impl Serialize) {
+        let data = wire::event_data(kind, self.sequence, body);
+        self.sequence += 1;
+        out.push(OutEvent::named(kind, wire::into_text(data)));
+    }
+
+    /// An event carrying the whole response, which ended so; returns the response's JSON.
+    fn emit_response(
+        &mut self,
+        out: &mut Vec<OutEvent>,
+        kind: &'static str,
+        ending: Ending<'_>,
+        usage: Option<&Usage>,
+    ) -> Vec<u8> {
+        let mut response = Vec::with_capacity(1024);
+        self.echo
+            .write_response(&mut response, ending, &self.output, usage);
+        let mut data = wire::event_head(kind, self.sequence);
+        self.sequence += 1;
+        data.extend_from_slice(b",\"response\":");
+        data.extend_from_slice(&response);
+        data.push(b'}');
+        out.push(OutEvent::named(kind, wire::into_text(data)));
+        response
+    }
+
+    fn start(&mut self, out: &mut Vec<OutEvent>) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        self.emit_response(out, "response.created", Ending::IN_PROGRESS, None);
+        self.emit_response(out, "response.in_progress", Ending::IN_PROGRESS, None);
+    }
+
+    /// Close the open item, if any, with its `*.done` events.
+    fn close(&mut self, out: &mut Vec<OutEvent>) {
+        let Some(open) = self.open.take() else {
+            return;
+        };
+        let index = self.output.len();
+        let echo = Arc::clone(&self.echo);
+        let item_done = |this: &mut Self, out: &mut Vec<OutEvent>, item: &Item<'_>| {
+            this.emit(
+                out,
+                "response.output_item.done",
+                &ItemEvent {
+                    output_index: index,
+                    item,
+                },
+            );
+            this.output.push(item);
+        };
+        match &open {
+            Open::Reasoning { id, text } => {
+                let part = Part::SummaryText { text };
+                self.emit(
+                    out,
+                    "response.reasoning_summary_text.done",
+                    &SummaryDone {
+                        item_id: id,
+                        output_index: index,
+                        summary_index: 0,
+                        text,
+                    },
+                );
+                self.emit(
+                    out,
+                    "response.reasoning_summary_part.done",
+                    &SummaryPart {
+                        item_id: id,
+                        output_index: index,
+                        summary_index: 0,
+                        part: &part,
+                    },
+                );
+                let summary = [part];
+                item_done(
+                    self,
+                    out,
+                    &Item::Reasoning {
+                        id,
+                        summary: &summary,
+                    },
+                );
+            }
+            Open::Message { id, text } => {
+                let part = Part::output_text(text);
+                self.emit(
+                    out,
+                    "response.output_text.done",
+                    &TextDone {
+                        item_id: id,
+                        output_index: index,
+                        content_index: 0,
+                        text,
+                        logprobs: [],
+                    },
+                );
+                self.emit(
+                    out,
+                    "response.content_part.done",
+                    &ContentPart {
+                        item_id: id,
+                        output_index: index,
+                        content_index: 0,
+                        part: &part,
+                    },
+                );
+                let content = [part];
+                item_done(
+                    self,
+                    out,
+                    &Item::Message {
+                        id,
+                        status: "completed",
+                        role: "assistant",
+                        content: &content,
+                    },
+                );
+            }
+            Open::Call {
+                id,
+                call_id,
+                name,
+                arguments,
+                custom,
+                ..
+            } => {
+                let input = if *custom {
+                    let input = custom_input(arguments);
+                    self.emit(
+                        out,
+                        "response.custom_tool_call_input.delta",
+                        &Delta {
+                            item_id: id,
+                            output_index: index,
+                            delta: &input,
+                        },
+                    );
+                    self.emit(
+                        out,
+                        "response.custom_tool_call_input.done",
+                        &InputDone {
+                            item_id: id,
+                            output_index: index,
+                            input: &input,
+                        },
+                    );
+                    input
+                } else {
+                    self.emit(
+                        out,
+                        "response.function_call_arguments.done",
+                        &ArgumentsDone {
+                            item_id: id,
+                            output_index: index,
+                            name,
+                            arguments,
+                        },
+                    );
+                    Cow::Borrowed("")
+                };
+                let item = echo.call_item(id, "completed", call_id, name, arguments, &input);
+                item_done(self, out, &item);
+            }
+        }
+    }
+
+    fn reasoning(&mut self, delta: &str, out: &mut Vec<OutEvent>) {
+        if !matches!(self.open, Some(Open::Reasoning { .. })) {
+            self.close(out);
+            let index = self.output.len();
+            let id = self.echo.item_id("rs", index);
+            self.emit(
+                out,
+                "response.output_item.added",
+                &ItemEvent {
+                    output_index: index,
+                    item: &Item::Reasoning {
+                        id: &id,
+                        summary: &[],
+                    },
+                },
+            );
+            self.emit(
+                out,
+                "response.reasoning_summary_part.added",
+                &SummaryPart {
+                    item_id: &id,
+                    output_index: index,
+                    summary_index: 0,
+                    part: &Part::SummaryText { text: "" },
+                },
+            );
+            self.open = Some(Open::Reasoning {
+                id,
+                text: String::new(),
+            });
+        }
+        let index = self.output.len();
+        if let Some(Open::Reasoning { id, mut text }) = self.open.take() {
+            text.push_str(delta);
+            self.emit(
+                out,
+                "response.reasoning_summary_text.delta",
+                &SummaryDelta {
+                    item_id: &id,
+                    output_index: index,
+                    summary_index: 0,
+                    delta,
+                },
+            );
+            self.open = Some(Open::Reasoning { id, text });
+        }
+    }
+
+    fn text(&mut self, delta: &str, out: &mut Vec<OutEvent>) {
+        if !matches!(self.open, Some(Open::Message { .. })) {
+            self.close(out);
+            let index = self.output.len();
+            let id = self.echo.item_id("msg", index);
+            self.emit(
+                out,
+                "response.output_item.added",
+                &ItemEvent {
+                    output_index: index,
+                    item: &Item::Message {
+                        id: &id,
+                        status: "in_progress",
+                        role: "assistant",
+                        content: &[],
+                    },
+                },
+            );
+            self.emit(
+                out,
+                "response.content_part.added",
+                &ContentPart {
+                    item_id: &id,
+                    output_index: index,
+                    content_index: 0,
+                    part: &Part::output_text(""),
+                },
+            );
+            self.open = Some(Open::Message {
+                id,
+                text: String::new(),
+            });
+        }
+        let index = self.output.len();
+        if let Some(Open::Message { id, mut text }) = self.open.take() {
+            text.push_str(delta);
+            self.emit(
+                out,
+                "response.output_text.delta",
+                &TextDelta {
+                    item_id: &id,
+                    output_index: index,
+                    content_index: 0,
+                    delta,
+                    logprobs: [],
+                },
+            );
+            self.open = Some(Open::Message { id, text });
+        }
+    }
+
+    fn tool_call(&mut self, call: &wire::ToolCall<'_>, out: &mut Vec<OutEvent>) {
+        let chat_index = call.index.unwrap_or(0);
+        let same =
+            matches!(&self.open, Some(Open::Call { chat_index: open, .. }) if *open == chat_index);
+        if !same {
+            self.close(out);
+            let index = self.output.len();
+            let name = call.name().unwrap_or("").to_owned();
+            let call_id = call.id.as_str().unwrap_or("").to_owned();
+            let custom = self.echo.is_custom(&name);
+            let id = self.echo.item_id(if custom { "ctc" } else { "fc" }, index);
+            let echo = Arc::clone(&self.echo);
+            let item = echo.call_item(&id, "in_progress", &call_id, &name, "", "");
+            self.emit(
+                out,
+                "response.output_item.added",
+                &ItemEvent {
+                    output_index: index,
+                    item: &item,
+                },
+            );
+            self.open = Some(Open::Call {
+                id,
+                call_id,
+                name,
+                arguments: String::new(),
+                chat_index,
+                custom,
+            });
+        }
+        let index = self.output.len();
+        let delta = call.arguments().unwrap_or("");
+        if delta.is_empty() {
+            return;
+        }
+        if let Some(Open::Call {
+            id,
+            arguments,
+            custom,
+            ..
+        }) = &mut self.open
+        {
+            arguments.push_str(delta);
+            // A custom tool's input is only known whole (it arrives inside JSON arguments).
+            if !*custom {
+                let data = wire::event_data(
+                    "response.function_call_arguments.delta",
+                    self.sequence,
+                    &Delta {
+                        item_id: id,
+                        output_index: index,
+                        delta,
+                    },
+                );
+                self.sequence += 1;
+                out.push(OutEvent::named(
+                    "response.function_call_arguments.delta",
+                    wire::into_text(data),
+                ));
+            }
+        }
+    }
+
+    /// The end: every item closed, then `response.completed` or `response.incomplete`.
+    fn end(&mut self, out: &mut Vec<OutEvent>) {
+        if self.done {
+            return;
+        }
+        self.start(out);
+        self.close(out);
+        self.done = true;
+        let ending = Ending::of_finish_reason(self.finish_reason.as_deref());
+        let kind = if ending.status == "completed" {
+            "response.completed"
+        } else {
+            "response.incomplete"
+        };
+        let usage = self.usage;
+        let response = self.emit_response(out, kind, ending, Some(&usage));
+        self.result = Some(response);
+    }
+}
+
+impl StreamTranslator for ChatToResponsesStream {
+    fn on_event(
+        &mut self,
+        _event: &str,
+        data: &str,
+        out: &mut Vec<OutEvent>,
+    ) -> Result<(), TranslateError> {
+        if data.trim() == "[DONE]" {
+            self.end(out);
+            return Ok(());
+        }
+        let chunk: wire::Chunk<'_> = serde_json::from_str(data)
+            .map_err(|error| TranslateError::upstream(format!("invalid chunk JSON: {error}")))?;
+        self.start(out);
+        if let Some(usage) = wire::chat_usage(chunk.usage) {
+            self.usage.merge_max(&usage);
+        }
+        let Some(choice) = chunk.choices.as_ref().and_then(|choices| choices.first()) else {
+            return Ok(());
+        };
+        if let Some(delta) = &choice.delta {
+            if let Some(reasoning) = delta.reasoning() {
+                self.reasoning(reasoning, out);
+            }
+            if let wire::Content::Text(text) = &delta.content
+                && !text.is_empty()
+            {
+                self.text(text, out);
+            }
+            for call in delta.tool_calls.iter().flatten() {
+                self.tool_call(call, out);
+            }
+        }
+        if let Some(reason) = choice.finish_reason.as_str() {
+            self.finish_reason = Some(reason.to_owned());
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut Vec<OutEvent>) {
+        // An upstream that said why it finished but not `[DONE]` still finished.
+        if self.finish_reason.is_some() {
+            self.end(out);
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    fn completed(&self) -> bool {
+        self.done
+    }
+
+    fn fail(&mut self, code: &str, message: &str, out: &mut Vec<OutEvent>) -> bool {
+        if self.done {
+            return false;
+        }
+        self.start(out);
+        self.done = true;
+        self.emit(
+            out,
+            "error",
+            &ErrorEvent {
+                code,
+                message,
+                param: (),
+            },
+        );
+        let ending = Ending {
+            status: "failed",
+            incomplete: None,
+            error: Some(message),
+        };
+        let usage = self.usage;
+        self.emit_response(out, "response.failed", ending, Some(&usage));
+        true
+    }
+
+    fn take_result(&mut self) -> Option<Box<RawValue>> {
+        let response = self.result.take()?;
+        RawValue::from_string(wire::into_text(response)).ok()
+    }
+}

@@ -1,0 +1,452 @@
+//! The JSON a translated Responses answer is read from and written to, without building a
+//! `serde_json::Value` tree on the way: OpenAI chat answers and chunks are read into borrowed
+//! structs, and the Responses objects (items, the response, events) are written from structs
+//! straight into bytes. A response's echoed settings are written once per call (see
+//! [`super::Echo`]) and copied into every response object after.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::usage::Usage;
+
+// ---------------------------------------------------------------------------------------------
+// Reading OpenAI chat
+
+/// A member read as text when it is a string. Anything else (null, a number, an object) is
+/// tolerated and reads as no text, as the tree-walking translations read it: an upstream's odd
+/// member is not worth failing an answer for.
+#[derive(Debug, Default)]
+pub(crate) struct Text<'a>(pub Option<Cow<'a, str>>);
+
+impl Text<'_> {
+    pub fn as_str(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+
+    /// The text, when there is some.
+    pub fn non_empty(&self) -> Option<&str> {
+        self.as_str().filter(|text| !text.is_empty())
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Text<'a>, D::Error> {
+        deserializer.deserialize_any(Lenient::<Text<'a>>(PhantomData))
+    }
+}
+
+/// A message's `content`: text, or content parts (joined as text where read).
+#[derive(Debug, Default)]
+pub(crate) enum Content<'a> {
+    #[default]
+    None,
+    Text(Cow<'a, str>),
+    Parts(Value),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Content<'a>, D::Error> {
+        deserializer.deserialize_any(Lenient::<Content<'a>>(PhantomData))
+    }
+}
+
+/// What [`Lenient`] builds: text from a string, and whatever else the type keeps of the rest.
+trait FromLenient<'a>: Sized {
+    fn text(text: Cow<'a, str>) -> Self;
+    fn nothing() -> Self;
+    fn parts<'de, A: SeqAccess<'de>>(seq: A) -> Result<Self, A::Error> {
+        skip_seq(seq).map(|()| Self::nothing())
+    }
+}
+
+impl<'a> FromLenient<'a> for Text<'a> {
+    fn text(text: Cow<'a, str>) -> Text<'a> {
+        Text(Some(text))
+    }
+    fn nothing() -> Text<'a> {
+        Text(None)
+    }
+}
+
+impl<'a> FromLenient<'a> for Content<'a> {
+    fn text(text: Cow<'a, str>) -> Content<'a> {
+        Content::Text(text)
+    }
+    fn nothing() -> Content<'a> {
+        Content::None
+    }
+    fn parts<'de, A: SeqAccess<'de>>(seq: A) -> Result<Content<'a>, A::Error> {
+        let parts = Value::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Content::Parts(parts))
+    }
+}
+
+fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+struct Lenient<T>(PhantomData<T>);
+
+impl<'de: 'a, 'a, T: FromLenient<'a>> Visitor<'de> for Lenient<T> {
+    type Value = T;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<T, E> {
+        Ok(T::text(Cow::Borrowed(text)))
+    }
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<T, E> {
+        Ok(T::text(Cow::Owned(text.to_owned())))
+    }
+    fn visit_string<E: de::Error>(self, text: String) -> Result<T, E> {
+        Ok(T::text(Cow::Owned(text)))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+        Ok(T::nothing())
+    }
+    fn visit_none<E: de::Error>(self) -> Result<T, E> {
+        Ok(T::nothing())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<T, E> {
+        Ok(T::nothing())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<T, E> {
+        Ok(T::nothing())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<T, E> {
+        Ok(T::nothing())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<T, E> {
+        Ok(T::nothing())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+        T::parts(seq)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(T::nothing())
+    }
+}
+
+/// An OpenAI chat completion, as far as a response needs it.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Completion<'a> {
+    #[serde(borrow, default)]
+    pub choices: Option<Vec<Choice<'a>>>,
+    #[serde(borrow, default)]
+    pub usage: Option<&'a RawValue>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct Choice<'a> {
+    #[serde(borrow, default)]
+    pub message: Option<Message<'a>>,
+    #[serde(borrow, default)]
+    pub finish_reason: Text<'a>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Message<'a> {
+    #[serde(borrow, default)]
+    pub content: Content<'a>,
+    #[serde(borrow, default)]
+    pub reasoning_content: Text<'a>,
+    #[serde(borrow, default)]
+    pub reasoning: Text<'a>,
+    #[serde(borrow, default)]
+    pub refusal: Text<'a>,
+    #[serde(borrow, default)]
+    pub tool_calls: Option<Vec<ToolCall<'a>>>,
+}
+
+impl Message<'_> {
+    /// Its reasoning, under either name upstreams give it.
+    pub fn reasoning(&self) -> Option<&str> {
+        self.reasoning_content
+            .non_empty()
+            .or(self.reasoning.non_empty())
+    }
+}
+
+/// A tool call, whole (in a completion) or in pieces (in a chunk's delta).
+#[derive(Debug, Deserialize)]
+pub(crate) struct ToolCall<'a> {
+    #[serde(default)]
+    pub index: Option<u64>,
+    #[serde(borrow, default)]
+    pub id: Text<'a>,
+    #[serde(borrow, default)]
+    pub function: Option<Function<'a>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Function<'a> {
+    #[serde(borrow, default)]
+    pub name: Text<'a>,
+    #[serde(borrow, default)]
+    pub arguments: Text<'a>,
+}
+
+impl ToolCall<'_> {
+    pub fn name(&self) -> Option<&str> {
+        self.function
+            .as_ref()
+            .and_then(|function| function.name.as_str())
+    }
+    pub fn arguments(&self) -> Option<&str> {
+        self.function
+            .as_ref()
+            .and_then(|function| function.arguments.as_str())
+    }
+}
+
+/// One chunk of an OpenAI chat stream.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Chunk<'a> {
+    #[serde(borrow, default)]
+    pub choices: Option<Vec<ChunkChoice<'a>>>,
+    #[serde(borrow, default)]
+    pub usage: Option<&'a RawValue>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChunkChoice<'a> {
+    #[serde(borrow, default)]
+    pub delta: Option<Message<'a>>,
+    #[serde(borrow, default)]
+    pub finish_reason: Text<'a>,
+}
+
+/// An OpenAI `usage` object, read where it is one (an odd one counts as none).
+pub(crate) fn chat_usage(usage: Option<&RawValue>) -> Option<Usage> {
+    let usage = usage.filter(|usage| usage.get().starts_with('{'))?;
+    serde_json::from_str::<crate::openai::OpenAiUsage>(usage.get())
+        .ok()
+        .map(|usage| Usage::from(&usage))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing the Responses API
+
+/// A content part of an output item.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum Part<'a> {
+    SummaryText {
+        text: &'a str,
+    },
+    OutputText {
+        text: &'a str,
+        annotations: [(); 0],
+        logprobs: [(); 0],
+    },
+    Refusal {
+        refusal: &'a str,
+    },
+}
+
+impl<'a> Part<'a> {
+    pub fn output_text(text: &'a str) -> Part<'a> {
+        Part::OutputText {
+            text,
+            annotations: [],
+            logprobs: [],
+        }
+    }
+}
+
+/// An output item.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum Item<'a> {
+    Reasoning {
+        id: &'a str,
+        summary: &'a [Part<'a>],
+    },
+    Message {
+        id: &'a str,
+        status: &'a str,
+        role: &'static str,
+        content: &'a [Part<'a>],
+    },
+    FunctionCall {
+        id: &'a str,
+        status: &'a str,
+        call_id: &'a str,
+        name: &'a str,
+        arguments: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        namespace: Option<&'a str>,
+    },
+    CustomToolCall {
+        id: &'a str,
+        status: &'a str,
+        call_id: &'a str,
+        name: &'a str,
+        input: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        namespace: Option<&'a str>,
+    },
+}
+
+/// A response's output items, written as they are made.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Items {
+    /// The items' JSON, comma-separated.
+    json: Vec<u8>,
+    count: usize,
+}
+
+impl Items {
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn push(&mut self, item: &Item<'_>) {
+        if self.count > 0 {
+            self.json.push(b',');
+        }
+        write_json(&mut self.json, item);
+        self.count += 1;
+    }
+
+    /// Write them as a JSON array.
+    pub fn write_array(&self, out: &mut Vec<u8>) {
+        out.push(b'[');
+        out.extend_from_slice(&self.json);
+        out.push(b']');
+    }
+}
+
+/// The Responses API's `usage` object.
+#[derive(Debug, Serialize)]
+pub(crate) struct UsageJson {
+    input_tokens: u64,
+    input_tokens_details: CachedTokens,
+    output_tokens: u64,
+    output_tokens_details: ReasoningTokens,
+    total_tokens: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct CachedTokens {
+    cached_tokens: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ReasoningTokens {
+    reasoning_tokens: u64,
+}
+
+impl From<&Usage> for UsageJson {
+    fn from(usage: &Usage) -> UsageJson {
+        UsageJson {
+            input_tokens: usage.input_tokens,
+            input_tokens_details: CachedTokens {
+                cached_tokens: usage.cached_input_tokens,
+            },
+            output_tokens: usage.output_tokens,
+            output_tokens_details: ReasoningTokens {
+                reasoning_tokens: usage.reasoning_tokens,
+            },
+            total_tokens: usage.input_tokens + usage.output_tokens,
+        }
+    }
+}
+
+/// Write `value`'s JSON to `out`. Writing to a `Vec` fails only for a map with keys that are
+/// not strings, which none of these types has.
+pub(crate) fn write_json(out: &mut Vec<u8>, value: &impl Serialize) {
+    if let Err(error) = serde_json::to_writer(&mut *out, value) {
+        debug_assert!(false, "unwritable JSON: {error}");
+    }
+}
+
+/// The `data:` of an event: `{"type": kind, "sequence_number": n, …body's members}`.
+pub(crate) fn event_data(kind: &str, sequence: u64, body: &impl Serialize) -> Vec<u8> {
+    let mut data = event_head(kind, sequence);
+    let start = data.len();
+    write_json(&mut data, body);
+    // The body's `{` becomes the comma after the head; an empty body leaves only its `}`.
+    if data.len() == start + 2 {
+        data.truncate(start);
+        data.push(b'}');
+    } else {
+        data[start] = b',';
+    }
+    data
+}
+
+/// `{"type":"kind","sequence_number":n` (the rest of the event is the caller's).
+pub(crate) fn event_head(kind: &str, sequence: u64) -> Vec<u8> {
+    let mut data = Vec::with_capacity(256);
+    data.extend_from_slice(b"{\"type\":");
+    write_json(&mut data, &kind);
+    data.extend_from_slice(b",\"sequence_number\":");
+    write_json(&mut data, &sequence);
+    data
+}
+
+/// Bytes written by `serde_json` (and literals) as the `String` an event carries.
+pub(crate) fn into_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes)
+        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_read_leniently() {
+        #[derive(Deserialize)]
+        struct Holder<'a> {
+            #[serde(borrow)]
+            a: Text<'a>,
+            #[serde(borrow)]
+            b: Text<'a>,
+            #[serde(borrow)]
+            c: Text<'a>,
+            #[serde(borrow)]
+            d: Content<'a>,
+        }
+        let holder: Holder<'_> = serde_json::from_str(
+            r#"{"a": "plain", "b": {"nested": [1, 2]}, "c": "esc\"aped", "d": [{"type": "text", "text": "x"}]}"#,
+        )
+        .expect("JSON");
+        assert!(matches!(holder.a.0, Some(Cow::Borrowed("plain"))));
+        assert_eq!(holder.b.as_str(), None);
+        assert_eq!(holder.c.as_str(), Some("esc\"aped"));
+        assert!(matches!(holder.d, Content::Parts(Value::Array(ref parts)) if parts.len() == 1));
+    }
+
+    #[test]
+    fn events_splice_their_bodies() {
+        #[derive(Serialize)]
+        struct Body {
+            delta: &'static str,
+        }
+        #[derive(Serialize)]
+        struct Empty {}
+        let with_body = event_data("response.output_text.delta", 7, &Body { delta: "hi" });
+        let parsed: Value = serde_json::from_slice(&with_body).expect("JSON");
+        assert_eq!(
+            parsed,
+            serde_json::json!({"type": "response.output_text.delta", "sequence_number": 7, "delta": "hi"})
+        );
+        let empty = event_data("ping", 0, &Empty {});
+        let parsed: Value = serde_json::from_slice(&empty).expect("JSON");
+        assert_eq!(
+            parsed,
+            serde_json::json!({"type": "ping", "sequence_number": 0})
+        );
+    }
+}
