@@ -355,14 +355,20 @@ impl ClusterStore {
 #[tonic::async_trait]
 impl ResponseStore for ClusterStore {
     fn new_id(&self) -> String {
-        let random = format!("{:016x}{:08x}", fastrand_u64(), fastrand_u64() as u32);
+        let mut id = String::with_capacity(5 + 24 + 32);
+        id.push_str("resp_");
+        let (high, low) = random_pair();
+        skein_types::push_hex(&mut id, high, 16);
+        skein_types::push_hex(&mut id, low, 8);
         let me = self.control.id();
         let replica = self
-            .ranked_peers(&random)
+            .ranked_peers(&id[5..])
             .first()
             .map(|(id, _)| *id)
             .unwrap_or(me);
-        format!("resp_{random}{me:016x}{replica:016x}")
+        skein_types::push_hex(&mut id, me, 16);
+        skein_types::push_hex(&mut id, replica, 16);
+        id
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -437,13 +443,11 @@ impl ResponseStore for ClusterStore {
     }
 }
 
-fn fastrand_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    if getrandom::fill(&mut bytes).is_err() {
-        // The clock is a poor seed, but ids only need to be unlikely to collide.
-        return skein_types::now_ms().wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-    u64::from_le_bytes(bytes)
+/// The random part of a response id. Its secrecy guards nothing (a response is only shown
+/// to the key that made it), so a fast generator seeded per thread does: ids need only be
+/// unlikely to collide, and are made on every request.
+fn random_pair() -> (u64, u64) {
+    (fastrand::u64(..), fastrand::u64(..))
 }
 
 /// The `skein.responses.v1.ResponsePeer` service: other nodes' copies, kept in this node's

@@ -74,10 +74,28 @@ impl SendError {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct HostKey {
     scheme: Scheme,
     authority: Authority,
+}
+
+/// Hashed as `Authority`'s equality reads it (ASCII case ignored), but eight bytes at a time:
+/// `Authority`'s own `Hash` feeds the hasher one byte per call, which cost about 4% of a proxied
+/// request's instructions in the pool's two lookups.
+impl std::hash::Hash for HostKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.scheme.hash(state);
+        let bytes = self.authority.as_str().as_bytes();
+        state.write_usize(bytes.len());
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            for (slot, byte) in word.iter_mut().zip(chunk) {
+                *slot = byte.to_ascii_lowercase();
+            }
+            state.write_u64(u64::from_le_bytes(word));
+        }
+    }
 }
 
 struct Host {
@@ -455,6 +473,24 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+
+    #[test]
+    fn host_keys_equal_ignoring_case_hash_alike() {
+        use std::hash::BuildHasher;
+        let key = |authority: &str| HostKey {
+            scheme: Scheme::HTTP,
+            authority: authority.parse().expect("authority"),
+        };
+        let hasher = std::collections::hash_map::RandomState::new();
+        let lower = key("api.example-provider.test:8443");
+        let mixed = key("API.Example-Provider.test:8443");
+        assert_eq!(lower, mixed);
+        assert_eq!(hasher.hash_one(&lower), hasher.hash_one(&mixed));
+        assert_ne!(
+            hasher.hash_one(&lower),
+            hasher.hash_one(key("api.example-provider.test:8444"))
+        );
+    }
 
     /// How the test server ends each connection's exchanges.
     #[derive(Clone, Copy, PartialEq)]

@@ -29,6 +29,28 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Append the low `digits` hex digits of `value` (lower case, zero-padded) to `out`: ids are
+/// made of these on every request, and `format!("{:016x}")` costs several times more.
+pub fn push_hex(out: &mut String, value: u64, digits: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for shift in (0..digits.min(16)).rev() {
+        out.push(char::from(HEX[((value >> (shift * 4)) & 0xf) as usize]));
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn push_hex_pads_and_truncates_as_format_does() {
+    for value in [0u64, 1, 0xabc, u64::MAX, 0x0123_4567_89ab_cdef] {
+        let mut out = String::new();
+        push_hex(&mut out, value, 16);
+        assert_eq!(out, format!("{value:016x}"));
+        let mut short = String::new();
+        push_hex(&mut short, value, 2);
+        assert_eq!(short, format!("{:02x}", value & 0xff));
+    }
+}
+
 /// The token of an `authorization` header value: the credentials after a `Bearer` scheme (in
 /// any case, as the scheme name is case-insensitive), or the whole value when it names no
 /// scheme. One rule for the proxy and the admin API.

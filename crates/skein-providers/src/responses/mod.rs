@@ -234,7 +234,7 @@ impl Echo {
         usage: Option<&Usage>,
     ) {
         out.extend_from_slice(b"{\"id\":");
-        wire::write_json(out, &self.id);
+        wire::write_str(out, &self.id);
         out.extend_from_slice(b",\"object\":\"response\",\"created_at\":");
         wire::write_json(out, &self.created_at);
         out.extend_from_slice(b",\"status\":");
@@ -258,7 +258,7 @@ impl Echo {
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"model\":");
-        wire::write_json(out, &self.model);
+        wire::write_str(out, &self.model);
         out.extend_from_slice(b",\"output\":");
         output.write_array(out);
         out.push(b',');
@@ -304,7 +304,15 @@ impl Echo {
     /// An item id derived from the response id (`msg_…`, `fc_…`), unique within the response.
     fn item_id(&self, prefix: &str, index: usize) -> String {
         let stem = self.id.strip_prefix("resp_").unwrap_or(&self.id);
-        format!("{prefix}_{stem}{index:02x}")
+        let mut id = String::with_capacity(prefix.len() + 1 + stem.len() + 2);
+        id.push_str(prefix);
+        id.push('_');
+        id.push_str(stem);
+        if index > 0xff {
+            return format!("{prefix}_{stem}{index:02x}");
+        }
+        skein_types::push_hex(&mut id, index as u64, 2);
+        id
     }
 
     /// A tool call as an output item: `custom_tool_call` for a custom tool (its `input` then
@@ -785,21 +793,17 @@ fn tool_choice(choice: &Value) -> Result<Value, String> {
 /// Translate an OpenAI chat completion into a response object's JSON. The answer is read
 /// into borrowed structs and the response written straight from them: no JSON tree is built.
 pub fn response_from_chat(body: &[u8], echo: &Echo) -> Result<(Vec<u8>, Usage), TranslateError> {
-    let completion: wire::Completion<'_> = serde_json::from_slice(body).map_err(|error| {
+    let (choices, usage) = wire::read_completion(body).map_err(|error| {
         TranslateError::upstream(format!(
             "the provider's answer is not a chat completion: {error}"
         ))
     })?;
-    let Some(choice) = completion
-        .choices
-        .as_ref()
-        .and_then(|choices| choices.first())
-    else {
+    let Some(choice) = choices.as_ref().and_then(|choices| choices.first()) else {
         return Err(TranslateError::upstream(
             "the provider's answer has no choices",
         ));
     };
-    let usage = wire::chat_usage(completion.usage).unwrap_or_default();
+    let usage = usage.unwrap_or_default();
     let empty = wire::Message::default();
     let message = choice.message.as_ref().unwrap_or(&empty);
     let mut output = wire::Items::default();

@@ -514,13 +514,13 @@ impl StreamTranslator for ChatToResponsesStream {
             self.end(out);
             return Ok(());
         }
-        let chunk: wire::Chunk<'_> = serde_json::from_str(data)
+        let (choices, usage) = wire::read_chunk(data)
             .map_err(|error| TranslateError::upstream(format!("invalid chunk JSON: {error}")))?;
         self.start(out);
-        if let Some(usage) = wire::chat_usage(chunk.usage) {
+        if let Some(usage) = usage {
             self.usage.merge_max(&usage);
         }
-        let Some(choice) = chunk.choices.as_ref().and_then(|choices| choices.first()) else {
+        let Some(choice) = choices.as_ref().and_then(|choices| choices.first()) else {
             return Ok(());
         };
         if let Some(delta) = &choice.delta {

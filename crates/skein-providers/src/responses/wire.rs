@@ -136,13 +136,34 @@ impl<'de: 'a, 'a, T: FromLenient<'a>> Visitor<'de> for Lenient<T> {
     }
 }
 
-/// An OpenAI chat completion, as far as a response needs it.
+/// An OpenAI chat completion, as far as a response needs it, with its `usage` read as `U`:
+/// typed at once ([`OpenAiUsage`]), or kept raw when that failed (see [`read_completion`]).
 #[derive(Debug, Deserialize)]
-pub(crate) struct Completion<'a> {
+#[serde(bound(deserialize = "'de: 'a, U: Deserialize<'de> + Default"))]
+pub(crate) struct Completion<'a, U> {
     #[serde(borrow, default)]
     pub choices: Option<Vec<Choice<'a>>>,
-    #[serde(borrow, default)]
-    pub usage: Option<&'a RawValue>,
+    #[serde(default)]
+    pub usage: U,
+}
+
+type OpenAiUsage = crate::openai::OpenAiUsage;
+
+/// Read a completion and its usage in one pass; an odd `usage` (a member of the wrong type)
+/// costs a second pass that reads it leniently, rather than failing the answer.
+pub(crate) fn read_completion(
+    body: &[u8],
+) -> Result<(Option<Vec<Choice<'_>>>, Option<Usage>), serde_json::Error> {
+    match serde_json::from_slice::<Completion<'_, Option<OpenAiUsage>>>(body) {
+        Ok(completion) => Ok((
+            completion.choices,
+            completion.usage.map(|usage| Usage::from(&usage)),
+        )),
+        Err(_) => {
+            let completion: Completion<'_, Option<&RawValue>> = serde_json::from_slice(body)?;
+            Ok((completion.choices, chat_usage(completion.usage)))
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,13 +229,27 @@ impl ToolCall<'_> {
     }
 }
 
-/// One chunk of an OpenAI chat stream.
+/// One chunk of an OpenAI chat stream (`usage` as in [`Completion`]).
 #[derive(Debug, Deserialize)]
-pub(crate) struct Chunk<'a> {
+#[serde(bound(deserialize = "'de: 'a, U: Deserialize<'de> + Default"))]
+pub(crate) struct Chunk<'a, U> {
     #[serde(borrow, default)]
     pub choices: Option<Vec<ChunkChoice<'a>>>,
-    #[serde(borrow, default)]
-    pub usage: Option<&'a RawValue>,
+    #[serde(default)]
+    pub usage: U,
+}
+
+/// Read a chunk and its usage, as [`read_completion`] reads a completion.
+pub(crate) fn read_chunk(
+    data: &str,
+) -> Result<(Option<Vec<ChunkChoice<'_>>>, Option<Usage>), serde_json::Error> {
+    match serde_json::from_str::<Chunk<'_, Option<OpenAiUsage>>>(data) {
+        Ok(chunk) => Ok((chunk.choices, chunk.usage.map(|usage| Usage::from(&usage)))),
+        Err(_) => {
+            let chunk: Chunk<'_, Option<&RawValue>> = serde_json::from_str(data)?;
+            Ok((chunk.choices, chat_usage(chunk.usage)))
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,7 +263,7 @@ pub(crate) struct ChunkChoice<'a> {
 /// An OpenAI `usage` object, read where it is one (an odd one counts as none).
 pub(crate) fn chat_usage(usage: Option<&RawValue>) -> Option<Usage> {
     let usage = usage.filter(|usage| usage.get().starts_with('{'))?;
-    serde_json::from_str::<crate::openai::OpenAiUsage>(usage.get())
+    serde_json::from_str::<OpenAiUsage>(usage.get())
         .ok()
         .map(|usage| Usage::from(&usage))
 }
@@ -367,6 +402,21 @@ impl From<&Usage> for UsageJson {
 pub(crate) fn write_json(out: &mut Vec<u8>, value: &impl Serialize) {
     if let Err(error) = serde_json::to_writer(&mut *out, value) {
         debug_assert!(false, "unwritable JSON: {error}");
+    }
+}
+
+/// Write a JSON string: copied as it is when nothing in it needs escaping (the ids and names
+/// Skein writes on every response), else through `serde_json`.
+pub(crate) fn write_str(out: &mut Vec<u8>, text: &str) {
+    let plain = text
+        .bytes()
+        .all(|byte| byte >= 0x20 && byte != b'"' && byte != b'\\' && byte < 0x7f);
+    if plain {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        write_json(out, &text);
     }
 }
 
