@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use http::{HeaderName, HeaderValue, Uri};
 use skein_types::config::DEFAULT_ATTEMPT_TIMEOUT_MS;
@@ -60,8 +60,11 @@ pub struct ProviderRuntime {
 pub struct KeyRuntime {
     pub name: String,
     pub weight: u32,
-    /// The header that carries the key, marked sensitive; `None` for keyless local servers.
-    pub auth_header: Option<(HeaderName, HeaderValue)>,
+    /// The key's secret; `None` for keyless local servers.
+    pub secret: Option<Secret>,
+    /// The header that carries the secret, as the provider's adapter writes it (marked
+    /// sensitive), made on the key's first use.
+    pub auth_header: OnceLock<Option<(HeaderName, HeaderValue)>>,
     pub health: KeyHealth,
     /// The upstream's quota for the key, when configured.
     pub rpm: Option<u64>,
@@ -138,7 +141,9 @@ impl RuntimeConfig {
             };
             for key in &provider.keys {
                 if let Some(old_key) = old.keys.iter().find(|old_key| {
-                    old_key.name == key.name && old_key.auth_header == key.auth_header
+                    old_key.name == key.name
+                        && old_key.secret.as_ref().map(Secret::expose)
+                            == key.secret.as_ref().map(Secret::expose)
                 }) {
                     key.health.inherit(&old_key.health);
                     key.quota.inherit(&old_key.quota);
@@ -206,26 +211,27 @@ impl RuntimeConfig {
                         continue;
                     }
                 };
-                let auth_header = match auth_header(protocol, &secret) {
-                    Some(header) => header,
-                    None => {
-                        errors.push(ConfigError {
-                            path: key_path,
-                            message: format!(
-                                "the secret behind {} is not a valid header value",
-                                key_spec.key
-                            ),
-                        });
-                        continue;
-                    }
-                };
+                // Every provider's header carries the secret as it is (after `Bearer ` for
+                // some): a secret that is no header value is refused here, whatever adapter
+                // writes the header later.
+                if HeaderValue::from_str(secret.expose()).is_err() {
+                    errors.push(ConfigError {
+                        path: key_path,
+                        message: format!(
+                            "the secret behind {} is not a valid header value",
+                            key_spec.key
+                        ),
+                    });
+                    continue;
+                }
                 keys.push(KeyRuntime {
                     name: key_spec
                         .name
                         .clone()
                         .unwrap_or_else(|| format!("key-{key_index}")),
                     weight: key_spec.weight,
-                    auth_header: Some(auth_header),
+                    secret: Some(secret),
+                    auth_header: OnceLock::new(),
                     health: KeyHealth::default(),
                     rpm: key_spec.rpm,
                     tpm: key_spec.tpm,
@@ -237,7 +243,8 @@ impl RuntimeConfig {
                 keys.push(KeyRuntime {
                     name: "none".to_owned(),
                     weight: 1,
-                    auth_header: None,
+                    secret: None,
+                    auth_header: OnceLock::new(),
                     health: KeyHealth::default(),
                     rpm: None,
                     tpm: None,
@@ -537,30 +544,6 @@ pub fn infer_kind(model: &str) -> Option<ProviderKind> {
     } else {
         None
     }
-}
-
-fn auth_header(protocol: WireProtocol, secret: &Secret) -> Option<(HeaderName, HeaderValue)> {
-    let (name, value) = match protocol {
-        WireProtocol::OpenAi => (
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", secret.expose()),
-        ),
-        WireProtocol::Azure => (
-            HeaderName::from_static("api-key"),
-            secret.expose().to_owned(),
-        ),
-        WireProtocol::Anthropic => (
-            HeaderName::from_static("x-api-key"),
-            secret.expose().to_owned(),
-        ),
-        WireProtocol::Gemini => (
-            HeaderName::from_static("x-goog-api-key"),
-            secret.expose().to_owned(),
-        ),
-    };
-    let mut value = HeaderValue::try_from(value).ok()?;
-    value.set_sensitive(true);
-    Some((name, value))
 }
 
 impl RouteRuntime {

@@ -62,7 +62,7 @@ pub fn build_request(
         header::USER_AGENT,
         HeaderValue::from_static(concat!("skein/", env!("CARGO_PKG_VERSION"))),
     );
-    if let Some((name, value)) = &candidate.key().auth_header {
+    if let Some((name, value)) = crate::adapters::auth_header(candidate) {
         headers.insert(name.clone(), value.clone());
     }
     for (name, value) in &provider.headers {

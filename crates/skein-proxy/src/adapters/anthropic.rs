@@ -4,7 +4,7 @@
 
 use axum::http::{HeaderName, HeaderValue};
 use bytes::Bytes;
-use skein_core::Candidate;
+use skein_core::{Candidate, Secret};
 use skein_providers::{StreamTranslator, TranslateError, Usage, anthropic};
 
 use super::ProviderAdapter;
@@ -40,6 +40,14 @@ impl ProviderAdapter for Anthropic {
             }
             Api::Completions | Api::Embeddings => Err(unsupported(candidate, call.api.label())),
         }
+    }
+
+    /// Anthropic takes the key in `x-api-key`.
+    fn auth_header(&self, secret: &Secret) -> Option<(HeaderName, HeaderValue)> {
+        super::secret_header(
+            HeaderName::from_static("x-api-key"),
+            secret.expose().to_owned(),
+        )
     }
 
     fn translation(&self, call: &Call<'_>, _candidate: &Candidate) -> Box<dyn ResponseTranslation> {

@@ -1,6 +1,7 @@
 //! Azure OpenAI: OpenAI's API with the deployment in the path and an `api-version` query.
 
-use skein_core::Candidate;
+use axum::http::{HeaderName, HeaderValue};
+use skein_core::{Candidate, Secret};
 
 use super::ProviderAdapter;
 use crate::error::ApiError;
@@ -40,6 +41,14 @@ impl ProviderAdapter for Azure {
                 provider.base_url, candidate.deployment.model,
             )
         })
+    }
+
+    /// Azure OpenAI takes the key in `api-key`.
+    fn auth_header(&self, secret: &Secret) -> Option<(HeaderName, HeaderValue)> {
+        super::secret_header(
+            HeaderName::from_static("api-key"),
+            secret.expose().to_owned(),
+        )
     }
 
     fn translation(&self, call: &Call<'_>, candidate: &Candidate) -> Box<dyn ResponseTranslation> {

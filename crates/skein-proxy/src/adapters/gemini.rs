@@ -1,8 +1,9 @@
 //! Google Gemini: `generateContent` and `streamGenerateContent` for chat (every client's
 //! request translated from OpenAI chat), `batchEmbedContents` for embeddings.
 
+use axum::http::{HeaderName, HeaderValue};
 use bytes::Bytes;
-use skein_core::Candidate;
+use skein_core::{Candidate, Secret};
 use skein_providers::gemini::{self, GeminiToOpenAiStream};
 use skein_providers::openai::PassthroughStream;
 use skein_providers::{StreamTranslator, TranslateError, Usage};
@@ -59,6 +60,14 @@ impl ProviderAdapter for Gemini {
                 })
             }
         }
+    }
+
+    /// Gemini takes the key in `x-goog-api-key`.
+    fn auth_header(&self, secret: &Secret) -> Option<(HeaderName, HeaderValue)> {
+        super::secret_header(
+            HeaderName::from_static("x-goog-api-key"),
+            secret.expose().to_owned(),
+        )
     }
 
     fn translation(&self, call: &Call<'_>, candidate: &Candidate) -> Box<dyn ResponseTranslation> {

@@ -3,8 +3,9 @@
 //! an Anthropic client's request is translated into chat. The Responses API passes through to
 //! OpenAI itself (and Azure); the compatible family, which mostly lacks it, gets chat.
 
+use axum::http::{HeaderName, HeaderValue};
 use bytes::Bytes;
-use skein_core::Candidate;
+use skein_core::{Candidate, Secret};
 use skein_providers::raw::to_json_text;
 use skein_providers::{StreamTranslator, TranslateError, Usage, openai, responses};
 use skein_types::ProviderKind;
@@ -22,6 +23,14 @@ impl ProviderAdapter for OpenAi {
         prepare(call, candidate, |path| {
             format!("{}{path}", candidate.deployment.provider.base_url)
         })
+    }
+
+    /// OpenAI and the compatible family take a bearer token.
+    fn auth_header(&self, secret: &Secret) -> Option<(HeaderName, HeaderValue)> {
+        super::secret_header(
+            axum::http::header::AUTHORIZATION,
+            format!("Bearer {}", secret.expose()),
+        )
     }
 
     fn translation(&self, call: &Call<'_>, candidate: &Candidate) -> Box<dyn ResponseTranslation> {
