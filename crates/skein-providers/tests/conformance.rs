@@ -391,3 +391,82 @@ proptest! {
         }
     }
 }
+
+/// A chat completion (or, with `delta`, a chunk) whose members have arbitrary values: what
+/// the Responses readers, which read typed structs rather than trees, must take without
+/// panicking or writing invalid JSON.
+fn chat_shaped(message_key: &'static str) -> impl Strategy<Value = Value> {
+    let text_like = prop_oneof![
+        Just(Value::Null),
+        ".{0,12}".prop_map(Value::String),
+        arbitrary_json(),
+    ];
+    let call = (text_like.clone(), text_like.clone(), text_like.clone(), arbitrary_json())
+        .prop_map(|(id, name, arguments, index)| {
+            json!({"id": id, "index": index, "function": {"name": name, "arguments": arguments}})
+        });
+    let message = (
+        text_like.clone(),
+        text_like.clone(),
+        text_like.clone(),
+        prop_oneof![
+            Just(Value::Null),
+            prop::collection::vec(call, 0..3).prop_map(Value::Array)
+        ],
+    )
+        .prop_map(|(content, reasoning, refusal, tool_calls)| {
+            json!({"content": content, "reasoning_content": reasoning, "refusal": refusal, "tool_calls": tool_calls})
+        });
+    let usage = prop_oneof![
+        Just(Value::Null),
+        arbitrary_json(),
+        (0u64..1000, 0u64..1000).prop_map(
+            |(prompt, completion)| json!({"prompt_tokens": prompt, "completion_tokens": completion})
+        ),
+    ];
+    (message, text_like, usage).prop_map(move |(message, finish_reason, usage)| {
+        let mut choice = json!({"finish_reason": finish_reason});
+        choice[message_key] = message;
+        json!({"choices": [choice], "usage": usage})
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn responses_are_valid_json_from_any_chat_answer(
+        answer in chat_shaped("message"),
+        tools in arbitrary_json(),
+    ) {
+        let echo = echo(&json!({"tools": tools, "instructions": "be brief"}));
+        if let Ok((response, _)) = responses::response_from_chat(answer.to_string().as_bytes(), &echo) {
+            let response: Value = serde_json::from_slice(&response).expect("a response is JSON");
+            prop_assert_eq!(&response["id"], "resp_fixture");
+            prop_assert_eq!(&response["instructions"], "be brief");
+            prop_assert!(response["output"].is_array());
+        }
+    }
+
+    #[test]
+    fn response_events_are_valid_json_from_any_chat_chunks(
+        chunks in prop::collection::vec(chat_shaped("delta"), 0..4),
+    ) {
+        let mut translator = responses::ChatToResponsesStream::new(echo(&json!({})));
+        let mut out = Vec::new();
+        for chunk in &chunks {
+            let _ = translator.on_event("", &chunk.to_string(), &mut out);
+        }
+        let _ = translator.on_event("", "[DONE]", &mut out);
+        translator.finish(&mut out);
+        for (index, event) in out.iter().enumerate() {
+            let data: Value = serde_json::from_str(&event.data).expect("an event is JSON");
+            prop_assert_eq!(&data["sequence_number"], index);
+            prop_assert_eq!(data["type"].as_str(), event.event.as_deref());
+        }
+        if let Some(result) = translator.take_result() {
+            let response: Value = serde_json::from_str(result.get()).expect("the response is JSON");
+            prop_assert_eq!(&response["id"], "resp_fixture");
+        }
+    }
+}
