@@ -793,7 +793,7 @@ fn tool_choice(choice: &Value) -> Result<Value, String> {
 /// Translate an OpenAI chat completion into a response object's JSON. The answer is read
 /// into borrowed structs and the response written straight from them: no JSON tree is built.
 pub fn response_from_chat(body: &[u8], echo: &Echo) -> Result<(Vec<u8>, Usage), TranslateError> {
-    let (choices, usage) = wire::read_completion(body).map_err(|error| {
+    let (choices, usage) = wire::read_answer::<wire::Choice<'_>>(body).map_err(|error| {
         TranslateError::upstream(format!(
             "the provider's answer is not a chat completion: {error}"
         ))

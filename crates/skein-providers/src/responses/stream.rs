@@ -514,7 +514,7 @@ impl StreamTranslator for ChatToResponsesStream {
             self.end(out);
             return Ok(());
         }
-        let (choices, usage) = wire::read_chunk(data)
+        let (choices, usage) = wire::read_answer::<wire::ChunkChoice<'_>>(data.as_bytes())
             .map_err(|error| TranslateError::upstream(format!("invalid chunk JSON: {error}")))?;
         self.start(out);
         if let Some(usage) = usage {

@@ -136,32 +136,37 @@ impl<'de: 'a, 'a, T: FromLenient<'a>> Visitor<'de> for Lenient<T> {
     }
 }
 
-/// An OpenAI chat completion, as far as a response needs it, with its `usage` read as `U`:
-/// typed at once ([`OpenAiUsage`]), or kept raw when that failed (see [`read_completion`]).
+/// An OpenAI chat completion or stream chunk, as far as a response needs it: its choices (`C`:
+/// [`Choice`] or [`ChunkChoice`]) and its `usage`, read as `U`: typed at once
+/// ([`OpenAiUsage`]), or kept raw when that failed (see [`read_answer`]).
 #[derive(Debug, Deserialize)]
-#[serde(bound(deserialize = "'de: 'a, U: Deserialize<'de> + Default"))]
-pub(crate) struct Completion<'a, U> {
-    #[serde(borrow, default)]
-    pub choices: Option<Vec<Choice<'a>>>,
+#[serde(bound(deserialize = "C: Deserialize<'de>, U: Deserialize<'de> + Default"))]
+struct Answer<C, U> {
+    #[serde(default = "none")]
+    choices: Option<Vec<C>>,
     #[serde(default)]
-    pub usage: U,
+    usage: U,
+}
+
+fn none<T>() -> Option<T> {
+    None
 }
 
 type OpenAiUsage = crate::openai::OpenAiUsage;
 
-/// Read a completion and its usage in one pass; an odd `usage` (a member of the wrong type)
-/// costs a second pass that reads it leniently, rather than failing the answer.
-pub(crate) fn read_completion(
-    body: &[u8],
-) -> Result<(Option<Vec<Choice<'_>>>, Option<Usage>), serde_json::Error> {
-    match serde_json::from_slice::<Completion<'_, Option<OpenAiUsage>>>(body) {
-        Ok(completion) => Ok((
-            completion.choices,
-            completion.usage.map(|usage| Usage::from(&usage)),
+/// Read a completion (or chunk) and its usage in one pass; an odd `usage` (a member of the
+/// wrong type) costs a second pass that reads it leniently, rather than failing the answer.
+pub(crate) fn read_answer<'a, C: Deserialize<'a>>(
+    body: &'a [u8],
+) -> Result<(Option<Vec<C>>, Option<Usage>), serde_json::Error> {
+    match serde_json::from_slice::<Answer<C, Option<OpenAiUsage>>>(body) {
+        Ok(answer) => Ok((
+            answer.choices,
+            answer.usage.map(|usage| Usage::from(&usage)),
         )),
         Err(_) => {
-            let completion: Completion<'_, Option<&RawValue>> = serde_json::from_slice(body)?;
-            Ok((completion.choices, chat_usage(completion.usage)))
+            let answer: Answer<C, Option<&RawValue>> = serde_json::from_slice(body)?;
+            Ok((answer.choices, chat_usage(answer.usage)))
         }
     }
 }
@@ -226,29 +231,6 @@ impl ToolCall<'_> {
         self.function
             .as_ref()
             .and_then(|function| function.arguments.as_str())
-    }
-}
-
-/// One chunk of an OpenAI chat stream (`usage` as in [`Completion`]).
-#[derive(Debug, Deserialize)]
-#[serde(bound(deserialize = "'de: 'a, U: Deserialize<'de> + Default"))]
-pub(crate) struct Chunk<'a, U> {
-    #[serde(borrow, default)]
-    pub choices: Option<Vec<ChunkChoice<'a>>>,
-    #[serde(default)]
-    pub usage: U,
-}
-
-/// Read a chunk and its usage, as [`read_completion`] reads a completion.
-pub(crate) fn read_chunk(
-    data: &str,
-) -> Result<(Option<Vec<ChunkChoice<'_>>>, Option<Usage>), serde_json::Error> {
-    match serde_json::from_str::<Chunk<'_, Option<OpenAiUsage>>>(data) {
-        Ok(chunk) => Ok((chunk.choices, chunk.usage.map(|usage| Usage::from(&usage)))),
-        Err(_) => {
-            let chunk: Chunk<'_, Option<&RawValue>> = serde_json::from_str(data)?;
-            Ok((chunk.choices, chat_usage(chunk.usage)))
-        }
     }
 }
 
