@@ -44,7 +44,7 @@ pub struct StoredResponse {
 impl StoredResponse {
     /// The conversation up to and including this turn, as input items: its input, then its
     /// output.
-    fn turn(&self) -> Vec<Value> {
+    fn into_turn(self) -> Vec<Value> {
         #[derive(Deserialize)]
         struct Output {
             #[serde(default)]
@@ -53,7 +53,7 @@ impl StoredResponse {
         let output = serde_json::from_str::<Output>(self.response.get())
             .map(|response| response.output)
             .unwrap_or_default();
-        let mut items = self.input.clone();
+        let mut items = self.input;
         items.extend(output);
         items
     }
@@ -186,8 +186,8 @@ pub async fn history(
         turns.push(record);
     }
     let mut items = Vec::new();
-    for record in turns.iter().rev() {
-        items.extend(record.turn());
+    for record in turns.into_iter().rev() {
+        items.extend(record.into_turn());
     }
     Ok(Some(items))
 }
@@ -316,7 +316,7 @@ pub async fn input_items(
 }
 
 /// `null`, for a record not filled in yet.
-pub fn null_json() -> Box<RawValue> {
+fn null_json() -> Box<RawValue> {
     RawValue::NULL.to_owned()
 }
 

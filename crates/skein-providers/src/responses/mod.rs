@@ -271,19 +271,6 @@ impl Echo {
         out.push(b'}');
     }
 
-    /// A response object as a JSON tree (see [`Echo::write_response`]), for callers that
-    /// go on to change it.
-    pub fn response(&self, status: &str, usage: Option<&Usage>) -> Value {
-        let mut out = Vec::with_capacity(1024);
-        let ending = Ending {
-            status,
-            incomplete: None,
-            error: None,
-        };
-        self.write_response(&mut out, ending, &wire::Items::default(), usage);
-        serde_json::from_slice(&out).unwrap_or(Value::Null)
-    }
-
     /// The `previous_response_id` the request named.
     pub fn previous_response_id(&self) -> Option<&str> {
         self.previous_response_id.as_deref()
@@ -347,11 +334,6 @@ impl Echo {
             }
         }
     }
-}
-
-/// The Responses API's `usage` object.
-pub fn usage_json(usage: &Usage) -> Value {
-    serde_json::to_value(wire::UsageJson::from(usage)).unwrap_or(Value::Null)
 }
 
 /// Read a Responses `usage` object.

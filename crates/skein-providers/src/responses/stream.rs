@@ -137,6 +137,18 @@ struct ErrorEvent<'a> {
     param: (),
 }
 
+/// Push the event `kind` with `body`'s members, numbered `sequence` (then counted on).
+fn push_event(
+    sequence: &mut u64,
+    out: &mut Vec<OutEvent>,
+    kind: &'static str,
+    body: &impl Serialize,
+) {
+    let data = wire::event_data(kind, *sequence, body);
+    *sequence += 1;
+    out.push(OutEvent::named(kind, wire::into_text(data)));
+}
+
 impl ChatToResponsesStream {
     pub fn new(echo: impl Into<Arc<Echo>>) -> ChatToResponsesStream {
         ChatToResponsesStream {
@@ -153,9 +165,7 @@ impl ChatToResponsesStream {
     }
 
     fn emit(&mut self, out: &mut Vec<OutEvent>, kind: &'static str, body: &impl Serialize) {
-        let data = wire::event_data(kind, self.sequence, body);
-        self.sequence += 1;
-        out.push(OutEvent::named(kind, wire::into_text(data)));
+        push_event(&mut self.sequence, out, kind, body);
     }
 
     /// An event carrying the whole response, which ended so; returns the response's JSON.
@@ -465,20 +475,16 @@ impl ChatToResponsesStream {
             arguments.push_str(delta);
             // A custom tool's input is only known whole (it arrives inside JSON arguments).
             if !*custom {
-                let data = wire::event_data(
+                push_event(
+                    &mut self.sequence,
+                    out,
                     "response.function_call_arguments.delta",
-                    self.sequence,
                     &Delta {
                         item_id: id,
                         output_index: index,
                         delta,
                     },
                 );
-                self.sequence += 1;
-                out.push(OutEvent::named(
-                    "response.function_call_arguments.delta",
-                    wire::into_text(data),
-                ));
             }
         }
     }

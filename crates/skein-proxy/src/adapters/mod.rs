@@ -1,7 +1,7 @@
 //! One adapter per provider wire protocol: everything Skein knows about talking to it — the
-//! URL of each endpoint, the header that carries a key and the others it needs, how a client's request
-//! becomes its request, and how its answer becomes the client's. Adding a provider means a
-//! file here (plus its fixtures) and one arm in [`for_protocol`].
+//! URL of each endpoint, the header that carries a key and the others it needs, how a
+//! client's request becomes its request, and how its answer becomes the client's. Adding a
+//! provider means a file here (plus its fixtures) and one arm in [`for_protocol`].
 
 mod anthropic;
 mod azure;
