@@ -331,11 +331,21 @@ pub(crate) fn fastrand_id() -> String {
 pub(crate) async fn responses(state: &MockState, incoming: Incoming) -> Response {
     use skein_providers::StreamTranslator;
     use skein_providers::responses::{
-        ChatToResponsesStream, Echo, request_to_chat, response_from_chat,
+        ChatTarget, ChatToResponsesStream, Echo, request_to_chat, response_from_chat,
     };
     let Incoming { body, model } = incoming;
-    let chat = match request_to_chat(&body, &[], &model, false, false) {
-        Ok(chat) => chat.body,
+    let text = body.to_string();
+    let translated = skein_providers::RawObject::parse(text.as_bytes())
+        .map_err(|error| skein_providers::TranslateError::client(error.to_string()))
+        .and_then(|request| {
+            let target = ChatTarget {
+                model: &model,
+                ..ChatTarget::default()
+            };
+            request_to_chat(&request, &[], target)?.tree()
+        });
+    let chat = match translated {
+        Ok(chat) => chat,
         Err(error) => {
             let answer = json!({"error": {"message": error.message(), "type": "invalid_request_error", "param": null, "code": null}});
             return (axum::http::StatusCode::BAD_REQUEST, axum::Json(answer)).into_response();

@@ -110,6 +110,14 @@ impl<'a> RawObject<'a> {
         }
     }
 
+    /// About how long the object's JSON is (its members' names and values), for sizing a copy.
+    pub fn json_len(&self) -> usize {
+        self.members
+            .iter()
+            .map(|(name, value)| name.len() + value.get().len() + 4)
+            .sum()
+    }
+
     /// Member names, in order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.members.iter().map(|(name, _)| name.as_ref())

@@ -93,14 +93,18 @@ const TABLE: &[(&str, Run)] = &[
     ("responses/request_to_chat", |input| {
         let history = input["history"].as_array().cloned().unwrap_or_default();
         let web_search = input["web_search"].as_bool().unwrap_or(false);
-        responses::request_to_chat(
-            &input["request"],
-            &history,
-            "chat-upstream",
-            true,
+        let text = input["request"].to_string();
+        let request = RawObject::parse(text.as_bytes())
+            .map_err(|error| TranslateError::client(error.to_string()))?;
+        let target = responses::ChatTarget {
+            model: "chat-upstream",
+            max_completion_tokens: true,
             web_search,
-        )
-        .map(|chat| json!({"body": chat.body, "dropped": chat.dropped}))
+            output_limit: None,
+        };
+        let chat = responses::request_to_chat(&request, &history, target)?;
+        let body: Value = serde_json::from_slice(&chat.body).expect("a chat request is JSON");
+        Ok(json!({"body": body, "dropped": chat.dropped}))
     }),
     ("responses/response_from_chat", |input| {
         pair(

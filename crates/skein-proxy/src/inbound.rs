@@ -187,26 +187,62 @@ impl<'a> Call<'a> {
                     .map(Cow::Owned)
                     .map_err(untranslatable)
             }
-            Api::Responses => {
-                let history = self
-                    .responses
-                    .as_ref()
-                    .map(|call| call.history.as_slice())
-                    .unwrap_or_default();
-                responses::request_to_chat(
-                    self.tree()?,
-                    history,
-                    model,
-                    max_completion_tokens,
-                    web_search,
-                )
-                .map(|chat| Cow::Owned(chat.body))
-                .map_err(untranslatable)
-            }
+            Api::Responses => self
+                .responses_chat(candidate, max_completion_tokens, web_search, None)?
+                .tree()
+                .map(Cow::Owned)
+                .map_err(untranslatable),
             Api::Completions | Api::Embeddings | Api::CountTokens => {
                 Err(unsupported(candidate, self.api.label()))
             }
         }
+    }
+
+    /// The request in OpenAI chat form, as the JSON to send `candidate` (an OpenAI-shaped
+    /// upstream): [`Call::chat`] with a `max_tokens` above the deployment's limit lowered to
+    /// it. A Responses request is written straight from its members, without a tree.
+    pub fn chat_body(
+        &self,
+        candidate: &Candidate,
+        max_completion_tokens: bool,
+    ) -> Result<Bytes, ApiError> {
+        let limit = candidate.deployment.max_output_tokens;
+        if self.api == Api::Responses {
+            return self
+                .responses_chat(candidate, max_completion_tokens, false, limit)
+                .map(|chat| Bytes::from(chat.body));
+        }
+        let mut chat = self.chat(candidate, max_completion_tokens, false)?;
+        if let Some(limit) = limit
+            && crate::adapters::LIMIT_MEMBERS
+                .iter()
+                .any(|name| chat.get(*name).and_then(Value::as_u64) > Some(limit))
+        {
+            crate::adapters::clamp_tree(chat.to_mut(), Some(limit), crate::adapters::LIMIT_MEMBERS);
+        }
+        Ok(crate::translate::json_bytes(&chat))
+    }
+
+    /// A Responses request as chat, for `candidate`.
+    fn responses_chat(
+        &self,
+        candidate: &Candidate,
+        max_completion_tokens: bool,
+        web_search: bool,
+        output_limit: Option<u64>,
+    ) -> Result<responses::ChatRequest, ApiError> {
+        let history = self
+            .responses
+            .as_ref()
+            .map(|call| call.history.as_slice())
+            .unwrap_or_default();
+        let target = responses::ChatTarget {
+            model: &candidate.deployment.model,
+            max_completion_tokens,
+            web_search,
+            output_limit,
+        };
+        responses::request_to_chat(&self.request, history, target).map_err(untranslatable)
     }
 
     /// Whether a reader into OpenAI chat must emit usage in its stream: the client asked for

@@ -365,42 +365,28 @@ pub(crate) async fn open(
         .and_then(|caller| caller.key())
         .and_then(|key| key.team.clone());
     let id = store.new_id();
-    let (echo, input, dropped, previous, wants_store) = {
-        let tree = call.tree()?;
-        let previous = match &tree["previous_response_id"] {
-            Value::String(previous) => Some(previous.clone()),
-            Value::Null => None,
-            _ => {
-                return Err(ApiError::invalid("`previous_response_id` must be a string")
-                    .with_param("previous_response_id"));
-            }
-        };
-        let echo = wire::Echo::from_raw(
-            &call.request,
-            tree,
-            id.clone(),
-            call.requested_model,
-            crate::translate::unix_now(),
-        );
-        let wants_store = tree["store"].as_bool().unwrap_or(true);
-        // The input items are kept only with the response (and checked again by the
-        // translation): with `store: false` they are not made.
-        let input = if wants_store {
-            let stem = id.strip_prefix("resp_").unwrap_or(&id);
-            wire::input_items(tree, stem).map_err(|error| {
-                ApiError::invalid(error.message().to_owned()).with_param("input")
-            })?
-        } else {
-            Vec::new()
-        };
-        (
-            echo,
-            input,
-            wire::built_in_tools(tree),
-            previous,
-            wants_store,
-        )
+    let echo = wire::Echo::from_raw(
+        &call.request,
+        id.clone(),
+        call.requested_model,
+        crate::translate::unix_now(),
+    )
+    // (Its one possible fault: a `previous_response_id` that is not a string.)
+    .map_err(|error| {
+        ApiError::invalid(error.message().to_owned()).with_param("previous_response_id")
+    })?;
+    let previous = echo.previous_response_id().map(str::to_owned);
+    let wants_store = call.request.get("store").map(|value| value.get()) != Some("false");
+    // The input items are kept only with the response (and checked again by the
+    // translation): with `store: false` they are not made.
+    let input = if wants_store {
+        let stem = id.strip_prefix("resp_").unwrap_or(&id);
+        wire::input_items_raw(&call.request, stem)
+            .map_err(|error| ApiError::invalid(error.message().to_owned()).with_param("input"))?
+    } else {
+        Vec::new()
     };
+    let dropped = echo.built_in_tools().to_vec();
     let history = match &previous {
         Some(previous) => history(store.as_ref(), previous, key_id.as_deref())
             .await

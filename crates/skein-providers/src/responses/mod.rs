@@ -74,6 +74,8 @@ pub struct Echo {
     custom_tools: Vec<String>,
     /// Tools offered inside a `namespace` tool: (tool, namespace). Their calls name it.
     namespaces: Vec<(String, String)>,
+    /// The built-in tools offered (by type), which only OpenAI runs.
+    built_in: Vec<String>,
 }
 
 /// The members of a request that a response echoes, with their JSON when absent.
@@ -140,40 +142,41 @@ impl Echo {
                 Some(Value::Null) | None => None,
                 Some(value) => Some(Cow::Owned(value.to_string())),
             },
-            request,
+            request.get("tools"),
+            request["previous_response_id"].as_str().map(str::to_owned),
             id,
             model,
             created_at,
         )
     }
 
-    /// Read what to echo from a request's members as they were sent (`tree` is the same
-    /// request parsed, for its tools).
+    /// Read what to echo from a request's members as they were sent (only its tools, when it
+    /// has some, are read into a tree).
     pub fn from_raw(
         request: &RawObject<'_>,
-        tree: &Value,
         id: String,
         model: &str,
         created_at: u64,
-    ) -> Echo {
-        Echo::build(
-            |name| {
-                request
-                    .get(name)
-                    .map(|value| value.get())
-                    .filter(|text| *text != "null")
-                    .map(Cow::Borrowed)
-            },
-            tree,
+    ) -> Result<Echo, TranslateError> {
+        let tools = member_tree(request, "tools").map_err(TranslateError::Client)?;
+        let previous = request
+            .get_str("previous_response_id")
+            .map_err(TranslateError::Client)?
+            .map(Cow::into_owned);
+        Ok(Echo::build(
+            |name| member(request, name).map(Cow::Borrowed),
+            tools.as_ref(),
+            previous,
             id,
             model,
             created_at,
-        )
+        ))
     }
 
     fn build<'a>(
         member: impl Fn(&str) -> Option<Cow<'a, str>>,
-        tree: &Value,
+        tools: Option<&Value>,
+        previous_response_id: Option<String>,
         id: String,
         model: &str,
         created_at: u64,
@@ -193,7 +196,7 @@ impl Echo {
         }
         let mut custom_tools = Vec::new();
         let mut namespaces = Vec::new();
-        for tool in tree["tools"].as_array().into_iter().flatten() {
+        for tool in tools.and_then(Value::as_array).into_iter().flatten() {
             let inner: Vec<&Value> = if tool["type"] == "namespace" {
                 tool["tools"].as_array().into_iter().flatten().collect()
             } else {
@@ -218,9 +221,10 @@ impl Echo {
             model: model.to_owned(),
             created_at,
             settings,
-            previous_response_id: tree["previous_response_id"].as_str().map(str::to_owned),
+            previous_response_id,
             custom_tools,
             namespaces,
+            built_in: native::built_in_of(tools),
         }
     }
 
@@ -265,7 +269,7 @@ impl Echo {
         out.extend_from_slice(self.settings.as_bytes());
         out.extend_from_slice(b",\"usage\":");
         match usage {
-            Some(usage) => wire::write_json(out, &wire::UsageJson::from(usage)),
+            Some(usage) => wire::write_usage(out, usage),
             None => out.extend_from_slice(b"null"),
         }
         out.push(b'}');
@@ -274,6 +278,11 @@ impl Echo {
     /// The `previous_response_id` the request named.
     pub fn previous_response_id(&self) -> Option<&str> {
         self.previous_response_id.as_deref()
+    }
+
+    /// The built-in tools the request offers (by type), which only OpenAI runs.
+    pub fn built_in_tools(&self) -> &[String] {
+        &self.built_in
     }
 
     fn is_custom(&self, tool: &str) -> bool {
@@ -353,7 +362,20 @@ pub fn usage_of(usage: &Value) -> Usage {
 
 /// The request's `input` as a list of items (a string is one user message), each with an id.
 pub fn input_items(request: &Value, id_stem: &str) -> Result<Vec<Value>, TranslateError> {
-    let mut items = match &request["input"] {
+    items_of(&request["input"], id_stem)
+}
+
+/// [`input_items`] of a request read member by member (only its `input` is read into a tree).
+pub fn input_items_raw(
+    request: &RawObject<'_>,
+    id_stem: &str,
+) -> Result<Vec<Value>, TranslateError> {
+    let input = member_tree(request, "input").map_err(TranslateError::Client)?;
+    items_of(input.as_ref().unwrap_or(&Value::Null), id_stem)
+}
+
+fn items_of(input: &Value, id_stem: &str) -> Result<Vec<Value>, TranslateError> {
+    let mut items = match input {
         Value::Null => Vec::new(),
         Value::String(text) => vec![json!({
             "type": "message",
@@ -400,55 +422,100 @@ pub fn input_items(request: &Value, id_stem: &str) -> Result<Vec<Value>, Transla
 /// A chat request translated from a Responses request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
-    pub body: Value,
+    /// The chat request's JSON.
+    pub body: Vec<u8>,
     /// Built-in tools left out, by type.
     pub dropped: Vec<String>,
 }
 
-/// Translate a Responses request into an OpenAI chat request for `model`. `history` holds the
-/// items of the conversation before it (from `previous_response_id`), oldest first.
-/// `max_completion_tokens` selects that member (OpenAI and Azure) over `max_tokens`.
-/// `web_search` says the target runs a web search of its own (Anthropic, Gemini): a
-/// `web_search` tool then becomes chat's `web_search_options`, which their translations turn
-/// into their own search tool; otherwise it is left out (and named in `dropped`).
+impl ChatRequest {
+    /// The request as a JSON tree (for translations that go on from chat).
+    pub fn tree(&self) -> Result<Value, TranslateError> {
+        serde_json::from_slice(&self.body).map_err(|error| {
+            TranslateError::client(format!("the translated request is not JSON: {error}"))
+        })
+    }
+}
+
+/// What a chat request for one target needs besides the Responses request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChatTarget<'a> {
+    /// The model the chat request names.
+    pub model: &'a str,
+    /// `max_completion_tokens` (OpenAI and Azure) rather than `max_tokens`.
+    pub max_completion_tokens: bool,
+    /// The target runs a web search of its own (Anthropic, Gemini): a `web_search` tool then
+    /// becomes chat's `web_search_options`, which their translations turn into their own
+    /// search tool; otherwise it is left out (and named in [`ChatRequest::dropped`]).
+    pub web_search: bool,
+    /// The most output tokens the model can produce: a larger `max_output_tokens` is lowered
+    /// to it.
+    pub output_limit: Option<u64>,
+}
+
+/// Translate a Responses request into an OpenAI chat request for `target`. `history` holds
+/// the items of the conversation before it (from `previous_response_id`), oldest first.
+///
+/// The chat JSON is written from the request's members as they were sent: text (the
+/// instructions, a string `input`, sampling settings) is copied without being decoded and
+/// encoded again, and only the members that must be reshaped (input items, tools) are read
+/// into trees.
 pub fn request_to_chat(
-    request: &Value,
+    request: &RawObject<'_>,
     history: &[Value],
-    model: &str,
-    max_completion_tokens: bool,
-    web_search: bool,
+    target: ChatTarget<'_>,
 ) -> Result<ChatRequest, TranslateError> {
-    request_to_chat_text(request, history, model, max_completion_tokens, web_search)
-        .map_err(TranslateError::Client)
+    request_to_chat_text(request, history, target).map_err(TranslateError::Client)
+}
+
+/// A member's JSON, unless it is absent or `null`.
+fn member<'a>(request: &RawObject<'a>, name: &str) -> Option<&'a str> {
+    request
+        .get(name)
+        .map(|value| value.get())
+        .filter(|text| *text != "null")
+}
+
+/// A member read as a tree, unless it is absent or `null`.
+fn member_tree(request: &RawObject<'_>, name: &str) -> Result<Option<Value>, String> {
+    member(request, name)
+        .map(|text| serde_json::from_str(text).map_err(|error| format!("`{name}`: {error}")))
+        .transpose()
 }
 
 fn request_to_chat_text(
-    request: &Value,
+    request: &RawObject<'_>,
     history: &[Value],
-    model: &str,
-    max_completion_tokens: bool,
-    web_search: bool,
+    target: ChatTarget<'_>,
 ) -> Result<ChatRequest, String> {
-    let object = request
-        .as_object()
-        .ok_or("the request must be a JSON object")?;
-    let mut messages: Vec<Value> = Vec::new();
-    match object.get("instructions") {
-        Some(Value::String(instructions)) if !instructions.is_empty() => {
-            messages.push(json!({"role": "system", "content": instructions}));
+    let mut out = Vec::with_capacity(256 + request.json_len());
+    out.extend_from_slice(b"{\"model\":");
+    wire::write_str(&mut out, target.model);
+    out.extend_from_slice(b",\"messages\":[");
+    let mut written = 0usize;
+    match member(request, "instructions") {
+        None | Some("\"\"") => {}
+        Some(text) if text.starts_with('"') => {
+            out.extend_from_slice(b"{\"role\":\"system\",\"content\":");
+            out.extend_from_slice(text.as_bytes());
+            out.push(b'}');
+            written += 1;
         }
-        Some(Value::String(_)) | Some(Value::Null) | None => {}
         Some(_) => return Err("`instructions` must be a string".to_owned()),
     }
+    // History and input items become messages as trees (calls of one turn merge into one
+    // assistant message); a string `input` is copied as it came.
+    let mut messages: Vec<Value> = Vec::new();
     for (index, item) in history.iter().enumerate() {
         push_item(&mut messages, item, index)?;
     }
-    // The request's own items are read where they are (`push_item` takes them in every form
-    // `input_items` would make of them).
-    match &request["input"] {
-        Value::Null => {}
-        Value::String(text) => messages.push(json!({"role": "user", "content": text})),
-        Value::Array(items) => {
+    let mut user_text = None;
+    match member(request, "input") {
+        None => {}
+        Some(text) if text.starts_with('"') => user_text = Some(text),
+        Some(text) if text.starts_with('[') => {
+            let items: Vec<Value> = serde_json::from_str(text)
+                .map_err(|error| format!("`input` is not a list of items: {error}"))?;
             for (offset, item) in items.iter().enumerate() {
                 let index = history.len() + offset;
                 if !item.is_object() {
@@ -457,18 +524,33 @@ fn request_to_chat_text(
                 push_item(&mut messages, item, index)?;
             }
         }
-        _ => return Err("`input` must be a string or an array of input items".to_owned()),
+        Some(_) => return Err("`input` must be a string or an array of input items".to_owned()),
     }
-    if messages.is_empty() {
+    for message in &messages {
+        if written > 0 {
+            out.push(b',');
+        }
+        wire::write_json(&mut out, message);
+        written += 1;
+    }
+    if let Some(text) = user_text {
+        if written > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"role\":\"user\",\"content\":");
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'}');
+        written += 1;
+    }
+    if written == 0 {
         return Err("`input` is required".to_owned());
     }
-    let mut output = Map::new();
-    output.insert("model".to_owned(), json!(model));
-    output.insert("messages".to_owned(), Value::Array(messages));
+    out.push(b']');
     let mut dropped = Vec::new();
-    if let Some(tools) = object.get("tools") {
+    if let Some(tools) = member_tree(request, "tools")? {
         let tools = tools.as_array().ok_or("`tools` must be an array")?;
         let mut functions = Vec::new();
+        let mut web_search_options = None;
         for (index, tool) in tools.iter().enumerate() {
             match tool["type"].as_str().unwrap_or("function") {
                 "function" => functions.push(function_tool(tool, index)?),
@@ -482,12 +564,12 @@ fn request_to_chat_text(
                         }
                     }
                 }
-                kind if web_search && kind.starts_with("web_search") => {
+                kind if target.web_search && kind.starts_with("web_search") => {
                     let mut options = Map::new();
                     if let Some(size) = tool.get("search_context_size") {
                         options.insert("search_context_size".to_owned(), size.clone());
                     }
-                    output.insert("web_search_options".to_owned(), Value::Object(options));
+                    web_search_options = Some(Value::Object(options));
                 }
                 kind if BUILT_IN_TOOLS.contains(&kind) => {
                     if !dropped.iter().any(|seen: &String| seen == kind) {
@@ -497,13 +579,22 @@ fn request_to_chat_text(
                 other => return Err(format!("tools[{index}].type `{other}` is not supported")),
             }
         }
+        if let Some(options) = web_search_options {
+            out.extend_from_slice(b",\"web_search_options\":");
+            wire::write_json(&mut out, &options);
+        }
         if !functions.is_empty() {
-            output.insert("tools".to_owned(), Value::Array(functions));
-            if let Some(choice) = object.get("tool_choice") {
-                output.insert("tool_choice".to_owned(), tool_choice(choice)?);
+            out.extend_from_slice(b",\"tools\":");
+            wire::write_json(&mut out, &functions);
+            if let Some(choice) = member_tree(request, "tool_choice")? {
+                out.extend_from_slice(b",\"tool_choice\":");
+                wire::write_json(&mut out, &tool_choice(&choice)?);
             }
-            if let Some(parallel) = object.get("parallel_tool_calls").filter(|v| v.is_boolean()) {
-                output.insert("parallel_tool_calls".to_owned(), parallel.clone());
+            if let Some(parallel) =
+                member(request, "parallel_tool_calls").filter(|v| matches!(*v, "true" | "false"))
+            {
+                out.extend_from_slice(b",\"parallel_tool_calls\":");
+                out.extend_from_slice(parallel.as_bytes());
             }
         }
     }
@@ -514,35 +605,38 @@ fn request_to_chat_text(
         "prompt_cache_key",
         "safety_identifier",
     ] {
-        if let Some(value) = object.get(name).filter(|value| !value.is_null()) {
-            output.insert(name.to_owned(), value.clone());
+        if let Some(value) = member(request, name) {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+            out.extend_from_slice(value.as_bytes());
         }
     }
-    if let Some(limit) = object.get("max_output_tokens").filter(|v| !v.is_null()) {
+    if let Some(limit) = member(request, "max_output_tokens") {
         let limit = limit
-            .as_u64()
-            .ok_or("`max_output_tokens` must be a positive integer")?;
-        let name = if max_completion_tokens {
-            "max_completion_tokens"
+            .parse::<u64>()
+            .map_err(|_| "`max_output_tokens` must be a positive integer")?;
+        let limit = target.output_limit.map_or(limit, |most| limit.min(most));
+        out.extend_from_slice(if target.max_completion_tokens {
+            b",\"max_completion_tokens\":"
         } else {
-            "max_tokens"
-        };
-        output.insert(name.to_owned(), json!(limit));
+            b",\"max_tokens\":"
+        });
+        wire::write_json(&mut out, &limit);
     }
-    if let Some(effort) = object
-        .get("reasoning")
-        .and_then(|reasoning| reasoning["effort"].as_str())
-        .filter(|effort| *effort != "none")
+    if let Some(reasoning) = member_tree(request, "reasoning")?
+        && let Some(effort) = reasoning["effort"].as_str().filter(|effort| *effort != "none")
     {
-        output.insert("reasoning_effort".to_owned(), json!(effort));
+        out.extend_from_slice(b",\"reasoning_effort\":");
+        wire::write_str(&mut out, effort);
     }
-    if let Some(format) = object.get("text").map(|text| &text["format"])
-        && !format.is_null()
-    {
+    if let Some(text) = member_tree(request, "text")? {
+        let format = &text["format"];
         match format["type"].as_str() {
+            _ if format.is_null() => {}
             Some("text") | None => {}
             Some("json_object") => {
-                output.insert("response_format".to_owned(), json!({"type": "json_object"}));
+                out.extend_from_slice(b",\"response_format\":{\"type\":\"json_object\"}");
             }
             Some("json_schema") => {
                 let mut schema = Map::new();
@@ -555,22 +649,20 @@ fn request_to_chat_text(
                         schema.insert(member.to_owned(), value.clone());
                     }
                 }
-                output.insert(
-                    "response_format".to_owned(),
-                    json!({"type": "json_schema", "json_schema": schema}),
+                out.extend_from_slice(b",\"response_format\":");
+                wire::write_json(
+                    &mut out,
+                    &json!({"type": "json_schema", "json_schema": schema}),
                 );
             }
             Some(other) => return Err(format!("text.format.type `{other}` is not supported")),
         }
     }
-    if object.get("stream") == Some(&Value::Bool(true)) {
-        output.insert("stream".to_owned(), Value::Bool(true));
-        output.insert("stream_options".to_owned(), json!({"include_usage": true}));
+    if member(request, "stream") == Some("true") {
+        out.extend_from_slice(b",\"stream\":true,\"stream_options\":{\"include_usage\":true}");
     }
-    Ok(ChatRequest {
-        body: Value::Object(output),
-        dropped,
-    })
+    out.push(b'}');
+    Ok(ChatRequest { body: out, dropped })
 }
 
 /// The text of content parts (or a string), joined.

@@ -135,8 +135,13 @@ pub fn expanded_input(history: &[Value], request: &Value) -> Value {
 
 /// The built-in tools a request offers (by type), which only OpenAI runs.
 pub fn built_in_tools(request: &Value) -> Vec<String> {
+    built_in_of(request.get("tools"))
+}
+
+/// The built-in tools among `tools` (a request's `tools` member), by type.
+pub(super) fn built_in_of(tools: Option<&Value>) -> Vec<String> {
     let mut found: Vec<String> = Vec::new();
-    for tool in request["tools"].as_array().into_iter().flatten() {
+    for tool in tools.and_then(Value::as_array).into_iter().flatten() {
         if let Some(kind) = tool["type"].as_str()
             && BUILT_IN_TOOLS.contains(&kind)
             && !found.iter().any(|seen| seen == kind)

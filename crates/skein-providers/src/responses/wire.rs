@@ -314,6 +314,105 @@ pub(crate) enum Item<'a> {
     },
 }
 
+impl Part<'_> {
+    /// Write the part's JSON: what its `Serialize` writes, without serde's visit of each field.
+    fn write_to(&self, out: &mut Vec<u8>) {
+        match self {
+            Part::SummaryText { text } => {
+                out.extend_from_slice(b"{\"type\":\"summary_text\",\"text\":");
+                write_str(out, text);
+                out.push(b'}');
+            }
+            Part::OutputText { text, .. } => {
+                out.extend_from_slice(b"{\"type\":\"output_text\",\"text\":");
+                write_str(out, text);
+                out.extend_from_slice(b",\"annotations\":[],\"logprobs\":[]}");
+            }
+            Part::Refusal { refusal } => {
+                out.extend_from_slice(b"{\"type\":\"refusal\",\"refusal\":");
+                write_str(out, refusal);
+                out.push(b'}');
+            }
+        }
+    }
+}
+
+fn write_parts(out: &mut Vec<u8>, parts: &[Part<'_>]) {
+    out.push(b'[');
+    for (index, part) in parts.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        part.write_to(out);
+    }
+    out.push(b']');
+}
+
+impl Item<'_> {
+    /// Write the item's JSON: what its `Serialize` writes (a test holds them equal), without
+    /// serde's visit of each field. A unary response is written this way.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        let member = |out: &mut Vec<u8>, name: &[u8], value: &str| {
+            out.extend_from_slice(name);
+            write_str(out, value);
+        };
+        match self {
+            Item::Reasoning { id, summary } => {
+                member(out, b"{\"type\":\"reasoning\",\"id\":", id);
+                out.extend_from_slice(b",\"summary\":");
+                write_parts(out, summary);
+            }
+            Item::Message {
+                id,
+                status,
+                role,
+                content,
+            } => {
+                member(out, b"{\"type\":\"message\",\"id\":", id);
+                member(out, b",\"status\":", status);
+                member(out, b",\"role\":", role);
+                out.extend_from_slice(b",\"content\":");
+                write_parts(out, content);
+            }
+            Item::FunctionCall {
+                id,
+                status,
+                call_id,
+                name,
+                arguments,
+                namespace,
+            } => {
+                member(out, b"{\"type\":\"function_call\",\"id\":", id);
+                member(out, b",\"status\":", status);
+                member(out, b",\"call_id\":", call_id);
+                member(out, b",\"name\":", name);
+                member(out, b",\"arguments\":", arguments);
+                if let Some(namespace) = namespace {
+                    member(out, b",\"namespace\":", namespace);
+                }
+            }
+            Item::CustomToolCall {
+                id,
+                status,
+                call_id,
+                name,
+                input,
+                namespace,
+            } => {
+                member(out, b"{\"type\":\"custom_tool_call\",\"id\":", id);
+                member(out, b",\"status\":", status);
+                member(out, b",\"call_id\":", call_id);
+                member(out, b",\"name\":", name);
+                member(out, b",\"input\":", input);
+                if let Some(namespace) = namespace {
+                    member(out, b",\"namespace\":", namespace);
+                }
+            }
+        }
+        out.push(b'}');
+    }
+}
+
 /// A response's output items, written as they are made.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Items {
@@ -331,7 +430,7 @@ impl Items {
         if self.count > 0 {
             self.json.push(b',');
         }
-        write_json(&mut self.json, item);
+        item.write_to(&mut self.json);
         self.count += 1;
     }
 
@@ -343,40 +442,27 @@ impl Items {
     }
 }
 
-/// The Responses API's `usage` object.
-#[derive(Debug, Serialize)]
-pub(crate) struct UsageJson {
-    input_tokens: u64,
-    input_tokens_details: CachedTokens,
-    output_tokens: u64,
-    output_tokens_details: ReasoningTokens,
-    total_tokens: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct CachedTokens {
-    cached_tokens: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct ReasoningTokens {
-    reasoning_tokens: u64,
-}
-
-impl From<&Usage> for UsageJson {
-    fn from(usage: &Usage) -> UsageJson {
-        UsageJson {
-            input_tokens: usage.input_tokens,
-            input_tokens_details: CachedTokens {
-                cached_tokens: usage.cached_input_tokens,
-            },
-            output_tokens: usage.output_tokens,
-            output_tokens_details: ReasoningTokens {
-                reasoning_tokens: usage.reasoning_tokens,
-            },
-            total_tokens: usage.input_tokens + usage.output_tokens,
-        }
-    }
+/// Write the Responses API's `usage` object.
+pub(crate) fn write_usage(out: &mut Vec<u8>, usage: &Usage) {
+    let mut number = |name: &[u8], value: u64| {
+        out.extend_from_slice(name);
+        write_json(out, &value);
+    };
+    number(b"{\"input_tokens\":", usage.input_tokens);
+    number(
+        b",\"input_tokens_details\":{\"cached_tokens\":",
+        usage.cached_input_tokens,
+    );
+    number(b"},\"output_tokens\":", usage.output_tokens);
+    number(
+        b",\"output_tokens_details\":{\"reasoning_tokens\":",
+        usage.reasoning_tokens,
+    );
+    number(
+        b"},\"total_tokens\":",
+        usage.input_tokens + usage.output_tokens,
+    );
+    out.push(b'}');
 }
 
 /// Write `value`'s JSON to `out`. Writing to a `Vec` fails only for a map with keys that are
@@ -388,18 +474,43 @@ pub(crate) fn write_json(out: &mut Vec<u8>, value: &impl Serialize) {
 }
 
 /// Write a JSON string: copied as it is when nothing in it needs escaping (the ids and names
-/// Skein writes on every response), else through `serde_json`.
+/// Skein writes on every response, and most text), else through `serde_json`.
 pub(crate) fn write_str(out: &mut Vec<u8>, text: &str) {
-    let plain = text
-        .bytes()
-        .all(|byte| byte >= 0x20 && byte != b'"' && byte != b'\\' && byte < 0x7f);
-    if plain {
+    if needs_escape(text.as_bytes()) {
+        write_json(out, &text);
+    } else {
+        out.reserve(text.len() + 2);
         out.push(b'"');
         out.extend_from_slice(text.as_bytes());
         out.push(b'"');
-    } else {
-        write_json(out, &text);
     }
+}
+
+/// Whether a JSON string of `bytes` needs an escape: a quote, a backslash or a control
+/// character (what `serde_json` escapes; other bytes, UTF-8 included, are written as they are).
+/// Eight bytes are looked at in one step: a word has a byte below `n` exactly when
+/// `(word - n·0x01…) & !word & 0x80…` is not zero, and a byte equal to `c` when `word ^ c·0x01…`
+/// has a byte below 1.
+pub(crate) fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGHS;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let Ok(array) = <[u8; 8]>::try_from(chunk) else {
+            return true;
+        };
+        let word = u64::from_le_bytes(array);
+        let quote = word ^ (ONES * u64::from(b'"'));
+        let backslash = word ^ (ONES * u64::from(b'\\'));
+        if below(word, 0x20) | below(quote, 1) | below(backslash, 1) != 0 {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&byte| byte < 0x20 || byte == b'"' || byte == b'\\')
 }
 
 /// The `data:` of an event: `{"type": kind, "sequence_number": n, …body's members}`.
@@ -436,6 +547,62 @@ pub(crate) fn into_text(bytes: Vec<u8>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Text with the bytes that matter at every offset of an eight-byte word.
+    fn tricky_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a\"\\\\\u{1}\u{1f} \u{7f}é\n]{0,40}",
+            any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn needs_escape_is_what_serde_escapes(text in tricky_text()) {
+            let written = serde_json::to_string(&text).expect("a string serializes");
+            prop_assert_eq!(needs_escape(text.as_bytes()), written.len() != text.len() + 2);
+            let mut out = Vec::new();
+            write_str(&mut out, &text);
+            prop_assert_eq!(out, written.into_bytes());
+        }
+
+        #[test]
+        fn items_are_written_as_serde_writes_them(
+            id in tricky_text(),
+            text in tricky_text(),
+            name in tricky_text(),
+            namespace in proptest::option::of(tricky_text()),
+        ) {
+            let parts = [Part::output_text(&text), Part::Refusal { refusal: &name }];
+            let summary = [Part::SummaryText { text: &text }];
+            let items = [
+                Item::Reasoning { id: &id, summary: &summary },
+                Item::Message { id: &id, status: "completed", role: "assistant", content: &parts },
+                Item::FunctionCall {
+                    id: &id,
+                    status: "in_progress",
+                    call_id: &name,
+                    name: &name,
+                    arguments: &text,
+                    namespace: namespace.as_deref(),
+                },
+                Item::CustomToolCall {
+                    id: &id,
+                    status: "completed",
+                    call_id: &id,
+                    name: &name,
+                    input: &text,
+                    namespace: namespace.as_deref(),
+                },
+            ];
+            for item in &items {
+                let mut out = Vec::new();
+                item.write_to(&mut out);
+                prop_assert_eq!(out, serde_json::to_vec(item).expect("an item serializes"));
+            }
+        }
+    }
 
     #[test]
     fn text_is_read_leniently() {

@@ -86,18 +86,11 @@ pub(super) fn prepare(
     }
     let provider = &candidate.deployment.provider;
     let max_completion_tokens = matches!(provider.kind, ProviderKind::OpenAi | ProviderKind::Azure);
-    let mut chat = call.chat(candidate, max_completion_tokens, false)?;
-    if let Some(limit) = candidate.deployment.max_output_tokens
-        && super::LIMIT_MEMBERS
-            .iter()
-            .any(|name| chat.get(*name).and_then(serde_json::Value::as_u64) > Some(limit))
-    {
-        super::clamp_tree(chat.to_mut(), Some(limit), super::LIMIT_MEMBERS);
-    }
+    let body = call.chat_body(candidate, max_completion_tokens)?;
     let path = "/chat/completions";
     Ok(PreparedRequest {
         uri: upstream_uri(candidate, Api::ChatCompletions.label(), || url(path))?,
-        body: crate::translate::json_bytes(&chat),
+        body,
         headers: Vec::new(),
     })
 }
