@@ -625,7 +625,9 @@ fn request_to_chat_text(
         wire::write_json(&mut out, &limit);
     }
     if let Some(reasoning) = member_tree(request, "reasoning")?
-        && let Some(effort) = reasoning["effort"].as_str().filter(|effort| *effort != "none")
+        && let Some(effort) = reasoning["effort"]
+            .as_str()
+            .filter(|effort| *effort != "none")
     {
         out.extend_from_slice(b",\"reasoning_effort\":");
         wire::write_str(&mut out, effort);

@@ -551,10 +551,7 @@ mod tests {
 
     /// Text with the bytes that matter at every offset of an eight-byte word.
     fn tricky_text() -> impl Strategy<Value = String> {
-        prop_oneof![
-            "[a\"\\\\\u{1}\u{1f} \u{7f}é\n]{0,40}",
-            any::<String>(),
-        ]
+        prop_oneof!["[a\"\\\\\u{1}\u{1f} \u{7f}é\n]{0,40}", any::<String>(),]
     }
 
     proptest! {
