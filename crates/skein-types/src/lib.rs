@@ -33,8 +33,14 @@ pub fn now_ms() -> u64 {
 /// made of these on every request, and `format!("{:016x}")` costs several times more.
 pub fn push_hex(out: &mut String, value: u64, digits: usize) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for shift in (0..digits.min(16)).rev() {
-        out.push(char::from(HEX[((value >> (shift * 4)) & 0xf) as usize]));
+    let digits = digits.min(16);
+    let mut buffer = [b'0'; 16];
+    for (index, slot) in buffer[..digits].iter_mut().enumerate() {
+        *slot = HEX[((value >> ((digits - 1 - index) * 4)) & 0xf) as usize];
+    }
+    // Hex digits are ASCII: this never fails.
+    if let Ok(text) = std::str::from_utf8(&buffer[..digits]) {
+        out.push_str(text);
     }
 }
 

@@ -882,7 +882,8 @@ pub fn response_from_chat(body: &[u8], echo: &Echo) -> Result<(Vec<u8>, Usage), 
     let usage = usage.unwrap_or_default();
     let empty = wire::Message::default();
     let message = choice.message.as_ref().unwrap_or(&empty);
-    let mut output = wire::Items::default();
+    // The items hold about what the answer's message does, plus their ids.
+    let mut output = wire::Items::with_capacity(body.len() + 128);
     if let Some(reasoning) = message.reasoning() {
         let id = echo.item_id("rs", output.len());
         output.push(&wire::Item::Reasoning {

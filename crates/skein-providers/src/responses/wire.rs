@@ -422,6 +422,14 @@ pub(crate) struct Items {
 }
 
 impl Items {
+    /// Room for about `bytes` of items' JSON, so that writing them does not grow it step by step.
+    pub fn with_capacity(bytes: usize) -> Items {
+        Items {
+            json: Vec::with_capacity(bytes),
+            count: 0,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.count
     }
