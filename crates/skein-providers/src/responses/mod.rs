@@ -240,14 +240,14 @@ impl Echo {
         out.extend_from_slice(b"{\"id\":");
         wire::write_str(out, &self.id);
         out.extend_from_slice(b",\"object\":\"response\",\"created_at\":");
-        wire::write_json(out, &self.created_at);
+        wire::write_u64(out, self.created_at);
         out.extend_from_slice(b",\"status\":");
-        wire::write_json(out, &ending.status);
+        wire::write_str(out, ending.status);
         out.extend_from_slice(b",\"background\":false,\"error\":");
         match ending.error {
             Some(message) => {
                 out.extend_from_slice(b"{\"code\":\"server_error\",\"message\":");
-                wire::write_json(out, &message);
+                wire::write_str(out, message);
                 out.push(b'}');
             }
             None => out.extend_from_slice(b"null"),
@@ -256,7 +256,7 @@ impl Echo {
         match ending.incomplete {
             Some(reason) => {
                 out.extend_from_slice(b"{\"reason\":");
-                wire::write_json(out, &reason);
+                wire::write_str(out, reason);
                 out.push(b'}');
             }
             None => out.extend_from_slice(b"null"),
@@ -622,7 +622,7 @@ fn request_to_chat_text(
         } else {
             b",\"max_tokens\":"
         });
-        wire::write_json(&mut out, &limit);
+        wire::write_u64(&mut out, limit);
     }
     if let Some(reasoning) = member_tree(request, "reasoning")?
         && let Some(effort) = reasoning["effort"]

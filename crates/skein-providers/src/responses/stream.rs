@@ -3,10 +3,9 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use serde::Serialize;
 use serde_json::value::RawValue;
 
-use super::wire::{self, Item, Items, Part};
+use super::wire::{self, Item, Items, Members, Part};
 use super::{Echo, Ending, custom_input};
 use crate::error::TranslateError;
 use crate::sse::{OutEvent, StreamTranslator};
@@ -50,101 +49,15 @@ pub struct ChatToResponsesStream {
     result: Option<Vec<u8>>,
 }
 
-// The events' members besides `type` and `sequence_number`.
-
-#[derive(Serialize)]
-struct ItemEvent<'a> {
-    output_index: usize,
-    item: &'a Item<'a>,
-}
-
-#[derive(Serialize)]
-struct ContentPart<'a> {
-    item_id: &'a str,
-    output_index: usize,
-    content_index: usize,
-    part: &'a Part<'a>,
-}
-
-#[derive(Serialize)]
-struct SummaryPart<'a> {
-    item_id: &'a str,
-    output_index: usize,
-    summary_index: usize,
-    part: &'a Part<'a>,
-}
-
-#[derive(Serialize)]
-struct TextDelta<'a> {
-    item_id: &'a str,
-    output_index: usize,
-    content_index: usize,
-    delta: &'a str,
-    logprobs: [(); 0],
-}
-
-#[derive(Serialize)]
-struct TextDone<'a> {
-    item_id: &'a str,
-    output_index: usize,
-    content_index: usize,
-    text: &'a str,
-    logprobs: [(); 0],
-}
-
-#[derive(Serialize)]
-struct SummaryDelta<'a> {
-    item_id: &'a str,
-    output_index: usize,
-    summary_index: usize,
-    delta: &'a str,
-}
-
-#[derive(Serialize)]
-struct SummaryDone<'a> {
-    item_id: &'a str,
-    output_index: usize,
-    summary_index: usize,
-    text: &'a str,
-}
-
-#[derive(Serialize)]
-struct Delta<'a> {
-    item_id: &'a str,
-    output_index: usize,
-    delta: &'a str,
-}
-
-#[derive(Serialize)]
-struct ArgumentsDone<'a> {
-    item_id: &'a str,
-    output_index: usize,
-    name: &'a str,
-    arguments: &'a str,
-}
-
-#[derive(Serialize)]
-struct InputDone<'a> {
-    item_id: &'a str,
-    output_index: usize,
-    input: &'a str,
-}
-
-#[derive(Serialize)]
-struct ErrorEvent<'a> {
-    code: &'a str,
-    message: &'a str,
-    param: (),
-}
-
-/// Push the event `kind` with `body`'s members, numbered `sequence` (then counted on).
+/// Push the event `kind` with the members `members` writes, numbered `sequence` (then counted
+/// on).
 fn push_event(
     sequence: &mut u64,
     out: &mut Vec<OutEvent>,
     kind: &'static str,
-    body: &impl Serialize,
+    members: impl FnOnce(&mut Members<'_>),
 ) {
-    let data = wire::event_data(kind, *sequence, body);
+    let data = wire::event(kind, *sequence, members);
     *sequence += 1;
     out.push(OutEvent::named(kind, wire::into_text(data)));
 }
@@ -164,8 +77,13 @@ impl ChatToResponsesStream {
         }
     }
 
-    fn emit(&mut self, out: &mut Vec<OutEvent>, kind: &'static str, body: &impl Serialize) {
-        push_event(&mut self.sequence, out, kind, body);
+    fn emit(
+        &mut self,
+        out: &mut Vec<OutEvent>,
+        kind: &'static str,
+        members: impl FnOnce(&mut Members<'_>),
+    ) {
+        push_event(&mut self.sequence, out, kind, members);
     }
 
     /// An event carrying the whole response, which ended so; returns the response's JSON.
@@ -205,39 +123,30 @@ impl ChatToResponsesStream {
         let index = self.output.len();
         let echo = Arc::clone(&self.echo);
         let item_done = |this: &mut Self, out: &mut Vec<OutEvent>, item: &Item<'_>| {
-            this.emit(
-                out,
-                "response.output_item.done",
-                &ItemEvent {
-                    output_index: index,
-                    item,
-                },
-            );
+            this.emit(out, "response.output_item.done", |members| {
+                members
+                    .number("output_index", index as u64)
+                    .item("item", item);
+            });
             this.output.push(item);
         };
         match &open {
             Open::Reasoning { id, text } => {
                 let part = Part::SummaryText { text };
-                self.emit(
-                    out,
-                    "response.reasoning_summary_text.done",
-                    &SummaryDone {
-                        item_id: id,
-                        output_index: index,
-                        summary_index: 0,
-                        text,
-                    },
-                );
-                self.emit(
-                    out,
-                    "response.reasoning_summary_part.done",
-                    &SummaryPart {
-                        item_id: id,
-                        output_index: index,
-                        summary_index: 0,
-                        part: &part,
-                    },
-                );
+                self.emit(out, "response.reasoning_summary_text.done", |members| {
+                    members
+                        .str("item_id", id)
+                        .number("output_index", index as u64)
+                        .number("summary_index", 0)
+                        .str("text", text);
+                });
+                self.emit(out, "response.reasoning_summary_part.done", |members| {
+                    members
+                        .str("item_id", id)
+                        .number("output_index", index as u64)
+                        .number("summary_index", 0)
+                        .part("part", &part);
+                });
                 let summary = [part];
                 item_done(
                     self,
@@ -250,27 +159,21 @@ impl ChatToResponsesStream {
             }
             Open::Message { id, text } => {
                 let part = Part::output_text(text);
-                self.emit(
-                    out,
-                    "response.output_text.done",
-                    &TextDone {
-                        item_id: id,
-                        output_index: index,
-                        content_index: 0,
-                        text,
-                        logprobs: [],
-                    },
-                );
-                self.emit(
-                    out,
-                    "response.content_part.done",
-                    &ContentPart {
-                        item_id: id,
-                        output_index: index,
-                        content_index: 0,
-                        part: &part,
-                    },
-                );
+                self.emit(out, "response.output_text.done", |members| {
+                    members
+                        .str("item_id", id)
+                        .number("output_index", index as u64)
+                        .number("content_index", 0)
+                        .str("text", text)
+                        .raw("logprobs", "[]");
+                });
+                self.emit(out, "response.content_part.done", |members| {
+                    members
+                        .str("item_id", id)
+                        .number("output_index", index as u64)
+                        .number("content_index", 0)
+                        .part("part", &part);
+                });
                 let content = [part];
                 item_done(
                     self,
@@ -293,36 +196,27 @@ impl ChatToResponsesStream {
             } => {
                 let input = if *custom {
                     let input = custom_input(arguments);
-                    self.emit(
-                        out,
-                        "response.custom_tool_call_input.delta",
-                        &Delta {
-                            item_id: id,
-                            output_index: index,
-                            delta: &input,
-                        },
-                    );
-                    self.emit(
-                        out,
-                        "response.custom_tool_call_input.done",
-                        &InputDone {
-                            item_id: id,
-                            output_index: index,
-                            input: &input,
-                        },
-                    );
+                    self.emit(out, "response.custom_tool_call_input.delta", |members| {
+                        members
+                            .str("item_id", id)
+                            .number("output_index", index as u64)
+                            .str("delta", &input);
+                    });
+                    self.emit(out, "response.custom_tool_call_input.done", |members| {
+                        members
+                            .str("item_id", id)
+                            .number("output_index", index as u64)
+                            .str("input", &input);
+                    });
                     input
                 } else {
-                    self.emit(
-                        out,
-                        "response.function_call_arguments.done",
-                        &ArgumentsDone {
-                            item_id: id,
-                            output_index: index,
-                            name,
-                            arguments,
-                        },
-                    );
+                    self.emit(out, "response.function_call_arguments.done", |members| {
+                        members
+                            .str("item_id", id)
+                            .number("output_index", index as u64)
+                            .str("name", name)
+                            .str("arguments", arguments);
+                    });
                     Cow::Borrowed("")
                 };
                 let item = echo.call_item(id, "completed", call_id, name, arguments, &input);
@@ -336,27 +230,22 @@ impl ChatToResponsesStream {
             self.close(out);
             let index = self.output.len();
             let id = self.echo.item_id("rs", index);
-            self.emit(
-                out,
-                "response.output_item.added",
-                &ItemEvent {
-                    output_index: index,
-                    item: &Item::Reasoning {
+            self.emit(out, "response.output_item.added", |members| {
+                members.number("output_index", index as u64).item(
+                    "item",
+                    &Item::Reasoning {
                         id: &id,
                         summary: &[],
                     },
-                },
-            );
-            self.emit(
-                out,
-                "response.reasoning_summary_part.added",
-                &SummaryPart {
-                    item_id: &id,
-                    output_index: index,
-                    summary_index: 0,
-                    part: &Part::SummaryText { text: "" },
-                },
-            );
+                );
+            });
+            self.emit(out, "response.reasoning_summary_part.added", |members| {
+                members
+                    .str("item_id", &id)
+                    .number("output_index", index as u64)
+                    .number("summary_index", 0)
+                    .part("part", &Part::SummaryText { text: "" });
+            });
             self.open = Some(Open::Reasoning {
                 id,
                 text: String::new(),
@@ -365,16 +254,13 @@ impl ChatToResponsesStream {
         let index = self.output.len();
         if let Some(Open::Reasoning { id, mut text }) = self.open.take() {
             text.push_str(delta);
-            self.emit(
-                out,
-                "response.reasoning_summary_text.delta",
-                &SummaryDelta {
-                    item_id: &id,
-                    output_index: index,
-                    summary_index: 0,
-                    delta,
-                },
-            );
+            self.emit(out, "response.reasoning_summary_text.delta", |members| {
+                members
+                    .str("item_id", &id)
+                    .number("output_index", index as u64)
+                    .number("summary_index", 0)
+                    .str("delta", delta);
+            });
             self.open = Some(Open::Reasoning { id, text });
         }
     }
@@ -384,29 +270,24 @@ impl ChatToResponsesStream {
             self.close(out);
             let index = self.output.len();
             let id = self.echo.item_id("msg", index);
-            self.emit(
-                out,
-                "response.output_item.added",
-                &ItemEvent {
-                    output_index: index,
-                    item: &Item::Message {
+            self.emit(out, "response.output_item.added", |members| {
+                members.number("output_index", index as u64).item(
+                    "item",
+                    &Item::Message {
                         id: &id,
                         status: "in_progress",
                         role: "assistant",
                         content: &[],
                     },
-                },
-            );
-            self.emit(
-                out,
-                "response.content_part.added",
-                &ContentPart {
-                    item_id: &id,
-                    output_index: index,
-                    content_index: 0,
-                    part: &Part::output_text(""),
-                },
-            );
+                );
+            });
+            self.emit(out, "response.content_part.added", |members| {
+                members
+                    .str("item_id", &id)
+                    .number("output_index", index as u64)
+                    .number("content_index", 0)
+                    .part("part", &Part::output_text(""));
+            });
             self.open = Some(Open::Message {
                 id,
                 text: String::new(),
@@ -415,17 +296,14 @@ impl ChatToResponsesStream {
         let index = self.output.len();
         if let Some(Open::Message { id, mut text }) = self.open.take() {
             text.push_str(delta);
-            self.emit(
-                out,
-                "response.output_text.delta",
-                &TextDelta {
-                    item_id: &id,
-                    output_index: index,
-                    content_index: 0,
-                    delta,
-                    logprobs: [],
-                },
-            );
+            self.emit(out, "response.output_text.delta", |members| {
+                members
+                    .str("item_id", &id)
+                    .number("output_index", index as u64)
+                    .number("content_index", 0)
+                    .str("delta", delta)
+                    .raw("logprobs", "[]");
+            });
             self.open = Some(Open::Message { id, text });
         }
     }
@@ -443,14 +321,11 @@ impl ChatToResponsesStream {
             let id = self.echo.item_id(if custom { "ctc" } else { "fc" }, index);
             let echo = Arc::clone(&self.echo);
             let item = echo.call_item(&id, "in_progress", &call_id, &name, "", "");
-            self.emit(
-                out,
-                "response.output_item.added",
-                &ItemEvent {
-                    output_index: index,
-                    item: &item,
-                },
-            );
+            self.emit(out, "response.output_item.added", |members| {
+                members
+                    .number("output_index", index as u64)
+                    .item("item", &item);
+            });
             self.open = Some(Open::Call {
                 id,
                 call_id,
@@ -479,10 +354,11 @@ impl ChatToResponsesStream {
                     &mut self.sequence,
                     out,
                     "response.function_call_arguments.delta",
-                    &Delta {
-                        item_id: id,
-                        output_index: index,
-                        delta,
+                    |members| {
+                        members
+                            .str("item_id", id)
+                            .number("output_index", index as u64)
+                            .str("delta", delta);
                     },
                 );
             }
@@ -569,15 +445,12 @@ impl StreamTranslator for ChatToResponsesStream {
         }
         self.start(out);
         self.done = true;
-        self.emit(
-            out,
-            "error",
-            &ErrorEvent {
-                code,
-                message,
-                param: (),
-            },
-        );
+        self.emit(out, "error", |members| {
+            members
+                .str("code", code)
+                .str("message", message)
+                .raw("param", "null");
+        });
         let ending = Ending {
             status: "failed",
             incomplete: None,
