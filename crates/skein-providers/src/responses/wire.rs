@@ -384,14 +384,12 @@ impl Item<'_> {
                 arguments,
                 namespace,
             } => {
-                member(out, b"{\"type\":\"function_call\",\"id\":", id);
-                member(out, b",\"status\":", status);
-                member(out, b",\"call_id\":", call_id);
-                member(out, b",\"name\":", name);
-                member(out, b",\"arguments\":", arguments);
-                if let Some(namespace) = namespace {
-                    member(out, b",\"namespace\":", namespace);
-                }
+                let call = [
+                    ("call_id", *call_id),
+                    ("name", *name),
+                    ("arguments", *arguments),
+                ];
+                write_call(out, b"function_call", id, status, &call, *namespace);
             }
             Item::CustomToolCall {
                 id,
@@ -401,17 +399,38 @@ impl Item<'_> {
                 input,
                 namespace,
             } => {
-                member(out, b"{\"type\":\"custom_tool_call\",\"id\":", id);
-                member(out, b",\"status\":", status);
-                member(out, b",\"call_id\":", call_id);
-                member(out, b",\"name\":", name);
-                member(out, b",\"input\":", input);
-                if let Some(namespace) = namespace {
-                    member(out, b",\"namespace\":", namespace);
-                }
+                let call = [("call_id", *call_id), ("name", *name), ("input", *input)];
+                write_call(out, b"custom_tool_call", id, status, &call, *namespace);
             }
         }
         out.push(b'}');
+    }
+}
+
+/// A tool call item's members after `type`, `id` and `status` (the two kinds differ in one).
+fn write_call(
+    out: &mut Vec<u8>,
+    kind: &[u8],
+    id: &str,
+    status: &str,
+    members: &[(&str, &str)],
+    namespace: Option<&str>,
+) {
+    out.extend_from_slice(b"{\"type\":\"");
+    out.extend_from_slice(kind);
+    out.extend_from_slice(b"\",\"id\":");
+    write_str(out, id);
+    out.extend_from_slice(b",\"status\":");
+    write_str(out, status);
+    for (name, value) in members
+        .iter()
+        .copied()
+        .chain(namespace.map(|ns| ("namespace", ns)))
+    {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
+        write_str(out, value);
     }
 }
 
