@@ -27,6 +27,11 @@ impl OutEvent {
         }
     }
 
+    /// The bytes [`write_to`](Self::write_to) writes for a one-line payload.
+    pub fn wire_len(&self) -> usize {
+        self.event.as_ref().map_or(0, |event| event.len() + 8) + self.data.len() + 8
+    }
+
     /// Append the wire form (`event: …\ndata: …\n\n`) to `output`.
     pub fn write_to(&self, output: &mut Vec<u8>) {
         if let Some(event) = &self.event {
@@ -35,7 +40,15 @@ impl OutEvent {
             output.push(b'\n');
         }
         // A payload may not contain raw newlines in one data line; JSON we emit never does,
-        // but an upstream's text might.
+        // but an upstream's text might. Looked for with SIMD: most payloads are one line.
+        let data = self.data.as_bytes();
+        output.reserve(data.len() + 8);
+        if memchr::memchr(b'\n', data).is_none() {
+            output.extend_from_slice(b"data: ");
+            output.extend_from_slice(data);
+            output.extend_from_slice(b"\n\n");
+            return;
+        }
         for line in self.data.split('\n') {
             output.extend_from_slice(b"data: ");
             output.extend_from_slice(line.as_bytes());
@@ -146,5 +159,22 @@ impl StreamTranslator for ChainedStream {
 
     fn take_result(&mut self) -> Option<Box<serde_json::value::RawValue>> {
         self.second.take_result()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_written_one_data_line_per_payload_line() {
+        let mut out = Vec::new();
+        let one = OutEvent::named("response.created", "{\"a\":1}".to_owned());
+        one.write_to(&mut out);
+        assert_eq!(out, b"event: response.created\ndata: {\"a\":1}\n\n");
+        assert_eq!(one.wire_len(), out.len());
+        out.clear();
+        OutEvent::data("first\nsecond".to_owned()).write_to(&mut out);
+        assert_eq!(out, b"data: first\ndata: second\n\n");
     }
 }

@@ -227,7 +227,7 @@ fn encode_events(events: &[skein_providers::OutEvent]) -> Option<Bytes> {
     if events.is_empty() {
         return Some(Bytes::new());
     }
-    let mut bytes = Vec::with_capacity(events.iter().map(|event| event.data.len() + 16).sum());
+    let mut bytes = Vec::with_capacity(events.iter().map(|event| event.wire_len()).sum());
     for event in events {
         event.write_to(&mut bytes);
     }

@@ -869,12 +869,12 @@ fn tool_choice(choice: &Value) -> Result<Value, String> {
 /// Translate an OpenAI chat completion into a response object's JSON. The answer is read
 /// into borrowed structs and the response written straight from them: no JSON tree is built.
 pub fn response_from_chat(body: &[u8], echo: &Echo) -> Result<(Vec<u8>, Usage), TranslateError> {
-    let (choices, usage) = wire::read_answer::<wire::Choice<'_>>(body).map_err(|error| {
+    let (choice, usage) = wire::read_answer::<wire::Choice<'_>>(body).map_err(|error| {
         TranslateError::upstream(format!(
             "the provider's answer is not a chat completion: {error}"
         ))
     })?;
-    let Some(choice) = choices.as_ref().and_then(|choices| choices.first()) else {
+    let Some(choice) = choice else {
         return Err(TranslateError::upstream(
             "the provider's answer has no choices",
         ));

@@ -47,6 +47,8 @@ pub struct ChatToResponsesStream {
     done: bool,
     /// The final response object's JSON, once there is one.
     result: Option<Vec<u8>>,
+    /// The bytes of the last response object written, its items left out (sizes the next).
+    response_len: usize,
 }
 
 /// Push the event `kind` with the members `members` writes, numbered `sequence` (then counted
@@ -74,6 +76,7 @@ impl ChatToResponsesStream {
             usage: Usage::default(),
             done: false,
             result: None,
+            response_len: 768,
         }
     }
 
@@ -86,21 +89,27 @@ impl ChatToResponsesStream {
         push_event(&mut self.sequence, out, kind, members);
     }
 
-    /// An event carrying the whole response, which ended so; returns the response's JSON.
+    /// An event carrying the whole response, which ended so; returns the response's JSON
+    /// when `keep` says it is wanted (the last one). The response is written into the event
+    /// itself, which is sized from the last one written: no buffer grows on the way.
     fn emit_response(
         &mut self,
         out: &mut Vec<OutEvent>,
         kind: &'static str,
         ending: Ending<'_>,
         usage: Option<&Usage>,
-    ) -> Vec<u8> {
-        let mut response = Vec::with_capacity(1024);
-        self.echo
-            .write_response(&mut response, ending, &self.output, usage);
-        let mut data = wire::event_head(kind, self.sequence);
+        keep: bool,
+    ) -> Option<Vec<u8>> {
+        let mut data = Vec::with_capacity(self.response_len + self.output.json_len() + 256);
+        wire::write_event_head(&mut data, kind, self.sequence);
         self.sequence += 1;
         data.extend_from_slice(b",\"response\":");
-        data.extend_from_slice(&response);
+        let start = data.len();
+        self.echo
+            .write_response(&mut data, ending, &self.output, usage);
+        let end = data.len();
+        self.response_len = (end - start).saturating_sub(self.output.json_len());
+        let response = keep.then(|| data[start..end].to_vec());
         data.push(b'}');
         out.push(OutEvent::named(kind, wire::into_text(data)));
         response
@@ -111,8 +120,14 @@ impl ChatToResponsesStream {
             return;
         }
         self.started = true;
-        self.emit_response(out, "response.created", Ending::IN_PROGRESS, None);
-        self.emit_response(out, "response.in_progress", Ending::IN_PROGRESS, None);
+        self.emit_response(out, "response.created", Ending::IN_PROGRESS, None, false);
+        self.emit_response(
+            out,
+            "response.in_progress",
+            Ending::IN_PROGRESS,
+            None,
+            false,
+        );
     }
 
     /// Close the open item, if any, with its `*.done` events.
@@ -290,7 +305,8 @@ impl ChatToResponsesStream {
             });
             self.open = Some(Open::Message {
                 id,
-                text: String::new(),
+                // Most answers fit, so the deltas are gathered without growing it.
+                text: String::with_capacity(512),
             });
         }
         let index = self.output.len();
@@ -380,8 +396,7 @@ impl ChatToResponsesStream {
             "response.incomplete"
         };
         let usage = self.usage;
-        let response = self.emit_response(out, kind, ending, Some(&usage));
-        self.result = Some(response);
+        self.result = self.emit_response(out, kind, ending, Some(&usage), true);
     }
 }
 
@@ -396,13 +411,13 @@ impl StreamTranslator for ChatToResponsesStream {
             self.end(out);
             return Ok(());
         }
-        let (choices, usage) = wire::read_answer::<wire::ChunkChoice<'_>>(data.as_bytes())
+        let (choice, usage) = wire::read_answer::<wire::ChunkChoice<'_>>(data)
             .map_err(|error| TranslateError::upstream(format!("invalid chunk JSON: {error}")))?;
         self.start(out);
         if let Some(usage) = usage {
             self.usage.merge_max(&usage);
         }
-        let Some(choice) = choices.as_ref().and_then(|choices| choices.first()) else {
+        let Some(choice) = choice else {
             return Ok(());
         };
         if let Some(delta) = &choice.delta {
@@ -457,7 +472,7 @@ impl StreamTranslator for ChatToResponsesStream {
             error: Some(message),
         };
         let usage = self.usage;
-        self.emit_response(out, "response.failed", ending, Some(&usage));
+        self.emit_response(out, "response.failed", ending, Some(&usage), false);
         true
     }
 

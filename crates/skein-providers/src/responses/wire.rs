@@ -136,16 +136,39 @@ impl<'de: 'a, 'a, T: FromLenient<'a>> Visitor<'de> for Lenient<T> {
     }
 }
 
-/// An OpenAI chat completion or stream chunk, as far as a response needs it: its choices (`C`:
-/// [`Choice`] or [`ChunkChoice`]) and its `usage`, read as `U`: typed at once
-/// ([`OpenAiUsage`]), or kept raw when that failed (see [`read_answer`]).
+/// An OpenAI chat completion or stream chunk, as far as a response needs it: its first choice
+/// (`C`: [`Choice`] or [`ChunkChoice`]; a response has one, and the others are skipped unread)
+/// and its `usage`, read as `U`: typed at once ([`OpenAiUsage`]), or kept raw when that failed
+/// (see [`read_answer`]).
 #[derive(Debug, Deserialize)]
 #[serde(bound(deserialize = "C: Deserialize<'de>, U: Deserialize<'de> + Default"))]
 struct Answer<C, U> {
     #[serde(default = "none")]
-    choices: Option<Vec<C>>,
+    choices: Option<First<C>>,
     #[serde(default)]
     usage: U,
+}
+
+/// The first element of an array, the rest skipped (no `Vec` is made for one choice).
+#[derive(Debug)]
+struct First<C>(Option<C>);
+
+impl<'de, C: Deserialize<'de>> Deserialize<'de> for First<C> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<First<C>, D::Error> {
+        struct FirstVisitor<C>(PhantomData<C>);
+        impl<'de, C: Deserialize<'de>> Visitor<'de> for FirstVisitor<C> {
+            type Value = First<C>;
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("an array")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<First<C>, A::Error> {
+                let first = seq.next_element::<C>()?;
+                skip_seq(seq)?;
+                Ok(First(first))
+            }
+        }
+        deserializer.deserialize_seq(FirstVisitor(PhantomData))
+    }
 }
 
 fn none<T>() -> Option<T> {
@@ -154,19 +177,41 @@ fn none<T>() -> Option<T> {
 
 type OpenAiUsage = crate::openai::OpenAiUsage;
 
-/// Read a completion (or chunk) and its usage in one pass; an odd `usage` (a member of the
-/// wrong type) costs a second pass that reads it leniently, rather than failing the answer.
+/// JSON text to read from: bytes (checked for UTF-8 as they are read) or a `str` (already
+/// checked, so its strings are borrowed without a second look).
+pub(crate) trait Input<'a>: Copy {
+    fn read<T: Deserialize<'a>>(self) -> serde_json::Result<T>;
+}
+
+impl<'a> Input<'a> for &'a [u8] {
+    fn read<T: Deserialize<'a>>(self) -> serde_json::Result<T> {
+        serde_json::from_slice(self)
+    }
+}
+
+impl<'a> Input<'a> for &'a str {
+    fn read<T: Deserialize<'a>>(self) -> serde_json::Result<T> {
+        serde_json::from_str(self)
+    }
+}
+
+/// Read a completion (or chunk): its first choice and its usage, in one pass; an odd `usage`
+/// (a member of the wrong type) costs a second pass that reads it leniently, rather than
+/// failing the answer. `None` for a missing, null or empty `choices`.
 pub(crate) fn read_answer<'a, C: Deserialize<'a>>(
-    body: &'a [u8],
-) -> Result<(Option<Vec<C>>, Option<Usage>), serde_json::Error> {
-    match serde_json::from_slice::<Answer<C, Option<OpenAiUsage>>>(body) {
+    body: impl Input<'a>,
+) -> Result<(Option<C>, Option<Usage>), serde_json::Error> {
+    match body.read::<Answer<C, Option<OpenAiUsage>>>() {
         Ok(answer) => Ok((
-            answer.choices,
+            answer.choices.and_then(|first| first.0),
             answer.usage.map(|usage| Usage::from(&usage)),
         )),
         Err(_) => {
-            let answer: Answer<C, Option<&RawValue>> = serde_json::from_slice(body)?;
-            Ok((answer.choices, chat_usage(answer.usage)))
+            let answer: Answer<C, Option<&RawValue>> = body.read()?;
+            Ok((
+                answer.choices.and_then(|first| first.0),
+                chat_usage(answer.usage),
+            ))
         }
     }
 }
@@ -455,6 +500,11 @@ impl Items {
         self.count
     }
 
+    /// The bytes of their JSON.
+    pub fn json_len(&self) -> usize {
+        self.json.len()
+    }
+
     pub fn push(&mut self, item: &Item<'_>) {
         if self.count > 0 {
             self.json.push(b',');
@@ -602,11 +652,16 @@ pub(crate) fn event(kind: &str, sequence: u64, members: impl FnOnce(&mut Members
 /// `{"type":"kind","sequence_number":n` (the rest of the event is the caller's).
 pub(crate) fn event_head(kind: &str, sequence: u64) -> Vec<u8> {
     let mut data = Vec::with_capacity(256);
-    data.extend_from_slice(b"{\"type\":");
-    write_str(&mut data, kind);
-    data.extend_from_slice(b",\"sequence_number\":");
-    write_u64(&mut data, sequence);
+    write_event_head(&mut data, kind, sequence);
     data
+}
+
+/// [`event_head`] written to `out`.
+pub(crate) fn write_event_head(out: &mut Vec<u8>, kind: &str, sequence: u64) {
+    out.extend_from_slice(b"{\"type\":");
+    write_str(out, kind);
+    out.extend_from_slice(b",\"sequence_number\":");
+    write_u64(out, sequence);
 }
 
 /// Bytes written by `serde_json` (and literals) as the `String` an event carries.
@@ -670,6 +725,28 @@ mod tests {
                 prop_assert_eq!(out, serde_json::to_vec(item).expect("an item serializes"));
             }
         }
+    }
+
+    #[test]
+    fn the_first_choice_is_read_and_the_rest_skipped() {
+        let body = r#"{"id":"x","choices":[{"finish_reason":"stop"},{"finish_reason":"length"}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        let (choice, usage) = read_answer::<Choice<'_>>(body).expect("an answer");
+        assert_eq!(
+            choice.expect("a choice").finish_reason.as_str(),
+            Some("stop")
+        );
+        assert_eq!(usage.expect("usage").output_tokens, 4);
+        let (bytes_choice, _) = read_answer::<Choice<'_>>(body.as_bytes()).expect("an answer");
+        assert!(bytes_choice.is_some());
+        for body in [r#"{"choices":[]}"#, r#"{"choices":null}"#, r#"{}"#] {
+            let (choice, usage) = read_answer::<Choice<'_>>(body).expect("an answer");
+            assert!(choice.is_none() && usage.is_none(), "{body}");
+        }
+        assert!(read_answer::<Choice<'_>>(r#"{"choices":{"a":1}}"#).is_err());
+        // An odd usage is read leniently, not fatally.
+        let (choice, usage) =
+            read_answer::<Choice<'_>>(r#"{"choices":[{}],"usage":"odd"}"#).expect("an answer");
+        assert!(choice.is_some() && usage.is_none());
     }
 
     #[test]
