@@ -42,7 +42,6 @@ impl OutEvent {
         // A payload may not contain raw newlines in one data line; JSON we emit never does,
         // but an upstream's text might. Looked for with SIMD: most payloads are one line.
         let data = self.data.as_bytes();
-        output.reserve(data.len() + 8);
         if memchr::memchr(b'\n', data).is_none() {
             output.extend_from_slice(b"data: ");
             output.extend_from_slice(data);

@@ -643,20 +643,15 @@ impl Members<'_> {
 /// The `data:` of an event: `{"type":kind,"sequence_number":n,…}` with the members `members`
 /// writes.
 pub(crate) fn event(kind: &str, sequence: u64, members: impl FnOnce(&mut Members<'_>)) -> Vec<u8> {
-    let mut data = event_head(kind, sequence);
+    let mut data = Vec::with_capacity(256);
+    write_event_head(&mut data, kind, sequence);
     members(&mut Members(&mut data));
     data.push(b'}');
     data
 }
 
-/// `{"type":"kind","sequence_number":n` (the rest of the event is the caller's).
-pub(crate) fn event_head(kind: &str, sequence: u64) -> Vec<u8> {
-    let mut data = Vec::with_capacity(256);
-    write_event_head(&mut data, kind, sequence);
-    data
-}
-
-/// [`event_head`] written to `out`.
+/// `{"type":"kind","sequence_number":n`, written to `out` (the rest of the event is the
+/// caller's).
 pub(crate) fn write_event_head(out: &mut Vec<u8>, kind: &str, sequence: u64) {
     out.extend_from_slice(b"{\"type\":");
     write_str(out, kind);
