@@ -4,7 +4,9 @@
 #   skein-mock), one worker on core 1, `access_log off`;
 # - the proxies on core 0: nginx (one worker, keepalive upstream, `access_log off`) and Skein
 #   as `skein serve` runs by default (gossip and Raft on; access log off with SKEIN_LOG=warn),
-#   and, to tell what gossip costs, Skein with `--gossip-addr off`;
+#   and, to tell what gossip costs, Skein with `--gossip-addr off`; and the floor of Skein's
+#   stack (`skein-floor`: hyper and tokio forwarding bodies, no policy), to tell what part of
+#   the gap to nginx is the stack's and what part Skein's own;
 # - the load, on core 1 with the upstream: `wrk -t2 -c64` (closed loop: max req/s) and
 #   `oha -q RATE -c 64 --latency-correction` (open loop: p50 and p99 at RATE);
 # - every repeat runs each target once, in turn, in one sitting.
@@ -64,19 +66,24 @@ for _ in $(seq 1 500); do curl -sf -o /dev/null -X POST "$mock_url/v1/chat/compl
 
 start_nginx
 write_skein_config
+declare -A http_port
 for name in skein skein_nogossip; do
   extra=(--gossip-addr "127.0.0.1:$(free_port)")
   [ "$name" = skein_nogossip ] && extra=(--gossip-addr off)
+  http_port[$name]=$(free_port)
   SKEIN_LOG=warn taskset -c 0 "$bin/skein" serve --config "$work/skein.yaml" --data-dir "$work/data-$name" \
-    --http-addr "127.0.0.1:$(free_port)" --grpc-addr 127.0.0.1:0 "${extra[@]}" > "$work/$name.log" 2>&1 &
+    --http-addr "127.0.0.1:${http_port[$name]}" --grpc-addr 127.0.0.1:0 "${extra[@]}" > "$work/$name.log" 2>&1 &
   pids+=($!)
 done
-sleep 0.5
-# The HTTP addresses were chosen above; read them back from the command lines.
-skein_url="http://$(ps -o args= -p "${pids[-2]}" | grep -oE -- '--http-addr [0-9.:]+' | cut -d' ' -f2)"
-nogossip_url="http://$(ps -o args= -p "${pids[-1]}" | grep -oE -- '--http-addr [0-9.:]+' | cut -d' ' -f2)"
+# The floor of Skein's HTTP stack (hyper and tokio, nothing else: see benches/src/bin/skein_floor.rs).
+taskset -c 0 "$bin/skein-floor" --listen 127.0.0.1:0 --upstream "$mock_url" > "$work/floor.log" 2>&1 &
+pids+=($!)
+floor_url=$(wait_for_line "$work/floor.log" 'http://127\.0\.0\.1:[0-9]+')
+skein_url="http://127.0.0.1:${http_port[skein]}"
+nogossip_url="http://127.0.0.1:${http_port[skein_nogossip]}"
 for url in "$skein_url" "$nogossip_url"; do
   for _ in $(seq 1 500); do curl -sf -o /dev/null "$url/health/ready" && break; sleep 0.02; done
+  curl -sf -o /dev/null "$url/health/ready" || { echo "Skein at $url is not ready" >&2; exit 1; }
 done
 
 cat > "$work/post.lua" <<'LUA'
@@ -88,7 +95,7 @@ request='{"model":"bench","messages":[{"role":"user","content":"hello world"}]}'
 mkdir -p benches/results
 results="benches/results/independent-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
 echo "{\"setup\": {\"commit\": \"$(git rev-parse --short HEAD)\", \"rate\": $rate, \"seconds\": $seconds, \"repeats\": $repeats, \"cpu\": \"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\"}}" > "$results"
-targets=("direct $mock_url" "nginx $nginx_url" "skein $skein_url" "skein_nogossip $nogossip_url")
+targets=("direct $mock_url" "nginx $nginx_url" "floor $floor_url" "skein $skein_url" "skein_nogossip $nogossip_url")
 for repeat in $(seq 1 "$repeats"); do
   for entry in "${targets[@]}"; do
     label=${entry%% *}; url=${entry#* }/v1/chat/completions
@@ -110,7 +117,7 @@ done
 python3 - "$results" <<'PY'
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if '"label"' in line]
-labels = ["direct", "nginx", "skein", "skein_nogossip"]
+labels = ["direct", "nginx", "floor", "skein", "skein_nogossip"]
 med = {label: {key: statistics.median(row[key] for row in rows if row["label"] == label)
                for key in ("wrk_rps", "oha_p50_us", "oha_p99_us")} for label in labels}
 nginx = med["nginx"]; direct = med["direct"]
