@@ -143,22 +143,172 @@ const USAGE_MEMBER: &[u8] = b"\"usage\"";
 /// string a quote is always escaped, so `"usage"` followed by `:` can only be a member name.
 /// OpenAI-shaped answers put it last, so the search runs from the end.
 pub fn response_usage(body: &[u8]) -> Usage {
-    let Ok(text) = std::str::from_utf8(body) else {
-        return Usage::default();
-    };
-    let mut end = text.len();
-    while let Some(found) = memchr::memmem::rfind(&text.as_bytes()[..end], USAGE_MEMBER) {
-        let after = text[found + 7..].trim_start();
-        if let Some(value) = after.strip_prefix(':') {
-            let mut deserializer = serde_json::Deserializer::from_str(value);
-            return match Option::<OpenAiUsage>::deserialize(&mut deserializer) {
-                Ok(Some(usage)) => Usage::from(&usage),
-                _ => Usage::default(),
-            };
+    static FINDER: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::FinderRev::new(USAGE_MEMBER));
+    static FORWARD: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(USAGE_MEMBER));
+    // The reverse search runs a byte at a time; the forward one is vectorised. The member is
+    // near the end, so the last match in the last `TAIL` bytes is searched for first.
+    const TAIL: usize = 512;
+    let mut end = body.len();
+    while let Some(found) = match FORWARD
+        .find_iter(&body[end.saturating_sub(TAIL)..end])
+        .last()
+    {
+        Some(at) => Some(end.saturating_sub(TAIL) + at),
+        None if end <= TAIL => None,
+        // Nothing in the tail: the rest, from the end (a match across the tail's start
+        // included).
+        None => FINDER.rfind(&body[..end - TAIL + USAGE_MEMBER.len() - 1]),
+    } {
+        let mut at = found + USAGE_MEMBER.len();
+        skip_whitespace(body, &mut at);
+        if body.get(at) == Some(&b':') {
+            let value = &body[at + 1..];
+            return scan_usage(value).unwrap_or_else(|| parse_usage(value));
         }
         end = found;
     }
     Usage::default()
+}
+
+/// The `usage` value at the start of `value`, read by serde (what [`scan_usage`] stands in for).
+fn parse_usage(value: &[u8]) -> Usage {
+    let mut deserializer = serde_json::Deserializer::from_slice(value);
+    match Option::<OpenAiUsage>::deserialize(&mut deserializer) {
+        Ok(Some(usage)) => Usage::from(&usage),
+        _ => Usage::default(),
+    }
+}
+
+fn skip_whitespace(text: &[u8], at: &mut usize) {
+    while matches!(text.get(*at), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        *at += 1;
+    }
+}
+
+/// The `usage` object read without serde, for the shape upstreams write: members whose values
+/// are integers or objects of integers. Anything else (`null`, a string, a float, a negative
+/// or oversized number, deeper nesting, a repeated member, an escape in a name) gives `None`,
+/// and [`parse_usage`] reads it instead, so the result is always what serde would give.
+/// About a sixth of serde's instructions on a usual `usage` object.
+fn scan_usage(text: &[u8]) -> Option<Usage> {
+    let mut at = 0;
+    skip_whitespace(text, &mut at);
+    if text.get(at) != Some(&b'{') {
+        return None;
+    }
+    at += 1;
+    let mut usage = Usage::default();
+    let mut seen = 0u8;
+    scan_usage_object(text, &mut at, None, &mut usage, &mut seen)?;
+    Some(usage)
+}
+
+/// One object of the `usage` value, from after its `{` to after its `}`. `parent` is the
+/// member name of a nested object (`None` for the top level).
+fn scan_usage_object(
+    text: &[u8],
+    at: &mut usize,
+    parent: Option<&[u8]>,
+    usage: &mut Usage,
+    seen: &mut u8,
+) -> Option<()> {
+    skip_whitespace(text, at);
+    if text.get(*at) == Some(&b'}') {
+        *at += 1;
+        return Some(());
+    }
+    loop {
+        skip_whitespace(text, at);
+        if text.get(*at) != Some(&b'"') {
+            return None;
+        }
+        let start = *at + 1;
+        let length = memchr::memchr2(b'"', b'\\', text.get(start..)?)?;
+        if text[start + length] != b'"' {
+            return None;
+        }
+        let name = &text[start..start + length];
+        *at = start + length + 1;
+        skip_whitespace(text, at);
+        if text.get(*at) != Some(&b':') {
+            return None;
+        }
+        *at += 1;
+        skip_whitespace(text, at);
+        match (text.get(*at)?, parent) {
+            (b'0'..=b'9', _) => {
+                let number = scan_integer(text, at)?;
+                // The members serde reads, one bit each: a second one is serde's error.
+                let slot = match (parent, name) {
+                    (None, b"prompt_tokens") => Some((0, &mut usage.input_tokens)),
+                    (None, b"completion_tokens") => Some((1, &mut usage.output_tokens)),
+                    (Some(b"prompt_tokens_details"), b"cached_tokens") => {
+                        Some((2, &mut usage.cached_input_tokens))
+                    }
+                    (Some(b"completion_tokens_details"), b"reasoning_tokens") => {
+                        Some((3, &mut usage.reasoning_tokens))
+                    }
+                    (None, b"prompt_tokens_details" | b"completion_tokens_details") => {
+                        return None;
+                    }
+                    _ => None,
+                };
+                if let Some((bit, field)) = slot {
+                    if *seen & (1 << bit) != 0 {
+                        return None;
+                    }
+                    *seen |= 1 << bit;
+                    *field = number;
+                }
+            }
+            (b'{', None) => {
+                let bit = match name {
+                    b"prompt_tokens_details" => Some(4),
+                    b"completion_tokens_details" => Some(5),
+                    b"prompt_tokens" | b"completion_tokens" => return None,
+                    _ => None,
+                };
+                if let Some(bit) = bit {
+                    if *seen & (1 << bit) != 0 {
+                        return None;
+                    }
+                    *seen |= 1 << bit;
+                }
+                *at += 1;
+                scan_usage_object(text, at, Some(name), usage, seen)?;
+            }
+            _ => return None,
+        }
+        skip_whitespace(text, at);
+        match text.get(*at)? {
+            b',' => *at += 1,
+            b'}' => {
+                *at += 1;
+                return Some(());
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// A JSON integer that fits a `u64`, as serde reads one (no sign, no leading zero, no fraction
+/// or exponent after it).
+fn scan_integer(text: &[u8], at: &mut usize) -> Option<u64> {
+    let start = *at;
+    let mut number: u64 = 0;
+    while let Some(digit @ b'0'..=b'9') = text.get(*at) {
+        number = number
+            .checked_mul(10)?
+            .checked_add(u64::from(digit - b'0'))?;
+        *at += 1;
+    }
+    let digits = *at - start;
+    if (digits > 1 && text[start] == b'0') || matches!(text.get(*at), Some(b'.' | b'e' | b'E')) {
+        return None;
+    }
+    Some(number)
 }
 
 /// OpenAI's `usage` object for a [`Usage`].
@@ -308,6 +458,93 @@ impl StreamTranslator for PassthroughStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A JSON value that may appear in or around a `usage` object: integers (some out of
+    /// range), `null`, strings, floats, negatives, and objects of those.
+    fn usage_value(depth: u32) -> proptest::prelude::BoxedStrategy<String> {
+        use proptest::prelude::*;
+        let odd = prop_oneof![
+            Just("18446744073709551616".to_owned()),
+            Just("null".to_owned()),
+            Just("\"a\\\"b\"".to_owned()),
+            Just("1.5".to_owned()),
+            Just("-3".to_owned()),
+            Just("012".to_owned()),
+            Just("2e3".to_owned()),
+        ];
+        // Mostly integers, so that whole objects of them (what the scanner reads) are common.
+        let leaf = prop_oneof![30 => any::<u32>().prop_map(|n| n.to_string()), 1 => odd];
+        if depth == 0 {
+            return leaf.boxed();
+        }
+        let names = prop_oneof![
+            Just("prompt_tokens"),
+            Just("completion_tokens"),
+            Just("total_tokens"),
+            Just("prompt_tokens_details"),
+            Just("completion_tokens_details"),
+            Just("cached_tokens"),
+            Just("reasoning_tokens"),
+            Just("audio_tokens"),
+        ];
+        let member = (
+            names,
+            usage_value(depth - 1),
+            prop_oneof![Just(""), Just(" "), Just("\n  ")],
+        );
+        prop_oneof![
+            1 => leaf,
+            2 => proptest::collection::vec(member, 0..6).prop_map(|members| {
+                let inner: Vec<String> = members
+                    .into_iter()
+                    .map(|(name, value, space)| format!("{space}\"{name}\":{space}{value}"))
+                    .collect();
+                format!("{{{}}}", inner.join(","))
+            }),
+        ]
+        .boxed()
+    }
+
+    proptest::proptest! {
+        /// The hand scanner gives what serde gives, whatever the `usage` value holds.
+        #[test]
+        fn the_usage_scanner_agrees_with_serde(usage in usage_value(2), tail in "[,}\\] a\"]{0,4}", pad in 0usize..1200) {
+            let prefix = "{\"id\":\"x\",\"usage\":";
+            // Padded past the tail the search looks at first, with a decoy name in it.
+            let padding = " ".repeat(pad);
+            let body = format!("{prefix} {usage}{tail}{padding}\"usage\"]");
+            let value = &body.as_bytes()[prefix.len()..];
+            let expected = parse_usage(value);
+            if let Some(scanned) = scan_usage(value) {
+                proptest::prop_assert_eq!(scanned, expected);
+            }
+            proptest::prop_assert_eq!(response_usage(body.as_bytes()), expected);
+        }
+    }
+
+    #[test]
+    fn the_usage_scanner_reads_what_upstreams_write() {
+        let body = br#"{"id":"c","choices":[{"message":{"content":"\"usage\": {\"prompt_tokens\": 99}"}}],"usage":{"prompt_tokens":12,"completion_tokens":75,"total_tokens":87,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":4,"audio_tokens":0,"accepted_prediction_tokens":0}},"service_tier":"default"}"#;
+        let start = memchr::memmem::rfind(body, USAGE_MEMBER).expect("usage") + 8;
+        let expected = Usage {
+            input_tokens: 12,
+            output_tokens: 75,
+            cached_input_tokens: 3,
+            reasoning_tokens: 4,
+            ..Usage::default()
+        };
+        assert_eq!(scan_usage(&body[start..]), Some(expected));
+        assert_eq!(response_usage(body), expected);
+        // What the scanner leaves to serde, serde reads.
+        let spaced = br#"{"usage" : { "prompt_tokens" : 1 , "completion_tokens" : 2, "x": "s" }}"#;
+        assert_eq!(scan_usage(&spaced[10..]), None);
+        assert_eq!(response_usage(spaced).output_tokens, 2);
+        assert_eq!(response_usage(br#"{"usage":null}"#), Usage::default());
+        assert_eq!(
+            response_usage(br#"{"usage":{"prompt_tokens":1,"prompt_tokens":2}}"#),
+            Usage::default()
+        );
+    }
 
     #[test]
     fn forces_usage_on_streams_and_keeps_other_options() {

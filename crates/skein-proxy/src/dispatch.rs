@@ -21,7 +21,7 @@ use skein_types::ErrorCode;
 use sse_core::{MessageEvent, SseDecoder, SseEvent, SseStream, SseStreamError};
 
 use crate::error::ApiError;
-use crate::metrics::{AttemptLabels, ProviderLabels};
+use crate::metrics::AttemptLabels;
 use crate::state::AppState;
 use crate::upstream::{
     AttemptFailure, PreparedRequest, build_request, classify_empty_stream, classify_status,
@@ -199,19 +199,10 @@ pub async fn dispatch(
                 candidate
                     .deployment
                     .observe_latency(u64::try_from(upstream_time.as_micros()).unwrap_or(u64::MAX));
-                let metrics = &state.metrics;
-                metrics
-                    .attempts
-                    .get_or_create(&AttemptLabels {
-                        provider: provider_name.clone(),
-                        outcome: "success",
-                    })
-                    .inc();
-                metrics
+                let handles = state.metrics.provider(&provider_name);
+                handles.attempts_success.inc();
+                handles
                     .upstream_duration
-                    .get_or_create(&ProviderLabels {
-                        provider: provider_name,
-                    })
                     .observe(upstream_time.as_secs_f64());
                 return Ok(Served {
                     candidate,

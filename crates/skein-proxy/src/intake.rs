@@ -3,7 +3,6 @@
 //! against the caller's allowed models and resolved to routes.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -68,15 +67,22 @@ fn request_id(headers: &HeaderMap) -> String {
     {
         return value.to_owned();
     }
-    let mut minted = String::with_capacity(28);
-    // Writing to a String cannot fail.
-    let _ = write!(
-        minted,
-        "req_{:016x}{:08x}",
-        fastrand::u64(..),
-        fastrand::u32(..)
-    );
-    minted
+    mint_request_id(fastrand::u64(..), fastrand::u32(..))
+}
+
+/// `req_` and 24 lowercase hex digits (written by hand: `format!` took about 1% of a request).
+fn mint_request_id(high: u64, low: u32) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = *b"req_000000000000000000000000";
+    let digits = (0..16)
+        .map(|place| (high >> (60 - 4 * place)) & 15)
+        .chain((0..8).map(|place| u64::from(low >> (28 - 4 * place)) & 15));
+    for (slot, digit) in id[4..].iter_mut().zip(digits) {
+        *slot = HEX[digit as usize];
+    }
+    std::str::from_utf8(&id)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 /// Read the body up to the configured limit, within the body timeouts: at most
@@ -290,4 +296,22 @@ fn unknown_model(model: &str, error: ResolveError) -> ApiError {
     )
     .with_param("model")
     .with_detail_code("model_not_found")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_request_ids_are_req_and_24_hex_digits() {
+        assert_eq!(
+            mint_request_id(0x0123_4567_89ab_cdef, 0xfedc_ba98),
+            "req_0123456789abcdeffedcba98"
+        );
+        assert_eq!(mint_request_id(0, 0), "req_000000000000000000000000");
+        assert_eq!(
+            mint_request_id(u64::MAX, u32::MAX),
+            "req_ffffffffffffffffffffffff"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! Prometheus metrics, all named `skein_*`. Labels are low-cardinality: endpoint, route,
 //! provider, status and outcome (never a key, a user or a request id).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -107,6 +108,84 @@ pub struct Metrics {
     pub responses_evicted: Counter,
     /// Stored responses whose copy could not be written to any other node.
     pub responses_unreplicated: Counter,
+    /// The handles a served request updates, looked up once per route and provider.
+    served: HandleCache<ServedMetrics>,
+    providers: HandleCache<ProviderMetrics>,
+}
+
+/// The metrics of the requests one endpoint serves from one route through one provider with
+/// status 200: resolved from their families once, then shared (a family's lookup hashes
+/// every label with SipHash under its lock, about 300 instructions, several times a request).
+pub struct ServedMetrics {
+    pub requests_ok: Counter,
+    pub request_duration: Histogram,
+    pub gateway_overhead: Histogram,
+}
+
+/// The metrics of one provider's successful attempts and tokens.
+pub struct ProviderMetrics {
+    pub attempts_success: Counter,
+    pub upstream_duration: Histogram,
+    pub time_to_first_token: Histogram,
+    /// `input`, `output`, `cached_input`, `reasoning`, as [`TOKEN_KINDS`].
+    tokens: [Counter; 4],
+}
+
+const TOKEN_KINDS: [&str; 4] = ["input", "output", "cached_input", "reasoning"];
+
+/// Handles keyed by the addresses and lengths of the label strings they were made for. The
+/// entry keeps those strings (`Arc`s) alive, so an address cannot be reused by another string
+/// while its entry exists. Config reloads make new strings; past `CAPACITY` entries the cache
+/// starts over (the handles stay in their families, so no count is lost).
+struct HandleCache<V> {
+    entries: RwLock<HashMap<[usize; 6], CacheEntry<V>, foldhash::fast::RandomState>>,
+}
+
+struct CacheEntry<V> {
+    handles: Arc<V>,
+    _pinned: [Option<Arc<str>>; 2],
+}
+
+impl<V> HandleCache<V> {
+    const CAPACITY: usize = 4096;
+
+    fn new() -> Self {
+        HandleCache {
+            entries: RwLock::new(HashMap::default()),
+        }
+    }
+
+    fn get_or_make(
+        &self,
+        key: [usize; 6],
+        pinned: [Option<&Arc<str>>; 2],
+        make: impl FnOnce() -> V,
+    ) -> Arc<V> {
+        if let Some(entry) = self
+            .entries
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return entry.handles.clone();
+        }
+        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= Self::CAPACITY {
+            entries.clear();
+        }
+        entries
+            .entry(key)
+            .or_insert_with(|| CacheEntry {
+                handles: Arc::new(make()),
+                _pinned: pinned.map(|text| text.cloned()),
+            })
+            .handles
+            .clone()
+    }
+}
+
+fn address(text: &str) -> [usize; 2] {
+    [text.as_ptr() as usize, text.len()]
 }
 
 fn latency_histogram() -> Histogram {
@@ -263,6 +342,8 @@ impl Metrics {
             responses_unreplicated.clone(),
         );
         Metrics {
+            served: HandleCache::new(),
+            providers: HandleCache::new(),
             responses_stored,
             responses_stored_bytes,
             responses_evicted,
@@ -300,21 +381,86 @@ impl Metrics {
 
     /// Count tokens of a finished call.
     pub fn record_usage(&self, provider: &Arc<str>, usage: &skein_providers::Usage) {
-        for (kind, count) in [
-            ("input", usage.input_tokens),
-            ("output", usage.output_tokens),
-            ("cached_input", usage.cached_input_tokens),
-            ("reasoning", usage.reasoning_tokens),
-        ] {
+        let handles = self.provider(provider);
+        for (counter, count) in handles.tokens.iter().zip([
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cached_input_tokens,
+            usage.reasoning_tokens,
+        ]) {
             if count > 0 {
-                self.tokens
-                    .get_or_create(&TokenLabels {
-                        provider: provider.clone(),
-                        kind,
-                    })
-                    .inc_by(count);
+                counter.inc_by(count);
             }
         }
+    }
+
+    /// The handles of requests served with status 200 by `route` through `provider`.
+    pub fn served(
+        &self,
+        endpoint: &'static str,
+        route: &Arc<str>,
+        provider: &Arc<str>,
+    ) -> Arc<ServedMetrics> {
+        let [endpoint_at, endpoint_len] = address(endpoint);
+        let [route_at, route_len] = address(route);
+        let [provider_at, provider_len] = address(provider);
+        self.served.get_or_make(
+            [
+                endpoint_at,
+                endpoint_len,
+                route_at,
+                route_len,
+                provider_at,
+                provider_len,
+            ],
+            [Some(route), Some(provider)],
+            || {
+                let labels = EndpointLabels { endpoint };
+                ServedMetrics {
+                    requests_ok: self
+                        .requests
+                        .get_or_create(&RequestLabels {
+                            endpoint,
+                            route: route.clone(),
+                            provider: provider.clone(),
+                            status: 200,
+                        })
+                        .clone(),
+                    request_duration: self.request_duration.get_or_create(&labels).clone(),
+                    gateway_overhead: self.gateway_overhead.get_or_create(&labels).clone(),
+                }
+            },
+        )
+    }
+
+    /// The handles of one provider's successful attempts and tokens.
+    pub fn provider(&self, provider: &Arc<str>) -> Arc<ProviderMetrics> {
+        let [at, len] = address(provider);
+        self.providers
+            .get_or_make([at, len, 0, 0, 0, 0], [Some(provider), None], || {
+                let labels = ProviderLabels {
+                    provider: provider.clone(),
+                };
+                ProviderMetrics {
+                    attempts_success: self
+                        .attempts
+                        .get_or_create(&AttemptLabels {
+                            provider: provider.clone(),
+                            outcome: "success",
+                        })
+                        .clone(),
+                    upstream_duration: self.upstream_duration.get_or_create(&labels).clone(),
+                    time_to_first_token: self.time_to_first_token.get_or_create(&labels).clone(),
+                    tokens: TOKEN_KINDS.map(|kind| {
+                        self.tokens
+                            .get_or_create(&TokenLabels {
+                                provider: provider.clone(),
+                                kind,
+                            })
+                            .clone()
+                    }),
+                }
+            })
     }
 }
 

@@ -188,7 +188,7 @@ impl Upstream {
 /// Upstream connections, shared by every request of the node.
 pub struct UpstreamPool {
     connector: Connector,
-    hosts: Mutex<HashMap<HostKey, Host>>,
+    hosts: Mutex<HashMap<HostKey, Host, foldhash::fast::RandomState>>,
     max_idle_per_host: usize,
     idle_timeout: Duration,
     sweeper_started: AtomicBool,
@@ -198,7 +198,7 @@ impl UpstreamPool {
     pub fn new(connector: Connector, max_idle_per_host: usize, idle_timeout: Duration) -> Self {
         UpstreamPool {
             connector,
-            hosts: Mutex::new(HashMap::new()),
+            hosts: Mutex::new(HashMap::default()),
             max_idle_per_host,
             idle_timeout,
             sweeper_started: AtomicBool::new(false),
@@ -256,7 +256,7 @@ impl UpstreamPool {
         self.lock().values().map(|host| host.idle.len()).sum()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<HostKey, Host>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<HostKey, Host, foldhash::fast::RandomState>> {
         self.hosts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

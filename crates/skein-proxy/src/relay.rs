@@ -49,10 +49,8 @@ pub(crate) fn stream_response(
     let provider = candidate.deployment.provider.name.clone();
     state
         .metrics
+        .provider(&provider)
         .time_to_first_token
-        .get_or_create(&ProviderLabels {
-            provider: provider.clone(),
-        })
         .observe(context.started.elapsed().as_secs_f64());
     let mut response = Response::new(Body::empty());
     *response.headers_mut() = HeaderMap::with_capacity(RESPONSE_HEADERS);

@@ -233,6 +233,16 @@ pub(crate) fn record_request(
     waited: Duration,
 ) {
     let metrics = &state.metrics;
+    let elapsed = context.started.elapsed();
+    if status == 200 {
+        let served = metrics.served(context.endpoint, &route, &provider);
+        served.requests_ok.inc();
+        served.request_duration.observe(elapsed.as_secs_f64());
+        served
+            .gateway_overhead
+            .observe(elapsed.saturating_sub(waited).as_secs_f64());
+        return;
+    }
     metrics
         .requests
         .get_or_create(&RequestLabels {
@@ -242,7 +252,6 @@ pub(crate) fn record_request(
             status,
         })
         .inc();
-    let elapsed = context.started.elapsed();
     let endpoint = EndpointLabels {
         endpoint: context.endpoint,
     };
