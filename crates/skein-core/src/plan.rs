@@ -157,7 +157,8 @@ impl AttemptPlan {
 
     fn start_route(&mut self, route: &RouteRuntime) {
         self.order.clear();
-        let now_wall_ms = skein_types::now_ms();
+        // Read only for a provider with several keys (their quota orders them).
+        let mut now_wall_ms = None;
         // One deployment needs no ordering, and one key no shuffling: the common case
         // allocates nothing here.
         let ordered;
@@ -177,9 +178,10 @@ impl AttemptPlan {
             let order = weighted_order(&weights);
             // Keys nearly out of upstream quota (cluster-wide) go after the others.
             let (tight, roomy): (Vec<usize>, Vec<usize>) = if keys.len() > 1 {
-                order
-                    .into_iter()
-                    .partition(|index| keys[*index].quota_tight(now_wall_ms))
+                order.into_iter().partition(|index| {
+                    let now = *now_wall_ms.get_or_insert_with(skein_types::now_ms);
+                    keys[*index].quota_tight(now)
+                })
             } else {
                 (Vec::new(), order)
             };

@@ -107,6 +107,10 @@ pub struct DeploymentRuntime {
     pub deployment_header: Option<HeaderValue>,
     /// The upstream URIs this deployment was called at, built on first use.
     pub uris: UriCache,
+    /// The headers of the answers it serves (unary, streamed), built by the proxy on first
+    /// use and cloned for each answer. A deployment belongs to one route, so the route's
+    /// header can be among them.
+    pub response_headers: std::sync::OnceLock<[http::HeaderMap; 2]>,
     /// The most output tokens the model can produce (from the config, else the model
     /// catalog): requests asking for more are clamped.
     pub max_output_tokens: Option<u64>,
@@ -559,6 +563,7 @@ impl DeploymentRuntime {
             provider_header: header_value(&provider.name),
             deployment_header: header_value(&format!("{}/{model}", provider.name)),
             uris: UriCache::default(),
+            response_headers: std::sync::OnceLock::new(),
             max_output_tokens: skein_types::catalog::max_output_tokens(&model),
             provider,
             model,

@@ -150,14 +150,18 @@ pub const QUOTA_TIGHT_FRACTION: f64 = 0.1;
 
 impl QuotaObservation {
     /// Read OpenAI's (`x-ratelimit-*-requests/tokens`) and Anthropic's
-    /// (`anthropic-ratelimit-*`) headers; `None` when there are none.
-    pub fn from_headers(headers: &HeaderMap, now_ms: u64) -> Option<QuotaObservation> {
+    /// (`anthropic-ratelimit-*`) headers; `None` when there are none. The clock is read only
+    /// when there are.
+    pub fn from_headers(
+        headers: &HeaderMap,
+        now_ms: impl FnOnce() -> u64,
+    ) -> Option<QuotaObservation> {
         let mut observation = QuotaObservation {
             limit_requests: None,
             remaining_requests: None,
             limit_tokens: None,
             remaining_tokens: None,
-            at_ms: now_ms,
+            at_ms: 0,
         };
         // One pass over the headers (a response has a handful to a few dozen), rather than a
         // hashed lookup of each of the eight names.
@@ -184,8 +188,11 @@ impl QuotaObservation {
                     .and_then(|value| value.trim().parse::<u64>().ok());
             }
         }
-        (observation.remaining_requests.is_some() || observation.remaining_tokens.is_some())
-            .then_some(observation)
+        if observation.remaining_requests.is_none() && observation.remaining_tokens.is_none() {
+            return None;
+        }
+        observation.at_ms = now_ms();
+        Some(observation)
     }
 
     /// Whether, as of this observation, the key is nearly out of quota.
@@ -428,7 +435,7 @@ mod tests {
             "x-ratelimit-remaining-requests",
             "9".parse().expect("value"),
         );
-        let seen = QuotaObservation::from_headers(&headers, 1_000).expect("value");
+        let seen = QuotaObservation::from_headers(&headers, || 1_000).expect("value");
         assert!(seen.tight(1_000));
         // Old figures are not trusted.
         assert!(!seen.tight(1_000 + QUOTA_FRESH_MS + 1));
@@ -437,11 +444,14 @@ mod tests {
             "50".parse().expect("value"),
         );
         assert!(
-            !QuotaObservation::from_headers(&headers, 1_000)
+            !QuotaObservation::from_headers(&headers, || 1_000)
                 .expect("value")
                 .tight(1_000)
         );
-        assert_eq!(QuotaObservation::from_headers(&HeaderMap::new(), 0), None);
+        assert_eq!(
+            QuotaObservation::from_headers(&HeaderMap::new(), || 0),
+            None
+        );
         let mut anthropic = HeaderMap::new();
         anthropic.insert("content-type", "application/json".parse().expect("value"));
         anthropic.insert(
@@ -452,7 +462,7 @@ mod tests {
             "anthropic-ratelimit-tokens-remaining",
             " 10 ".parse().expect("value"),
         );
-        let seen = QuotaObservation::from_headers(&anthropic, 5).expect("value");
+        let seen = QuotaObservation::from_headers(&anthropic, || 5).expect("value");
         assert_eq!(
             (
                 seen.limit_tokens,

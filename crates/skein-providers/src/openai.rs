@@ -205,12 +205,42 @@ fn scan_usage(text: &[u8]) -> Option<Usage> {
     Some(usage)
 }
 
+/// The member names [`scan_usage_object`] tells apart, each compared once, by length first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UsageName {
+    PromptTokens,
+    CompletionTokens,
+    PromptDetails,
+    CompletionDetails,
+    CachedTokens,
+    ReasoningTokens,
+    Other,
+}
+
+impl UsageName {
+    fn of(name: &[u8]) -> UsageName {
+        // Fixed-length compares, inlined (a slice pattern calls `bcmp` per arm).
+        fn is<const N: usize>(name: &[u8], expected: &[u8; N]) -> bool {
+            <&[u8; N]>::try_from(name).is_ok_and(|name| name == expected)
+        }
+        match name.len() {
+            13 if is(name, b"prompt_tokens") => UsageName::PromptTokens,
+            13 if is(name, b"cached_tokens") => UsageName::CachedTokens,
+            16 if is(name, b"reasoning_tokens") => UsageName::ReasoningTokens,
+            17 if is(name, b"completion_tokens") => UsageName::CompletionTokens,
+            21 if is(name, b"prompt_tokens_details") => UsageName::PromptDetails,
+            25 if is(name, b"completion_tokens_details") => UsageName::CompletionDetails,
+            _ => UsageName::Other,
+        }
+    }
+}
+
 /// One object of the `usage` value, from after its `{` to after its `}`. `parent` is the
 /// member name of a nested object (`None` for the top level).
 fn scan_usage_object(
     text: &[u8],
     at: &mut usize,
-    parent: Option<&[u8]>,
+    parent: Option<UsageName>,
     usage: &mut Usage,
     seen: &mut u8,
 ) -> Option<()> {
@@ -225,12 +255,12 @@ fn scan_usage_object(
             return None;
         }
         let start = *at + 1;
-        let length = memchr::memchr2(b'"', b'\\', text.get(start..)?)?;
-        if text[start + length] != b'"' {
+        let end = start + memchr::memchr2(b'"', b'\\', text.get(start..)?)?;
+        if text[end] != b'"' {
             return None;
         }
-        let name = &text[start..start + length];
-        *at = start + length + 1;
+        let name = UsageName::of(&text[start..end]);
+        *at = end + 1;
         skip_whitespace(text, at);
         if text.get(*at) != Some(&b':') {
             return None;
@@ -242,15 +272,15 @@ fn scan_usage_object(
                 let number = scan_integer(text, at)?;
                 // The members serde reads, one bit each: a second one is serde's error.
                 let slot = match (parent, name) {
-                    (None, b"prompt_tokens") => Some((0, &mut usage.input_tokens)),
-                    (None, b"completion_tokens") => Some((1, &mut usage.output_tokens)),
-                    (Some(b"prompt_tokens_details"), b"cached_tokens") => {
+                    (None, UsageName::PromptTokens) => Some((0, &mut usage.input_tokens)),
+                    (None, UsageName::CompletionTokens) => Some((1, &mut usage.output_tokens)),
+                    (Some(UsageName::PromptDetails), UsageName::CachedTokens) => {
                         Some((2, &mut usage.cached_input_tokens))
                     }
-                    (Some(b"completion_tokens_details"), b"reasoning_tokens") => {
+                    (Some(UsageName::CompletionDetails), UsageName::ReasoningTokens) => {
                         Some((3, &mut usage.reasoning_tokens))
                     }
-                    (None, b"prompt_tokens_details" | b"completion_tokens_details") => {
+                    (None, UsageName::PromptDetails | UsageName::CompletionDetails) => {
                         return None;
                     }
                     _ => None,
@@ -265,9 +295,9 @@ fn scan_usage_object(
             }
             (b'{', None) => {
                 let bit = match name {
-                    b"prompt_tokens_details" => Some(4),
-                    b"completion_tokens_details" => Some(5),
-                    b"prompt_tokens" | b"completion_tokens" => return None,
+                    UsageName::PromptDetails => Some(4),
+                    UsageName::CompletionDetails => Some(5),
+                    UsageName::PromptTokens | UsageName::CompletionTokens => return None,
                     _ => None,
                 };
                 if let Some(bit) = bit {

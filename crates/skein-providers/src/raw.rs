@@ -13,6 +13,9 @@ use serde_json::value::RawValue;
 #[derive(Debug)]
 pub struct RawObject<'a> {
     members: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// The text the object was parsed from, when [`RawObject::parse`] read it: rewriting a
+    /// member then splices the new value into it instead of writing every member again.
+    source: Option<&'a [u8]>,
 }
 
 /// Why a body is not a JSON object.
@@ -41,7 +44,11 @@ impl fmt::Display for RawParseError {
 impl<'a> RawObject<'a> {
     /// Read a request body that must be a JSON object.
     pub fn parse(body: &'a [u8]) -> Result<RawObject<'a>, RawParseError> {
-        serde_json::from_slice::<RawObject<'a>>(body).map_err(|error| {
+        let parsed = serde_json::from_slice::<RawObject<'a>>(body).map(|mut object| {
+            object.source = Some(body);
+            object
+        });
+        parsed.map_err(|error| {
             let message = error.to_string();
             // serde_json appends " at line L column C"; keep only the reason.
             let reason = match message.rfind(" at line ") {
@@ -126,6 +133,63 @@ impl<'a> RawObject<'a> {
     /// Write the object back, replacing (or appending) the given members. Replacement values
     /// are already-serialized JSON.
     pub fn write_with(&self, replacements: &[(&str, &str)], output: &mut Vec<u8>) {
+        if let Some(source) = self.source
+            && self.splice(source, replacements, output)
+        {
+            return;
+        }
+        self.rebuild(replacements, output);
+    }
+
+    /// [`RawObject::write_with`] on the text the object was parsed from: the bytes between
+    /// replaced values are copied as they are (members, whitespace and all), and appended
+    /// members go before the closing brace. `false` (with `output` untouched) if a value does
+    /// not lie in `source`, which does not happen for an object [`RawObject::parse`] read.
+    fn splice(&self, source: &[u8], replacements: &[(&str, &str)], output: &mut Vec<u8>) -> bool {
+        let base = source.as_ptr() as usize;
+        let span = |value: &RawValue| {
+            let start = (value.get().as_ptr() as usize).checked_sub(base)?;
+            let end = start.checked_add(value.get().len())?;
+            (end <= source.len()).then_some((start, end))
+        };
+        // The closing brace: serde allows only whitespace after it.
+        let Some(close) = source.iter().rposition(|byte| *byte == b'}') else {
+            return false;
+        };
+        let mut cuts: [(usize, usize, &str); 4] = [(0, 0, ""); 4];
+        let mut used = 0;
+        for (key, value) in &self.members {
+            let Some((_, replacement)) = replacements.iter().find(|(name, _)| name == key) else {
+                continue;
+            };
+            match span(value) {
+                Some((start, end)) if used < cuts.len() && end <= close => {
+                    cuts[used] = (start, end, replacement);
+                    used += 1;
+                }
+                _ => return false,
+            }
+        }
+        let added: usize = replacements
+            .iter()
+            .map(|(key, value)| key.len() + value.len() + 4)
+            .sum();
+        output.reserve(source.len() + added);
+        let mut cursor = 0;
+        for (start, end, replacement) in &cuts[..used] {
+            output.extend_from_slice(&source[cursor..*start]);
+            output.extend_from_slice(replacement.as_bytes());
+            cursor = *end;
+        }
+        output.extend_from_slice(&source[cursor..close]);
+        let mut first = self.members.is_empty();
+        self.write_added(replacements, &mut first, output);
+        output.extend_from_slice(&source[close..]);
+        true
+    }
+
+    /// [`RawObject::write_with`] member by member, for an object without its source text.
+    fn rebuild(&self, replacements: &[(&str, &str)], output: &mut Vec<u8>) {
         let members: usize = self
             .members
             .iter()
@@ -138,28 +202,36 @@ impl<'a> RawObject<'a> {
         output.reserve(members + added + 2);
         output.push(b'{');
         let mut first = true;
-        let mut write_member = |output: &mut Vec<u8>, key: &str, value: &str| {
-            if !first {
-                output.push(b',');
-            }
-            first = false;
-            write_json_string(key, output);
-            output.push(b':');
-            output.extend_from_slice(value.as_bytes());
-        };
         for (key, value) in &self.members {
-            match replacements.iter().find(|(name, _)| name == key) {
-                Some((_, replacement)) => write_member(output, key, replacement),
-                None => write_member(output, key, value.get()),
-            }
+            let value = match replacements.iter().find(|(name, _)| name == key) {
+                Some((_, replacement)) => replacement,
+                None => value.get(),
+            };
+            write_member(key, value, &mut first, output);
         }
-        for (key, replacement) in replacements {
-            if self.get(key).is_none() {
-                write_member(output, key, replacement);
-            }
-        }
+        self.write_added(replacements, &mut first, output);
         output.push(b'}');
     }
+
+    /// The replacements the object has no member for, as members.
+    fn write_added(&self, replacements: &[(&str, &str)], first: &mut bool, output: &mut Vec<u8>) {
+        for (key, replacement) in replacements {
+            if self.get(key).is_none() {
+                write_member(key, replacement, first, output);
+            }
+        }
+    }
+}
+
+/// `"key":value`, after a comma unless it is the `first` member.
+fn write_member(key: &str, value: &str, first: &mut bool, output: &mut Vec<u8>) {
+    if !*first {
+        output.push(b',');
+    }
+    *first = false;
+    write_json_string(key, output);
+    output.push(b':');
+    output.extend_from_slice(value.as_bytes());
 }
 
 fn write_json_string(text: &str, output: &mut Vec<u8>) {
@@ -222,7 +294,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
                     }
                     members.push((key, value));
                 }
-                Ok(RawObject { members })
+                Ok(RawObject {
+                    members,
+                    source: None,
+                })
             }
         }
 
@@ -291,6 +366,94 @@ mod tests {
         let mut output = Vec::new();
         object.write_with(&[], &mut output);
         assert_eq!(output, br#"{"a\"b":1}"#);
+    }
+
+    #[test]
+    fn splicing_keeps_the_clients_layout() {
+        let body = b"{\n  \"model\" : \"alias\",\n  \"messages\": [ ]\n}\n";
+        let object = RawObject::parse(body).expect("parse");
+        let mut output = Vec::new();
+        object.write_with(
+            &[("model", "\"gpt-4o\""), ("stream_options", "{}")],
+            &mut output,
+        );
+        assert_eq!(
+            std::str::from_utf8(&output).expect("utf8"),
+            "{\n  \"model\" : \"gpt-4o\",\n  \"messages\": [ ]\n,\"stream_options\":{}}\n"
+        );
+        let empty = RawObject::parse(b" { } ").expect("parse");
+        let mut output = Vec::new();
+        empty.write_with(&[("a", "1"), ("b", "2")], &mut output);
+        assert_eq!(output, b" { \"a\":1,\"b\":2} ");
+    }
+
+    /// JSON text for an object of `members`, with `pad` (whitespace) around every token.
+    fn object_text(members: &[(String, serde_json::Value)], pad: &str) -> String {
+        let mut text = format!("{pad}{{{pad}");
+        for (index, (key, value)) in members.iter().enumerate() {
+            if index > 0 {
+                text.push_str(&format!("{pad},{pad}"));
+            }
+            let value = if index % 2 == 0 {
+                serde_json::to_string_pretty(value).expect("json")
+            } else {
+                serde_json::to_string(value).expect("json")
+            };
+            text.push_str(&format!(
+                "{}{pad}:{pad}{value}",
+                serde_json::to_string(key).expect("json")
+            ));
+        }
+        text.push_str(&format!("{pad}}}{pad}"));
+        text
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|n| serde_json::json!(n)),
+            "[a-z\\\\\"\\u{e9} {}]{0,6}".prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                proptest::collection::btree_map("[a-z}\\\"]{1,4}", inner, 0..4)
+                    .prop_map(|map| serde_json::Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Splicing into the source and writing every member again give the same JSON.
+        #[test]
+        fn splicing_agrees_with_rebuilding(
+            members in proptest::collection::btree_map("[a-z_\\\"}]{1,8}", json_value(), 0..6),
+            pad in "[ \t\n\r]{0,2}",
+            replace in proptest::collection::vec(("[a-z_]{1,3}", json_value()), 0..4),
+        ) {
+            let members: Vec<(String, serde_json::Value)> = members.into_iter().collect();
+            let text = object_text(&members, &pad);
+            let object = RawObject::parse(text.as_bytes()).expect("parse");
+            let mut seen = std::collections::HashSet::new();
+            let replacements: Vec<(String, String)> = replace
+                .into_iter()
+                .filter(|(key, _)| seen.insert(key.clone()))
+                .map(|(key, value)| (key, serde_json::to_string(&value).expect("json")))
+                .collect();
+            let replacements: Vec<(&str, &str)> = replacements
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.as_str()))
+                .collect();
+            let mut spliced = Vec::new();
+            object.write_with(&replacements, &mut spliced);
+            let mut rebuilt = Vec::new();
+            object.rebuild(&replacements, &mut rebuilt);
+            let spliced: serde_json::Value = serde_json::from_slice(&spliced).expect("spliced is JSON");
+            let rebuilt: serde_json::Value = serde_json::from_slice(&rebuilt).expect("rebuilt is JSON");
+            proptest::prop_assert_eq!(spliced, rebuilt);
+        }
     }
 
     proptest::proptest! {

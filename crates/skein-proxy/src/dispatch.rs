@@ -177,18 +177,22 @@ pub async fn dispatch(
                 return fail(error, plan.attempts, waited, Some(provider_name));
             }
         };
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        // One clock read for the attempt's start, its timeout and its deadline.
+        let started = Instant::now();
+        let remaining = deadline.saturating_duration_since(started);
         let attempt_timeout =
             Duration::from_millis(candidate.route.attempt_timeout_ms).min(remaining);
-        let started = Instant::now();
         let in_flight = candidate.deployment.enter();
-        let outcome =
-            match tokio::time::timeout(attempt_timeout, attempt(state, &candidate, prepared, mode))
-                .await
-            {
-                Ok(outcome) => outcome,
-                Err(_elapsed) => Err(classify_timeout(&provider_name, attempt_timeout)),
-            };
+        let attempt_deadline = tokio::time::Instant::from_std(started + attempt_timeout);
+        let outcome = match tokio::time::timeout_at(
+            attempt_deadline,
+            attempt(state, &candidate, prepared, mode),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_elapsed) => Err(classify_timeout(&provider_name, attempt_timeout)),
+        };
         drop(in_flight);
         let upstream_time = started.elapsed();
         waited += upstream_time;
@@ -315,7 +319,7 @@ async fn attempt(
         .send(request)
         .await
         .map_err(|error| classify_transport(provider, error.is_connect()))?;
-    if let Some(seen) = QuotaObservation::from_headers(response.headers(), skein_types::now_ms()) {
+    if let Some(seen) = QuotaObservation::from_headers(response.headers(), skein_types::now_ms) {
         key.quota.observe(seen);
     }
     let status = response.status();

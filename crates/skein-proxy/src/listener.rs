@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -40,7 +41,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::metrics::{Metrics, PortLabels, ShedLabels};
@@ -125,7 +126,8 @@ struct Conn {
     /// Milliseconds since the listener started.
     last_active_ms: AtomicU64,
     closing: AtomicBool,
-    close: Notify,
+    /// The connection's task, woken when it is to close or the listener stops.
+    waker: AtomicWaker,
 }
 
 #[derive(Default)]
@@ -137,6 +139,8 @@ struct Registry {
 
 struct Shared {
     registry: Mutex<Registry>,
+    /// Set once the listener stops: connections finish what they are doing and close.
+    stopping: AtomicBool,
     started: Instant,
     options: ListenerOptions,
     max_connections: usize,
@@ -192,8 +196,41 @@ impl Shared {
     }
 
     fn close(conn: &Conn) {
-        conn.closing.store(true, Ordering::Relaxed);
-        conn.close.notify_one();
+        conn.closing.store(true, Ordering::SeqCst);
+        conn.waker.wake();
+    }
+
+    /// Tell every open connection that the listener stops. A connection admitted after the
+    /// registry was read sees `stopping` on its first poll.
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for conn in self.registry().conns.values() {
+            conn.waker.wake();
+        }
+    }
+
+    /// Why `conn` must stop serving, if it must; otherwise its task is woken when it must.
+    /// Polled beside the connection on every wake-up, so it costs two loads and the waker
+    /// check, no lock (where a `Notify` and a `watch` took a mutex each, every poll).
+    fn poll_interrupted(&self, conn: &Conn, context: &mut Context<'_>) -> Poll<Interruption> {
+        let check = || {
+            if conn.closing.load(Ordering::SeqCst) {
+                Some(Interruption::Closed)
+            } else if self.stopping.load(Ordering::SeqCst) {
+                Some(Interruption::Stopping)
+            } else {
+                None
+            }
+        };
+        if let Some(why) = check() {
+            return Poll::Ready(why);
+        }
+        conn.waker.register(context.waker());
+        // A flag set between the check and the registration found no waker to wake.
+        match check() {
+            Some(why) => Poll::Ready(why),
+            None => Poll::Pending,
+        }
     }
 
     /// Register a new connection from `client`, making room at a cap by closing the longest
@@ -250,7 +287,7 @@ impl Shared {
             in_flight: AtomicU32::new(0),
             last_active_ms: AtomicU64::new(self.now_ms()),
             closing: AtomicBool::new(false),
-            close: Notify::new(),
+            waker: AtomicWaker::new(),
         });
         registry.conns.insert(conn.id, conn.clone());
         *registry.per_client.entry(client).or_default() += 1;
@@ -315,6 +352,7 @@ pub async fn serve<H: Handshake>(
     };
     let shared = Arc::new(Shared {
         registry: Mutex::new(Registry::default()),
+        stopping: AtomicBool::new(false),
         started: Instant::now(),
         max_connections,
         open: metrics
@@ -384,12 +422,20 @@ pub async fn serve<H: Handshake>(
             router.clone(),
             stream,
             conn,
-            shutdown.clone(),
         ));
     }
+    shared.stop();
     sweeper.abort();
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Why a connection stops serving before its client is done with it.
+enum Interruption {
+    /// Closed by the listener: idle too long, or to make room.
+    Closed,
+    /// The listener stops.
+    Stopping,
 }
 
 /// Resolves once `shutdown` is true (or its sender is gone).
@@ -416,29 +462,37 @@ async fn serve_connection<H: Handshake>(
     router: Router,
     stream: TcpStream,
     conn: Arc<Conn>,
-    mut shutdown: watch::Receiver<bool>,
 ) {
     let registered = Registered {
         shared: shared.clone(),
         conn: conn.clone(),
     };
-    let io = tokio::select! {
-        handshaken = tokio::time::timeout(shared.options.header_read_timeout, handshake.handshake(stream)) => {
-            match handshaken {
-                Ok(Ok(io)) => io,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, "handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    shared.shed("handshake_timeout", || {
-                        "closed a connection that did not finish its TLS handshake in time".to_owned()
-                    });
-                    return;
-                }
-            }
+    let handshaking = tokio::time::timeout(
+        shared.options.header_read_timeout,
+        handshake.handshake(stream),
+    );
+    tokio::pin!(handshaking);
+    // Closed or stopping before the handshake is done: there is no request to finish.
+    let handshaken = std::future::poll_fn(|context| {
+        if shared.poll_interrupted(&conn, context).is_ready() {
+            return Poll::Ready(None);
         }
-        () = conn.close.notified() => return,
+        handshaking.as_mut().poll(context).map(Some)
+    })
+    .await;
+    let io = match handshaken {
+        None => return,
+        Some(Ok(Ok(io))) => io,
+        Some(Ok(Err(error))) => {
+            tracing::debug!(%error, "handshake failed");
+            return;
+        }
+        Some(Err(_)) => {
+            shared.shed("handshake_timeout", || {
+                "closed a connection that did not finish its TLS handshake in time".to_owned()
+            });
+            return;
+        }
     };
     let service = Tracked {
         router,
@@ -447,11 +501,18 @@ async fn serve_connection<H: Handshake>(
     };
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
+    let served = std::future::poll_fn(|context| {
+        if let Poll::Ready(why) = shared.poll_interrupted(&conn, context) {
+            return Poll::Ready(Err(why));
+        }
+        connection.as_mut().poll(context).map(Ok)
+    })
+    .await;
+    let result = match served {
+        Ok(result) => result,
         // Closed to make room, or idle too long: nothing is in flight, so drop it.
-        () = conn.close.notified() => return,
-        () = stopped(&mut shutdown) => {
+        Err(Interruption::Closed) => return,
+        Err(Interruption::Stopping) => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
@@ -489,10 +550,10 @@ struct Active {
 }
 
 impl Active {
+    /// No clock read: a connection with a request in flight is not idle, and the time it
+    /// became idle is written when the request ends.
     fn begin(conn: &Arc<Conn>, shared: &Arc<Shared>) -> Active {
         conn.in_flight.fetch_add(1, Ordering::Relaxed);
-        conn.last_active_ms
-            .store(shared.now_ms(), Ordering::Relaxed);
         Active {
             conn: conn.clone(),
             shared: shared.clone(),

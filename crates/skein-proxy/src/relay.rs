@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::Response;
 use bytes::Bytes;
 use skein_core::{Candidate, RouteRuntime};
@@ -17,7 +16,7 @@ use crate::dispatch::EventStream;
 use crate::error::{ApiError, ErrorShape};
 use crate::intake::RequestContext;
 use crate::metrics::ProviderLabels;
-use crate::respond::{RESPONSE_HEADERS, count_fallback, record_request, served_headers};
+use crate::respond::{count_fallback, record_request, served_headers};
 use crate::responses::Keep;
 use crate::spend::Hold;
 use crate::state::AppState;
@@ -53,14 +52,7 @@ pub(crate) fn stream_response(
         .time_to_first_token
         .observe(context.started.elapsed().as_secs_f64());
     let mut response = Response::new(Body::empty());
-    *response.headers_mut() = HeaderMap::with_capacity(RESPONSE_HEADERS);
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    served_headers(headers, &context, &candidate, attempts);
+    *response.headers_mut() = served_headers(&context, &candidate, attempts, None);
     let guard = candidate.deployment.enter();
     let relay = StreamRelay {
         state: state.clone(),

@@ -194,25 +194,59 @@ pub(crate) fn insert_header(headers: &mut HeaderMap, name: HeaderName, value: &s
     }
 }
 
+/// The headers of an answer `candidate` served, whole (with its `content_length`) or streamed
+/// (`None`): its deployment's template, cloned (content type, provider, deployment, route,
+/// and placeholders for the length, the request id and the attempts, so filling the clone
+/// does not grow it), then this request's length, id and attempts.
 pub(crate) fn served_headers(
-    headers: &mut HeaderMap,
     context: &RequestContext,
     candidate: &Candidate,
     attempts: u32,
-) {
-    insert_header(headers, REQUEST_ID, &context.request_id);
-    // Built once per deployment: cloning them shares their bytes.
-    let deployment = &candidate.deployment;
-    for (name, value) in [
-        (SKEIN_PROVIDER, &deployment.provider_header),
-        (SKEIN_DEPLOYMENT, &deployment.deployment_header),
-        (SKEIN_ROUTE, &candidate.route.name_header),
-    ] {
-        if let Some(value) = value {
-            headers.insert(name, value.clone());
+    content_length: Option<usize>,
+) -> HeaderMap {
+    let templates = candidate.deployment.response_headers.get_or_init(|| {
+        let template = |content_type: &'static str| {
+            let mut headers = HeaderMap::with_capacity(RESPONSE_HEADERS);
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            if content_type == "text/event-stream" {
+                headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            } else {
+                // Set here, so the router does not add it to a map the clone left no room in.
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            }
+            headers.insert(REQUEST_ID, HeaderValue::from_static(""));
+            // Built once per deployment: cloning them shares their bytes.
+            let deployment = &candidate.deployment;
+            for (name, value) in [
+                (SKEIN_PROVIDER, &deployment.provider_header),
+                (SKEIN_DEPLOYMENT, &deployment.deployment_header),
+                (SKEIN_ROUTE, &candidate.route.name_header),
+            ] {
+                if let Some(value) = value {
+                    headers.insert(name, value.clone());
+                }
+            }
+            headers.insert(SKEIN_ATTEMPTS, HeaderValue::from_static("1"));
+            headers
+        };
+        [template("application/json"), template("text/event-stream")]
+    });
+    let mut headers = templates[usize::from(content_length.is_none())].clone();
+    if let Some(length) = content_length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    match HeaderValue::from_str(&context.request_id) {
+        Ok(value) => {
+            headers.insert(REQUEST_ID, value);
+        }
+        Err(_) => {
+            headers.remove(REQUEST_ID);
         }
     }
-    headers.insert(SKEIN_ATTEMPTS, attempts_header(attempts));
+    if attempts != 1 {
+        headers.insert(SKEIN_ATTEMPTS, attempts_header(attempts));
+    }
+    headers
 }
 
 /// `x-skein-attempts`: a static value for the usual small counts.
@@ -338,13 +372,8 @@ pub(crate) fn finish_unary(
         duration_ms = context.started.elapsed().as_millis() as u64,
         "request served"
     );
+    let headers = served_headers(context, candidate, attempts, Some(body.len()));
     let mut response = Response::new(Body::from(body));
-    *response.headers_mut() = HeaderMap::with_capacity(RESPONSE_HEADERS);
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    served_headers(headers, context, candidate, attempts);
+    *response.headers_mut() = headers;
     response
 }
