@@ -217,7 +217,10 @@ pub async fn start_node(
         .limiter
         .set_expected_nodes(cluster.voters.len().max(1) as u64);
 
-    let app = skein_proxy::router(state.clone());
+    let app = skein_proxy::listener::Routes {
+        router: skein_proxy::router(state.clone()),
+        direct: Some(skein_proxy::direct(state.clone())),
+    };
     let (shutdown, shutdown_signal) = watch::channel(false);
     let server = spawn_listener(
         http_listener,
@@ -409,14 +412,15 @@ pub async fn start_node(
 /// Serve `router` on `listener` (see [`skein_proxy::listener`]) until `signal`.
 fn spawn_listener<H: skein_proxy::listener::Handshake>(
     listener: TcpListener,
-    router: axum::Router,
+    router: impl Into<skein_proxy::listener::Routes>,
     handshake: H,
     options: skein_proxy::listener::ListenerOptions,
     state: Arc<AppState>,
     signal: watch::Receiver<bool>,
 ) -> JoinHandle<std::io::Result<()>> {
+    let routes = router.into();
     tokio::spawn(async move {
-        skein_proxy::listener::serve(listener, router, handshake, options, &state.metrics, signal)
+        skein_proxy::listener::serve(listener, routes, handshake, options, &state.metrics, signal)
             .await
     })
 }

@@ -3,7 +3,12 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::Request;
+use axum::http::Method;
 use axum::routing::{get, post};
+
+use crate::inbound::Api;
+use crate::listener::{Direct, DirectFuture};
 
 use crate::handlers;
 pub use crate::state::{AppState, ProxyOptions};
@@ -55,6 +60,39 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// The probes and `/metrics`, for the internal (gRPC) port.
+/// The inference endpoints of [`router`] as [`Direct`] routes: a `POST` to one of them is
+/// served without the router's lookup, URL parameters and boxed service (about 1.5k
+/// instructions of a chat request). Any other request, another method on the same path
+/// included (answered 405), goes to the router, which has the same endpoints.
+// The request goes back by value when it is not a direct route: moved either way, not copied
+// more for being in an `Err`.
+#[allow(clippy::result_large_err)]
+pub fn direct(state: Arc<AppState>) -> Direct {
+    Arc::new(move |request: Request| {
+        let Some(api) = direct_api(request.method(), request.uri().path()) else {
+            return Err(request);
+        };
+        let served: DirectFuture = Box::pin(crate::pipeline::serve(state.clone(), api, request));
+        Ok(served)
+    })
+}
+
+/// The API a [`direct`] route serves, by method and path.
+fn direct_api(method: &Method, path: &str) -> Option<Api> {
+    if method != Method::POST {
+        return None;
+    }
+    Some(match path {
+        "/v1/chat/completions" | "/chat/completions" => Api::ChatCompletions,
+        "/v1/responses" | "/responses" => Api::Responses,
+        "/v1/messages" => Api::Messages,
+        "/v1/completions" | "/completions" => Api::Completions,
+        "/v1/embeddings" | "/embeddings" => Api::Embeddings,
+        "/v1/messages/count_tokens" => Api::CountTokens,
+        _ => return None,
+    })
+}
+
 pub fn ops_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health/live", get(handlers::live))
@@ -62,4 +100,48 @@ pub fn ops_router(state: Arc<AppState>) -> Router {
         .route("/health/startup", get(handlers::startup))
         .route("/metrics", get(handlers::metrics))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every path the direct routes take is one of the router's, served by the same API.
+    #[test]
+    fn the_direct_routes_are_the_routers_inference_endpoints() {
+        let app = include_str!("app.rs");
+        for (path, handler) in [
+            ("/v1/chat/completions", "chat_completions"),
+            ("/chat/completions", "chat_completions"),
+            ("/v1/responses", "responses"),
+            ("/responses", "responses"),
+            ("/v1/messages", "messages"),
+            ("/v1/completions", "completions"),
+            ("/completions", "completions"),
+            ("/v1/embeddings", "embeddings"),
+            ("/embeddings", "embeddings"),
+            ("/v1/messages/count_tokens", "count_tokens"),
+        ] {
+            let route = format!(".route(\"{path}\", post(handlers::{handler}))");
+            assert!(app.contains(&route), "the router has {route}");
+            let api = direct_api(&Method::POST, path).expect("a direct route");
+            let handlers = include_str!("handlers.rs");
+            let body = format!("pub async fn {handler}(");
+            let at = handlers.find(&body).expect("the handler");
+            let serves = format!("serve(state, Api::{api:?}, request)");
+            assert!(
+                handlers[at..]
+                    .lines()
+                    .nth(1)
+                    .is_some_and(|line| line.contains(&serves)),
+                "{handler} serves {api:?}"
+            );
+            assert!(
+                direct_api(&Method::GET, path).is_none(),
+                "GET {path} goes to the router"
+            );
+        }
+        assert!(direct_api(&Method::POST, "/v1/chat/completions/").is_none());
+        assert!(direct_api(&Method::POST, "/v1/models").is_none());
+    }
 }

@@ -27,6 +27,6 @@ pub mod state;
 pub mod translate;
 pub mod upstream;
 
-pub use app::{AppState, ProxyOptions, ops_router, router};
+pub use app::{AppState, ProxyOptions, direct, ops_router, router};
 pub use error::ApiError;
 pub use metrics::Metrics;

@@ -118,6 +118,30 @@ fn open_file_limit() -> Option<usize> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
+/// A response future served without the router.
+pub type DirectFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// Requests served without the router's lookup (its path match, URL parameters and boxed
+/// service): given a request, its response future, or the request back for the router.
+pub type Direct =
+    Arc<dyn Fn(Request<Body>) -> Result<DirectFuture, Request<Body>> + Send + Sync + 'static>;
+
+/// What a listener serves: a router, and the [`Direct`] routes tried before it, if any.
+#[derive(Clone)]
+pub struct Routes {
+    pub router: Router,
+    pub direct: Option<Direct>,
+}
+
+impl From<Router> for Routes {
+    fn from(router: Router) -> Routes {
+        Routes {
+            router,
+            direct: None,
+        }
+    }
+}
+
 /// One open connection, as the registry sees it.
 struct Conn {
     id: u64,
@@ -339,12 +363,13 @@ impl Shared {
 /// what they are doing.
 pub async fn serve<H: Handshake>(
     listener: TcpListener,
-    router: Router,
+    routes: impl Into<Routes>,
     handshake: H,
     options: ListenerOptions,
     metrics: &Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let routes = routes.into();
     let max_connections = if options.max_connections == 0 {
         default_connection_cap(0.75, 10_000)
     } else {
@@ -419,7 +444,7 @@ pub async fn serve<H: Handshake>(
             shared.clone(),
             builder.clone(),
             handshake.clone(),
-            router.clone(),
+            routes.clone(),
             stream,
             conn,
         ));
@@ -459,7 +484,7 @@ async fn serve_connection<H: Handshake>(
     shared: Arc<Shared>,
     builder: Arc<hyper_util::server::conn::auto::Builder<TokioExecutor>>,
     handshake: H,
-    router: Router,
+    routes: Routes,
     stream: TcpStream,
     conn: Arc<Conn>,
 ) {
@@ -495,7 +520,7 @@ async fn serve_connection<H: Handshake>(
         }
     };
     let service = Tracked {
-        router,
+        routes,
         conn: conn.clone(),
         shared: shared.clone(),
     };
@@ -535,10 +560,10 @@ async fn serve_connection<H: Handshake>(
     drop(registered);
 }
 
-/// The router, counting the requests in flight on its connection.
+/// The routes, counting the requests in flight on their connection.
 #[derive(Clone)]
 struct Tracked {
-    router: Router,
+    routes: Routes,
     conn: Arc<Conn>,
     shared: Arc<Shared>,
 }
@@ -577,19 +602,47 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
 
     fn call(&self, request: Request<Incoming>) -> TrackedFuture {
         let active = Active::begin(&self.conn, &self.shared);
-        let mut router = self.router.clone();
+        let request = request.map(Body::new);
+        let request = match &self.routes.direct {
+            Some(direct) => match direct(request) {
+                Ok(future) => {
+                    return TrackedFuture {
+                        inner: Inner::Direct { future },
+                        active: Some(active),
+                    };
+                }
+                Err(request) => request,
+            },
+            None => request,
+        };
+        let mut router = self.routes.router.clone();
         TrackedFuture {
-            inner: tower_service::Service::call(&mut router, request),
+            inner: Inner::Router {
+                future: tower_service::Service::call(&mut router, request),
+            },
             active: Some(active),
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The router's future; its response body carries the request's [`Active`].
+    #[project = InnerProjection]
+    enum Inner {
+        Router {
+            #[pin]
+            future: axum::routing::future::RouteFuture<Infallible>,
+        },
+        Direct {
+            future: DirectFuture,
+        },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The request's future; its response body carries the request's [`Active`].
     pub struct TrackedFuture {
         #[pin]
-        inner: axum::routing::future::RouteFuture<Infallible>,
+        inner: Inner,
         active: Option<Active>,
     }
 }
@@ -599,14 +652,19 @@ impl Future for TrackedFuture {
 
     fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        match this.inner.poll(context) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(response)) => {
-                let active = this.active.take();
-                Poll::Ready(Ok(response.map(|inner| TrackedBody { inner, active })))
-            }
-            Poll::Ready(Err(never)) => match never {},
-        }
+        let response = match this.inner.project() {
+            InnerProjection::Router { future } => match future.poll(context) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(response)) => response,
+                Poll::Ready(Err(never)) => match never {},
+            },
+            InnerProjection::Direct { future } => match future.as_mut().poll(context) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(response) => response,
+            },
+        };
+        let active = this.active.take();
+        Poll::Ready(Ok(response.map(|inner| TrackedBody { inner, active })))
     }
 }
 
