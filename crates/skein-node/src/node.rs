@@ -409,16 +409,16 @@ pub async fn start_node(
     })
 }
 
-/// Serve `router` on `listener` (see [`skein_proxy::listener`]) until `signal`.
+/// Serve `routes` on `listener` (see [`skein_proxy::listener`]) until `signal`.
 fn spawn_listener<H: skein_proxy::listener::Handshake>(
     listener: TcpListener,
-    router: impl Into<skein_proxy::listener::Routes>,
+    routes: impl Into<skein_proxy::listener::Routes>,
     handshake: H,
     options: skein_proxy::listener::ListenerOptions,
     state: Arc<AppState>,
     signal: watch::Receiver<bool>,
 ) -> JoinHandle<std::io::Result<()>> {
-    let routes = router.into();
+    let routes = routes.into();
     tokio::spawn(async move {
         skein_proxy::listener::serve(listener, routes, handshake, options, &state.metrics, signal)
             .await

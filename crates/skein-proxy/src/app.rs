@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::http::Method;
 use axum::routing::{get, post};
 
@@ -14,7 +14,8 @@ use crate::handlers;
 pub use crate::state::{AppState, ProxyOptions};
 
 /// The proxy router. Each request goes through, in order:
-/// 1. axum's routing (unknown paths and methods get OpenAI-shaped 404/405 errors);
+/// 1. axum's routing (unknown paths and methods get OpenAI-shaped 404/405 errors); a `POST`
+///    to one of the [`INFERENCE`] endpoints skips it when the listener has [`direct`] routes;
 /// 2. the handler, which reads the body up to `server.max_body_bytes` (413 beyond), takes or
 ///    mints an `x-request-id`, and parses the body (400 naming the position);
 /// 3. the route table of the current config snapshot (404 listing known models);
@@ -24,17 +25,18 @@ pub use crate::state::{AppState, ProxyOptions};
 ///    headers naming the provider, deployment and attempts, and metrics recorded at the end.
 pub fn router(state: Arc<AppState>) -> Router {
     let metrics_here = state.metrics_on_proxy_port;
-    let router = Router::new()
-        .route("/v1/chat/completions", post(handlers::chat_completions))
-        .route("/chat/completions", post(handlers::chat_completions))
-        .route("/v1/completions", post(handlers::completions))
-        .route("/completions", post(handlers::completions))
-        .route("/v1/embeddings", post(handlers::embeddings))
-        .route("/embeddings", post(handlers::embeddings))
-        .route("/v1/messages", post(handlers::messages))
-        .route("/v1/messages/count_tokens", post(handlers::count_tokens))
-        .route("/v1/responses", post(handlers::responses))
-        .route("/responses", post(handlers::responses))
+    let mut router = Router::new();
+    for &(path, api) in INFERENCE {
+        router = router.route(
+            path,
+            post(
+                move |State(state): State<Arc<AppState>>, request: Request| {
+                    handlers::inference(state, api, request)
+                },
+            ),
+        );
+    }
+    let router = router
         .route(
             "/v1/responses/{id}",
             get(crate::responses::get_response).delete(crate::responses::delete_response),
@@ -59,8 +61,27 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// The probes and `/metrics`, for the internal (gRPC) port.
-/// The inference endpoints of [`router`] as [`Direct`] routes: a `POST` to one of them is
+/// The inference endpoints: `POST` paths, and the API each serves. [`router`] routes them,
+/// and [`direct`] serves them without the router.
+pub const INFERENCE: &[(&str, Api)] = &[
+    ("/v1/chat/completions", Api::ChatCompletions),
+    ("/chat/completions", Api::ChatCompletions),
+    // OpenAI's Responses API, to OpenAI and Azure natively and to every other provider
+    // through chat.
+    ("/v1/responses", Api::Responses),
+    ("/responses", Api::Responses),
+    // Anthropic's Messages API, to Anthropic natively and to OpenAI-shaped upstreams by
+    // translation.
+    ("/v1/messages", Api::Messages),
+    ("/v1/completions", Api::Completions),
+    ("/completions", Api::Completions),
+    ("/v1/embeddings", Api::Embeddings),
+    ("/embeddings", Api::Embeddings),
+    // Where the upstream supports it (Anthropic).
+    ("/v1/messages/count_tokens", Api::CountTokens),
+];
+
+/// The [`INFERENCE`] endpoints as [`Direct`] routes: a `POST` to one of them is
 /// served without the router's lookup, URL parameters and boxed service (about 1.5k
 /// instructions of a chat request). Any other request, another method on the same path
 /// included (answered 405), goes to the router, which has the same endpoints.
@@ -72,7 +93,7 @@ pub fn direct(state: Arc<AppState>) -> Direct {
         let Some(api) = direct_api(request.method(), request.uri().path()) else {
             return Err(request);
         };
-        let served: DirectFuture = Box::pin(crate::pipeline::serve(state.clone(), api, request));
+        let served: DirectFuture = Box::pin(handlers::inference(state.clone(), api, request));
         Ok(served)
     })
 }
@@ -82,17 +103,13 @@ fn direct_api(method: &Method, path: &str) -> Option<Api> {
     if method != Method::POST {
         return None;
     }
-    Some(match path {
-        "/v1/chat/completions" | "/chat/completions" => Api::ChatCompletions,
-        "/v1/responses" | "/responses" => Api::Responses,
-        "/v1/messages" => Api::Messages,
-        "/v1/completions" | "/completions" => Api::Completions,
-        "/v1/embeddings" | "/embeddings" => Api::Embeddings,
-        "/v1/messages/count_tokens" => Api::CountTokens,
-        _ => return None,
-    })
+    INFERENCE
+        .iter()
+        .find(|(inference, _)| *inference == path)
+        .map(|&(_, api)| api)
 }
 
+/// The probes and `/metrics`, for the internal (gRPC) port.
 pub fn ops_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health/live", get(handlers::live))
@@ -106,42 +123,21 @@ pub fn ops_router(state: Arc<AppState>) -> Router {
 mod tests {
     use super::*;
 
-    /// Every path the direct routes take is one of the router's, served by the same API.
     #[test]
-    fn the_direct_routes_are_the_routers_inference_endpoints() {
-        let app = include_str!("app.rs");
-        for (path, handler) in [
-            ("/v1/chat/completions", "chat_completions"),
-            ("/chat/completions", "chat_completions"),
-            ("/v1/responses", "responses"),
-            ("/responses", "responses"),
-            ("/v1/messages", "messages"),
-            ("/v1/completions", "completions"),
-            ("/completions", "completions"),
-            ("/v1/embeddings", "embeddings"),
-            ("/embeddings", "embeddings"),
-            ("/v1/messages/count_tokens", "count_tokens"),
-        ] {
-            let route = format!(".route(\"{path}\", post(handlers::{handler}))");
-            assert!(app.contains(&route), "the router has {route}");
-            let api = direct_api(&Method::POST, path).expect("a direct route");
-            let handlers = include_str!("handlers.rs");
-            let body = format!("pub async fn {handler}(");
-            let at = handlers.find(&body).expect("the handler");
-            let serves = format!("serve(state, Api::{api:?}, request)");
-            assert!(
-                handlers[at..]
-                    .lines()
-                    .nth(1)
-                    .is_some_and(|line| line.contains(&serves)),
-                "{handler} serves {api:?}"
-            );
-            assert!(
-                direct_api(&Method::GET, path).is_none(),
+    fn a_post_to_an_inference_endpoint_is_a_direct_route() {
+        for &(path, api) in INFERENCE {
+            assert_eq!(direct_api(&Method::POST, path), Some(api), "POST {path}");
+            assert_eq!(
+                direct_api(&Method::GET, path),
+                None,
                 "GET {path} goes to the router"
             );
         }
-        assert!(direct_api(&Method::POST, "/v1/chat/completions/").is_none());
-        assert!(direct_api(&Method::POST, "/v1/models").is_none());
+        assert_eq!(
+            direct_api(&Method::POST, "/v1/chat/completions"),
+            Some(Api::ChatCompletions)
+        );
+        assert_eq!(direct_api(&Method::POST, "/v1/chat/completions/"), None);
+        assert_eq!(direct_api(&Method::POST, "/v1/models"), None);
     }
 }

@@ -1,4 +1,4 @@
-//! HTTP handlers: one per inbound endpoint (each a call into [`crate::pipeline::serve`]),
+//! HTTP handlers: the inference endpoints (each a call into [`crate::pipeline::serve`]),
 //! the model list, the probes, `/metrics` and the fallbacks for unknown paths and methods.
 
 use std::sync::Arc;
@@ -15,33 +15,10 @@ use crate::inbound::Api;
 use crate::pipeline::serve;
 use crate::state::AppState;
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    serve(state, Api::ChatCompletions, request).await
-}
-
-pub async fn completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    serve(state, Api::Completions, request).await
-}
-
-pub async fn embeddings(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    serve(state, Api::Embeddings, request).await
-}
-
-/// `POST /v1/messages`: the Anthropic Messages API, to Anthropic upstreams natively and to
-/// OpenAI-shaped upstreams by translation.
-pub async fn messages(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    serve(state, Api::Messages, request).await
-}
-
-/// `POST /v1/responses`: OpenAI's Responses API, to OpenAI and Azure natively and to every
-/// other provider through chat.
-pub async fn responses(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    serve(state, Api::Responses, request).await
-}
-
-/// `POST /v1/messages/count_tokens`, where the upstream supports it (Anthropic).
-pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    serve(state, Api::CountTokens, request).await
+/// `POST` of an inference endpoint (see [`crate::app::INFERENCE`]): the whole request, to
+/// the pipeline.
+pub async fn inference(state: Arc<AppState>, api: Api, request: Request) -> Response {
+    serve(state, api, request).await
 }
 
 /// `GET /v1/models`: the routes the caller may use, in OpenAI's shape, or in Anthropic's when
@@ -152,23 +129,13 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
-    /// The same for an axum handler's two extractors.
-    fn handler_size<H, A, B, F>(_: &H) -> usize
-    where
-        H: Fn(A, B) -> F,
-    {
-        std::mem::size_of::<F>()
-    }
-
     /// Every request's future is allocated and moved on each request, so it is kept small:
     /// rare paths (opening an upstream connection) are boxed rather than nested in it.
     #[test]
     fn request_futures_stay_small() {
         let sizes = [
             ("serve", future_size(&serve)),
-            ("chat_completions", handler_size(&chat_completions)),
-            ("messages", handler_size(&messages)),
-            ("count_tokens", handler_size(&count_tokens)),
+            ("inference", future_size(&inference)),
         ];
         for (name, size) in sizes {
             assert!(size <= 4096, "the future of {name} is {size} bytes");

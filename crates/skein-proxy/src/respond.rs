@@ -205,12 +205,19 @@ pub(crate) fn served_headers(
     content_length: Option<usize>,
 ) -> HeaderMap {
     let templates = candidate.deployment.response_headers.get_or_init(|| {
-        let template = |content_type: &'static str| {
+        let template = |stream: bool| {
             let mut headers = HeaderMap::with_capacity(RESPONSE_HEADERS);
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-            if content_type == "text/event-stream" {
+            if stream {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/event-stream"),
+                );
                 headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             } else {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
                 // Set here, so the router does not add it to a map the clone left no room in.
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
             }
@@ -229,7 +236,7 @@ pub(crate) fn served_headers(
             headers.insert(SKEIN_ATTEMPTS, HeaderValue::from_static("1"));
             headers
         };
-        [template("application/json"), template("text/event-stream")]
+        [template(false), template(true)]
     });
     let mut headers = templates[usize::from(content_length.is_none())].clone();
     if let Some(length) = content_length {
