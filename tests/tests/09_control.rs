@@ -5,8 +5,9 @@ use serde_json::json;
 use skein_node::MapEnvironment;
 use skein_proto::admin::v1::admin_client::AdminClient;
 use skein_proto::admin::v1::{
-    CreateKeyRequest, CreateKeyResponse, DeleteRequest, ExportConfigRequest, GetRequest,
-    ImportConfigRequest, KeyRequest, Kind, ListRequest, UsageRequest, WatchRequest, WriteRequest,
+    CreateKeyRequest, CreateKeyResponse, CreateKeysRequest, DeleteRequest, ExportConfigRequest,
+    GetRequest, ImportConfigRequest, KeyRequest, Kind, ListRequest, UsageRequest, WatchRequest,
+    WriteRequest,
 };
 use skein_tests::{Gateway, start_mock};
 use tonic::Code;
@@ -344,6 +345,76 @@ async fn entities_list_in_pages_export_import_and_watch() {
     }
     assert!(seen.contains(&("put_team".to_owned(), "team/team-0".to_owned())));
     assert!(seen.contains(&("delete_team".to_owned(), "team/team-4".to_owned())));
+}
+
+#[tokio::test]
+async fn many_keys_are_created_in_one_atomic_write() {
+    let mock = start_mock().await.expect("mock");
+    let gateway = gateway_with_token(&mock.url()).await;
+    let mut client = admin(&gateway).await;
+
+    let keys = (0..20_000)
+        .map(|n| CreateKeyRequest {
+            id: format!("bulk-{n}"),
+            models: vec!["alpha".to_owned()],
+            ..Default::default()
+        })
+        .collect();
+    let created = client
+        .create_keys(authorized(CreateKeysRequest { keys }))
+        .await
+        .expect("bulk create")
+        .into_inner();
+    assert_eq!(created.keys.len(), 20_000);
+    let secrets: std::collections::BTreeSet<&str> =
+        created.keys.iter().map(|key| key.secret.as_str()).collect();
+    assert_eq!(secrets.len(), 20_000, "every key has its own secret");
+    assert_eq!(created.keys[19_999].id, "bulk-19999", "in the order asked");
+    for key in [
+        &created.keys[0],
+        &created.keys[12_345],
+        &created.keys[19_999],
+    ] {
+        assert_eq!(chat(&gateway, Some(&key.secret), "alpha").await.0, 200);
+        assert_eq!(chat(&gateway, Some(&key.secret), "beta").await.0, 403);
+    }
+
+    // One taken id refuses the whole batch: the new key before it is not written either.
+    let clash = vec![
+        CreateKeyRequest {
+            id: "fresh-1".to_owned(),
+            ..Default::default()
+        },
+        CreateKeyRequest {
+            id: "bulk-7".to_owned(),
+            ..Default::default()
+        },
+    ];
+    let refused = client
+        .create_keys(authorized(CreateKeysRequest { keys: clash }))
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
+    assert!(
+        refused.message().contains("keys[1].id"),
+        "{}",
+        refused.message()
+    );
+    let missing = client
+        .get(authorized(GetRequest {
+            kind: Kind::Key as i32,
+            id: "fresh-1".to_owned(),
+            min_version: created.version,
+        }))
+        .await
+        .expect_err("not written");
+    assert_eq!(missing.code(), Code::NotFound);
+
+    let empty = client
+        .create_keys(authorized(CreateKeysRequest { keys: Vec::new() }))
+        .await
+        .expect_err("empty");
+    assert_eq!(empty.code(), Code::InvalidArgument);
 }
 
 async fn put(client: &mut AdminClient<Channel>, kind: Kind, value: serde_json::Value) -> u64 {

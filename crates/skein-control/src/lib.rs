@@ -14,6 +14,7 @@
 // traits return it too.
 #![allow(clippy::result_large_err)]
 
+pub mod history;
 pub mod identity;
 pub mod journal;
 pub mod machine;
@@ -35,6 +36,7 @@ use skein_proto::raft::v1::raft_client::RaftClient;
 use skein_types::control::{Command, ControlState, Proposal};
 use tokio::sync::watch;
 
+pub use history::{History, UsageQuery};
 pub use identity::{Identity, Refusal};
 pub use journal::SpendJournal;
 pub use machine::{ApplyResponse, Published};
@@ -77,6 +79,8 @@ pub struct ControlOptions {
     pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
     /// The cluster's admin token: sent with every Raft RPC, and required on incoming ones.
     pub token: Option<String>,
+    /// UTC days of daily usage history kept (lifetime totals are kept regardless).
+    pub usage_retention_days: u64,
 }
 
 impl ControlOptions {
@@ -94,6 +98,7 @@ impl ControlOptions {
             keep_logs: 1000,
             peer_tls: None,
             token: None,
+            usage_retention_days: skein_types::control::DAILY_HISTORY as u64,
         }
     }
 }
@@ -186,6 +191,7 @@ struct Inner {
     committed: Arc<AtomicU64>,
     identity: Arc<Identity>,
     journal: SpendJournal,
+    history: Arc<History>,
 }
 
 impl ControlPlane {
@@ -200,7 +206,8 @@ impl ControlPlane {
         let journal = SpendJournal::open(&db).map_err(internal)?;
         let log = store::LogStore::open(&db).map_err(internal)?;
         let committed = log.committed_index();
-        let machine = machine::StateMachine::open(&db).map_err(internal)?;
+        let history = Arc::new(History::open(&db, options.usage_retention_days).map_err(internal)?);
+        let machine = machine::StateMachine::open(&db, history.clone()).map_err(internal)?;
         let published = machine.published();
         identity.attach(published.clone());
         let config = openraft::Config {
@@ -234,8 +241,14 @@ impl ControlPlane {
                 committed,
                 identity,
                 journal,
+                history,
             }),
         })
+    }
+
+    /// This node's usage history (derived from the spend it applied).
+    pub fn history(&self) -> &History {
+        &self.inner.history
     }
 
     /// This node's spend journal.

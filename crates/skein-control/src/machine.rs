@@ -12,9 +12,10 @@ use openraft::{
     StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
-use skein_types::control::{ControlState, Outcome};
+use skein_types::control::{Command, ControlState, Outcome};
 use tokio::sync::watch;
 
+use crate::history::{History, SpendRecord};
 use crate::{Node, NodeId, TypeConfig};
 
 const SNAPSHOT: &[u8] = b"snapshot";
@@ -75,11 +76,16 @@ pub struct StateMachine {
     membership: StoredMembership<NodeId, Node>,
     published: Arc<Published>,
     snapshot_count: u64,
+    history: Arc<History>,
 }
 
 impl StateMachine {
-    /// Open the state machine in `db`, starting from its last snapshot.
-    pub fn open(db: &sled::Db) -> Result<StateMachine, StorageError<NodeId>> {
+    /// Open the state machine in `db`, starting from its last snapshot; applied spend goes to
+    /// `history` as well.
+    pub fn open(
+        db: &sled::Db,
+        history: Arc<History>,
+    ) -> Result<StateMachine, StorageError<NodeId>> {
         let tree = db
             .open_tree("state_machine")
             .map_err(|e| StorageIOError::read_state_machine(&e))?;
@@ -91,10 +97,17 @@ impl StateMachine {
             membership: StoredMembership::default(),
             published: Arc::new(Published::new(Arc::new(ControlState::default()))),
             snapshot_count: 0,
+            history,
         };
         if let Some(stored) = machine.read_snapshot()? {
-            let state: ControlState = serde_json::from_slice(&stored.data)
+            let mut state: ControlState = serde_json::from_slice(&stored.data)
                 .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+            let legacy = state.take_legacy_usage();
+            let index = stored.meta.last_log_id.map_or(0, |log_id| log_id.index);
+            machine
+                .history
+                .import_legacy(&legacy, index)
+                .map_err(|e| StorageIOError::read_state_machine(&e))?;
             machine.last_applied = stored.meta.last_log_id;
             machine.membership = stored.meta.last_membership.clone();
             machine.state = Arc::new(state);
@@ -197,23 +210,43 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut responses = Vec::new();
+        // A clone of the published state shares all its maps: the changes below copy only the
+        // paths they touch.
         let state = Arc::make_mut(&mut self.state);
+        let mut spend = Vec::new();
         for entry in entries {
             let version = entry.log_id.index;
             self.last_applied = Some(entry.log_id);
             let outcome = match entry.payload {
-                EntryPayload::Blank => {
-                    state.version = version;
-                    Outcome::Applied
+                EntryPayload::Blank => state.advance(version),
+                EntryPayload::Normal(proposal) => {
+                    let outcome = state.apply(version, &proposal);
+                    if outcome == Outcome::Applied
+                        && let Command::RecordSpend { items, .. } = proposal.command
+                    {
+                        spend.push((version, proposal.at_ms, items));
+                    }
+                    outcome
                 }
-                EntryPayload::Normal(proposal) => state.apply(version, &proposal),
                 EntryPayload::Membership(membership) => {
-                    state.version = version;
                     self.membership = StoredMembership::new(Some(entry.log_id), membership);
-                    Outcome::Applied
+                    state.advance(version)
                 }
             };
             responses.push(ApplyResponse { version, outcome });
+        }
+        if !spend.is_empty() {
+            let records: Vec<SpendRecord<'_>> = spend
+                .iter()
+                .map(|(index, at_ms, items)| SpendRecord {
+                    index: *index,
+                    at_ms: *at_ms,
+                    items,
+                })
+                .collect();
+            self.history
+                .record(&records)
+                .map_err(|e| StorageIOError::write_state_machine(&e))?;
         }
         self.published.publish(self.state.clone());
         Ok(responses)
@@ -255,6 +288,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             data,
         };
         store_snapshot(&self.tree, &self.db, &stored).await?;
+        let index = meta.last_log_id.map_or(0, |log_id| log_id.index);
+        self.history
+            .skip_to(index, now_ms())
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.state = Arc::new(state);
@@ -270,4 +307,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             snapshot: Box::new(Cursor::new(stored.data)),
         }))
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
 }

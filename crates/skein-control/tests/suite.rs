@@ -17,7 +17,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
             .open()
             .map_err(|e| openraft::StorageIOError::write(&e))?;
         let log = LogStore::open(&db).map_err(|e| openraft::StorageIOError::write(&e))?;
-        let machine = StateMachine::open(&db)?;
+        let history = skein_control::History::open(&db, 400)
+            .map_err(|e| openraft::StorageIOError::write(&e))?;
+        let machine = StateMachine::open(&db, std::sync::Arc::new(history))?;
         Ok((dir, log, machine))
     }
 }

@@ -227,12 +227,7 @@ impl Ledger {
         now_ms: u64,
         nodes: u64,
     ) -> Result<Reservation, BudgetExceeded> {
-        let scopes = state.scopes_of(key_id);
-        let budgets: Vec<_> = state
-            .budgets
-            .values()
-            .filter(|budget| scopes.contains(&budget.scope))
-            .collect();
+        let budgets = state.budgets_of_key(key_id);
         let mut inner = self.lock();
         inner.prune(state);
         let mut held = Vec::new();
@@ -637,7 +632,19 @@ mod tests {
             "counted until the state shows it"
         );
         let mut applied = state.clone();
-        applied.spend_seqs.insert(0, batch.seq);
+        applied.apply(
+            9,
+            &Proposal {
+                actor: "test".into(),
+                at_ms: 0,
+                command: Command::RecordSpend {
+                    node: 0,
+                    seq: batch.seq,
+                    items: Vec::new(),
+                },
+                create_only: false,
+            },
+        );
         assert_eq!(ledger.pending(&applied, "b"), 0);
         assert_eq!(ledger.take_batch(7, 0), None);
     }
@@ -747,13 +754,20 @@ mod tests {
         assert_eq!(price_of(&state, "alias", "p", "unknown-model"), None);
         let builtin = price_of(&state, "alias", "openai", "gpt-4o").expect("built in");
         assert_eq!(cost(&builtin, 1_000, 0, 100), 2_500_000 + 1_000_000);
-        state.prices.insert(
-            "alias".into(),
-            Price {
-                model: "alias".into(),
-                input_nanos_per_token: 1,
-                output_nanos_per_token: 2,
-                cached_input_nanos_per_token: Some(0),
+        state.apply(
+            1,
+            &Proposal {
+                actor: "test".into(),
+                at_ms: 0,
+                command: Command::PutPrice {
+                    price: Price {
+                        model: "alias".into(),
+                        input_nanos_per_token: 1,
+                        output_nanos_per_token: 2,
+                        cached_input_nanos_per_token: Some(0),
+                    },
+                },
+                create_only: false,
             },
         );
         let overridden = price_of(&state, "alias", "openai", "gpt-4o").expect("override");

@@ -16,19 +16,23 @@ use skein_core::auth::{display_prefix, generate_secret, hash_secret, tokens_matc
 use skein_proto::admin::v1::admin_server::{Admin, AdminServer};
 use skein_proto::admin::v1::{
     AddLearnerRequest, ClusterMember, ClusterStatusRequest, ClusterStatusResponse, ConfigChange,
-    CreateKeyRequest, CreateKeyResponse, DeleteRequest, ExportConfigRequest, ExportConfigResponse,
-    GetRequest, GetResponse, GetStatusRequest, GetStatusResponse, GossipMember,
-    ImportConfigRequest, KeyRequest, KeyStatus, Kind, ListRequest, ListResponse, NodeRequest,
-    ProviderStatus, Resource, TargetVotersRequest, TriggerSnapshotRequest, TriggerSnapshotResponse,
-    UsageRequest, UsageResponse, UsageRow, WatchRequest, WriteRequest, WriteResponse,
+    CreateKeyRequest, CreateKeyResponse, CreateKeysRequest, CreateKeysResponse, CreatedKey,
+    DeleteRequest, ExportConfigRequest, ExportConfigResponse, GetRequest, GetResponse,
+    GetStatusRequest, GetStatusResponse, GossipMember, ImportConfigRequest, KeyRequest, KeyStatus,
+    Kind, ListRequest, ListResponse, NodeRequest, ProviderStatus, Resource, TargetVotersRequest,
+    TriggerSnapshotRequest, TriggerSnapshotResponse, UsageRequest, UsageResponse, UsageRow,
+    WatchRequest, WriteRequest, WriteResponse,
 };
 use skein_proxy::AppState;
 use skein_types::control::{
-    Budget, Command, ConfigExport, ControlState, Customer, Limits, Outcome, Price, RejectCode,
-    Team, UsageTotals, VirtualKey,
+    Budget, Command, ConfigExport, ControlState, Customer, Limits, MAX_BULK_KEYS, Outcome, Price,
+    RejectCode, Team, VirtualKey,
 };
 use skein_types::{ProviderSpec, RouteSpec};
 use tonic::{Request, Response, Status};
+
+/// The largest admin request or answer (a bulk create of the most keys fits many times).
+pub const ADMIN_MESSAGE_LIMIT: usize = 128 << 20;
 
 /// How long a read waits for this node to apply the caller's `min_version`.
 const READ_WAIT: Duration = Duration::from_secs(5);
@@ -86,10 +90,16 @@ impl AdminService {
                 Ok(request)
             },
         );
-        let admin = AdminServer::with_interceptor(self, move |request: Request<()>| {
-            check_token(token.as_deref(), &request)?;
-            Ok(request)
-        });
+        // Bulk creates and imports carry up to 100,000 keys.
+        let admin = tonic::service::interceptor::InterceptedService::new(
+            AdminServer::new(self)
+                .max_decoding_message_size(ADMIN_MESSAGE_LIMIT)
+                .max_encoding_message_size(ADMIN_MESSAGE_LIMIT),
+            move |request: Request<()>| {
+                check_token(token.as_deref(), &request)?;
+                Ok(request)
+            },
+        );
         let mut routes = tonic::service::Routes::new(admin).add_service(raft);
         if let Some(responses) = responses {
             let peer_token = token_for_peers;
@@ -197,18 +207,58 @@ fn already_applied(state: &ControlState, command: &Command) -> bool {
             .keys
             .get(&key.id)
             .is_some_and(|stored| stored.hash == key.hash),
+        Command::CreateKeys { keys } => keys.iter().all(|key| {
+            state
+                .keys
+                .get(&key.id)
+                .is_some_and(|stored| stored.hash == key.hash)
+        }),
         Command::RotateKey { id, hash, .. } => state
             .keys
             .get(id)
             .is_some_and(|stored| &stored.hash == hash),
         Command::PutProvider { provider } => state.providers.get(&provider.name) == Some(provider),
         Command::PutRoute { route } => state.routes.get(&route.name) == Some(route),
-        Command::PutTeam { team } => state.teams.get(&team.id) == Some(team),
-        Command::PutCustomer { customer } => state.customers.get(&customer.id) == Some(customer),
-        Command::PutBudget { budget } => state.budgets.get(&budget.id) == Some(budget),
+        Command::PutTeam { team } => state.teams.get(&team.id).map(AsRef::as_ref) == Some(team),
+        Command::PutCustomer { customer } => {
+            state.customers.get(&customer.id).map(AsRef::as_ref) == Some(customer)
+        }
+        Command::PutBudget { budget } => {
+            state.budgets.get(&budget.id).map(AsRef::as_ref) == Some(budget)
+        }
         Command::PutPrice { price } => state.prices.get(&price.model) == Some(price),
         _ => false,
     }
+}
+
+/// A new key from a create request, and its secret.
+fn new_key(request: CreateKeyRequest) -> Result<(VirtualKey, String), Status> {
+    let secret = generate_secret().map_err(Status::internal)?;
+    let id = match non_empty(request.id) {
+        Some(id) => id,
+        None => random_id("key-")?,
+    };
+    let name = non_empty(request.name).unwrap_or_else(|| id.clone());
+    let key = VirtualKey {
+        id,
+        name,
+        hash: hash_secret(&secret),
+        prefix: display_prefix(&secret),
+        owner: non_empty(request.owner),
+        team: non_empty(request.team),
+        models: request.models,
+        limits: Limits {
+            rpm: non_zero(request.rpm),
+            tpm: non_zero(request.tpm),
+            max_parallel: non_zero(request.max_parallel),
+        },
+        expires_at_ms: non_zero(request.expires_at_ms),
+        revoked: false,
+        metadata: request.metadata.into_iter().collect(),
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    };
+    Ok((key, secret))
 }
 
 /// Check `authorization: Bearer <token>` when the node has an admin token.
@@ -293,8 +343,8 @@ fn to_json<T: Serialize>(value: &T) -> Result<String, Status> {
 
 /// Every entity of `kind` in `state` as `(id, json)`, ordered by id.
 fn entities(state: &ControlState, kind: Kind) -> Result<Vec<(String, String)>, Status> {
-    fn all<T: Serialize>(
-        map: &std::collections::BTreeMap<String, T>,
+    fn all<T: Serialize + Clone>(
+        map: &skein_types::control::StateMap<String, T>,
     ) -> Result<Vec<(String, String)>, Status> {
         map.iter()
             .map(|(id, value)| Ok((id.clone(), to_json(value)?)))
@@ -574,32 +624,8 @@ impl Admin for AdminService {
         &self,
         request: Request<CreateKeyRequest>,
     ) -> Result<Response<CreateKeyResponse>, Status> {
-        let request = request.into_inner();
-        let secret = generate_secret().map_err(Status::internal)?;
-        let id = match non_empty(request.id) {
-            Some(id) => id,
-            None => random_id("key-")?,
-        };
-        let name = non_empty(request.name).unwrap_or_else(|| id.clone());
-        let key = VirtualKey {
-            id: id.clone(),
-            name,
-            hash: hash_secret(&secret),
-            prefix: display_prefix(&secret),
-            owner: non_empty(request.owner),
-            team: non_empty(request.team),
-            models: request.models,
-            limits: Limits {
-                rpm: non_zero(request.rpm),
-                tpm: non_zero(request.tpm),
-                max_parallel: non_zero(request.max_parallel),
-            },
-            expires_at_ms: non_zero(request.expires_at_ms),
-            revoked: false,
-            metadata: request.metadata.into_iter().collect(),
-            created_at_ms: 0,
-            updated_at_ms: 0,
-        };
+        let (key, secret) = new_key(request.into_inner())?;
+        let id = key.id.clone();
         let written = self.write(Command::CreateKey { key }).await?;
         let state = self.control.state();
         let json = entity(&state, Kind::Key, &id)?.unwrap_or_default();
@@ -610,6 +636,34 @@ impl Admin for AdminService {
                 id,
                 json,
             }),
+            version: written.version,
+        }))
+    }
+
+    async fn create_keys(
+        &self,
+        request: Request<CreateKeysRequest>,
+    ) -> Result<Response<CreateKeysResponse>, Status> {
+        let requests = request.into_inner().keys;
+        if requests.is_empty() || requests.len() > MAX_BULK_KEYS {
+            return Err(Status::invalid_argument(format!(
+                "keys: must hold 1 to {MAX_BULK_KEYS} keys (got {})",
+                requests.len()
+            )));
+        }
+        let mut keys = Vec::with_capacity(requests.len());
+        let mut created = Vec::with_capacity(requests.len());
+        for request in requests {
+            let (key, secret) = new_key(request)?;
+            created.push(CreatedKey {
+                id: key.id.clone(),
+                secret,
+            });
+            keys.push(key);
+        }
+        let written = self.write(Command::CreateKeys { keys }).await?;
+        Ok(Response::new(CreateKeysResponse {
+            keys: created,
             version: written.version,
         }))
     }
@@ -653,46 +707,22 @@ impl Admin for AdminService {
     ) -> Result<Response<UsageResponse>, Status> {
         let request = request.into_inner();
         let state = self.read(request.min_version).await?;
-        let key_matches = |key_id: &str| {
-            (request.key_id.is_empty() || request.key_id == key_id)
-                && (request.team.is_empty()
-                    || state.keys.get(key_id).and_then(|key| key.team.as_deref())
-                        == Some(request.team.as_str()))
+        let history = self.control.history();
+        let query = skein_control::UsageQuery {
+            key_id: request.key_id.clone(),
+            model: request.model.clone(),
+            since_ms: request.since_ms,
+            until_ms: request.until_ms,
         };
-        let model_matches = |model: &str| request.model.is_empty() || request.model == model;
-        // All time, or whole UTC days from the one holding `since_ms` up to `until_ms`.
-        let mut totals: std::collections::BTreeMap<(String, String), UsageTotals> =
-            Default::default();
-        if request.since_ms == 0 && request.until_ms == 0 {
-            for (key_id, models) in state.usage.iter().filter(|(id, _)| key_matches(id)) {
-                for (model, usage) in models.iter().filter(|(m, _)| model_matches(m)) {
-                    totals
-                        .entry((key_id.clone(), model.clone()))
-                        .or_default()
-                        .merge(usage);
-                }
-            }
-        } else {
-            let first_day = request.since_ms - request.since_ms % 86_400_000;
-            let until = if request.until_ms == 0 {
-                u64::MAX
-            } else {
-                request.until_ms
-            };
-            for (key_id, days) in state.daily_usage.iter().filter(|(id, _)| key_matches(id)) {
-                for (_, models) in days
-                    .iter()
-                    .filter(|(day, _)| *day >= first_day && *day < until)
-                {
-                    for (model, usage) in models.iter().filter(|(m, _)| model_matches(m)) {
-                        totals
-                            .entry((key_id.clone(), model.clone()))
-                            .or_default()
-                            .merge(usage);
-                    }
-                }
-            }
-        }
+        let team_matches = |key_id: &str| {
+            request.team.is_empty()
+                || state.keys.get(key_id).and_then(|key| key.team.as_deref())
+                    == Some(request.team.as_str())
+        };
+        let history_error =
+            |error: sled::Error| Status::internal(format!("usage history: {error}"));
+        let totals = history.query(&query, team_matches).map_err(history_error)?;
+        let complete_from_ms = history.complete_from_ms().map_err(history_error)?;
         let cost_in_period_nanos = totals
             .values()
             .map(|usage| usage.cost_nanos)
@@ -712,6 +742,8 @@ impl Admin for AdminService {
             rows,
             cost_in_period_nanos,
             version: state.version,
+            complete_from_ms,
+            retention_days: history.retention_days(),
         }))
     }
 

@@ -10,9 +10,10 @@ use clap::{Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use skein_proto::admin::v1::admin_client::AdminClient;
 use skein_proto::admin::v1::{
-    AddLearnerRequest, ClusterStatusRequest, CreateKeyRequest, CreateKeyResponse, DeleteRequest,
-    ExportConfigRequest, GetRequest, ImportConfigRequest, KeyRequest, Kind, ListRequest,
-    NodeRequest, Resource, TargetVotersRequest, TriggerSnapshotRequest, UsageRequest, WriteRequest,
+    AddLearnerRequest, ClusterStatusRequest, CreateKeyRequest, CreateKeyResponse,
+    CreateKeysRequest, DeleteRequest, ExportConfigRequest, GetRequest, ImportConfigRequest,
+    KeyRequest, Kind, ListRequest, NodeRequest, Resource, TargetVotersRequest,
+    TriggerSnapshotRequest, UsageRequest, WriteRequest,
 };
 use tonic::transport::Channel;
 
@@ -151,6 +152,23 @@ pub enum KeyCommand {
         #[arg(long)]
         expires_in: Option<String>,
     },
+    /// Create many keys in one atomic write (all or none); prints each id and secret once.
+    CreateMany {
+        /// How many keys (1 to 100,000).
+        #[arg(long)]
+        count: usize,
+        /// Ids are this prefix and a number from 1 (`ci-1`, `ci-2`, …); random when not given.
+        #[arg(long)]
+        id_prefix: Option<String>,
+        #[arg(long)]
+        team: Option<String>,
+        #[arg(long = "model")]
+        models: Vec<String>,
+        #[arg(long)]
+        rpm: Option<u64>,
+        #[arg(long)]
+        tpm: Option<u64>,
+    },
     List,
     Get {
         id: String,
@@ -217,9 +235,11 @@ pub struct UsageArgs {
 }
 
 async fn connect(connection: &Connection) -> anyhow::Result<AdminClient<Channel>> {
-    Ok(AdminClient::new(
-        connection.channel(&connection.endpoint).await?,
-    ))
+    Ok(
+        AdminClient::new(connection.channel(&connection.endpoint).await?)
+            .max_decoding_message_size(crate::admin::ADMIN_MESSAGE_LIMIT)
+            .max_encoding_message_size(crate::admin::ADMIN_MESSAGE_LIMIT),
+    )
 }
 
 fn request<T>(connection: &Connection, message: T) -> anyhow::Result<tonic::Request<T>> {
@@ -444,6 +464,53 @@ pub async fn key(connection: &Connection, command: KeyCommand) -> anyhow::Result
                 .map_err(failed)?
                 .into_inner();
             print_secret(connection.output, &created);
+        }
+        KeyCommand::CreateMany {
+            count,
+            id_prefix,
+            team,
+            models,
+            rpm,
+            tpm,
+        } => {
+            let keys = (1..=count)
+                .map(|n| CreateKeyRequest {
+                    id: id_prefix
+                        .as_ref()
+                        .map(|prefix| format!("{prefix}{n}"))
+                        .unwrap_or_default(),
+                    team: team.clone().unwrap_or_default(),
+                    models: models.clone(),
+                    rpm: rpm.unwrap_or(0),
+                    tpm: tpm.unwrap_or(0),
+                    ..CreateKeyRequest::default()
+                })
+                .collect();
+            let created = client
+                .create_keys(request(connection, CreateKeysRequest { keys })?)
+                .await
+                .map_err(failed)?
+                .into_inner();
+            match connection.output {
+                Output::Json => {
+                    let keys: Vec<Value> = created
+                        .keys
+                        .iter()
+                        .map(|key| json!({"id": key.id, "secret": key.secret}))
+                        .collect();
+                    println!("{}", json!({"keys": keys, "version": created.version}));
+                }
+                Output::Table => {
+                    for key in &created.keys {
+                        println!("{}  {}", key.id, key.secret);
+                    }
+                    println!(
+                        "{} keys created (config version {}); the secrets are shown once",
+                        created.keys.len(),
+                        created.version
+                    );
+                }
+            }
         }
         KeyCommand::Rotate { id } => {
             let created = client

@@ -193,6 +193,9 @@ struct ServeArgs {
         hide = true
     )]
     raft_keep_logs: u64,
+    /// UTC days of daily usage history each node keeps (all-time totals are kept regardless).
+    #[arg(long, env = "SKEIN_USAGE_RETENTION_DAYS", default_value_t = 400)]
+    usage_retention_days: u64,
     /// Serve the gRPC port (admin API and Raft) over TLS with this certificate chain (PEM).
     #[arg(long, env = "SKEIN_GRPC_TLS_CERT", requires = "grpc_tls_key")]
     grpc_tls_cert: Option<PathBuf>,
@@ -323,6 +326,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cluster.advertise_addr = args.advertise_addr.clone();
     cluster.snapshot_after_logs = args.raft_snapshot_after_logs.max(1);
     cluster.keep_logs = args.raft_keep_logs;
+    cluster.usage_retention_days = args.usage_retention_days.max(1);
     if cluster.node_id == 0 {
         anyhow::bail!("--node-id must be above zero");
     }

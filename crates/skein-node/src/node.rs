@@ -87,6 +87,8 @@ pub struct ClusterOptions {
     pub election_timeout_max_ms: u64,
     pub snapshot_after_logs: u64,
     pub keep_logs: u64,
+    /// UTC days of daily usage history the node keeps.
+    pub usage_retention_days: u64,
 }
 
 impl ClusterOptions {
@@ -107,6 +109,7 @@ impl ClusterOptions {
             election_timeout_max_ms: defaults.election_timeout_max_ms,
             snapshot_after_logs: defaults.snapshot_after_logs,
             keep_logs: defaults.keep_logs,
+            usage_retention_days: defaults.usage_retention_days,
         }
     }
 }
@@ -183,6 +186,7 @@ pub async fn start_node(
             None => None,
         },
         token: options.admin_token.clone(),
+        usage_retention_days: cluster.usage_retention_days,
     })
     .await
     .map_err(|error| anyhow::anyhow!("opening the control plane: {error}"))?;

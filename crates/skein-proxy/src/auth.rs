@@ -19,7 +19,7 @@ pub struct Caller {
 
 impl Caller {
     pub fn key(&self) -> Option<&VirtualKey> {
-        self.state.keys.get(&self.key_id)
+        self.state.keys.get(&self.key_id).map(AsRef::as_ref)
     }
 
     /// Whether the key (and its team) may call `model`.
