@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use skein_proto::admin::v1::admin_client::AdminClient;
 use skein_proto::admin::v1::{
-    ClusterMember, ClusterStatusRequest, ClusterStatusResponse, CreateKeyRequest, GetRequest,
-    KeyRequest, Kind, ListRequest, NodeRequest, TriggerSnapshotRequest, UsageRequest, WriteRequest,
+    ClusterMember, ClusterStatusRequest, ClusterStatusResponse, CreateKeyRequest,
+    CreateKeysRequest, GetRequest, KeyRequest, Kind, ListRequest, NodeRequest,
+    TriggerSnapshotRequest, UsageRequest, WriteRequest,
 };
 use skein_tests::process::{Spawned, run_cli};
 use skein_tests::{binary, free_port, start_mock};
@@ -335,6 +336,7 @@ async fn writes_replicate_keys_work_everywhere_and_the_group_survives_kill_9() {
     let refused = stranger
         .vote(skein_proto::raft::v1::RaftMessage {
             payload: b"{}".to_vec(),
+            data: Vec::new(),
         })
         .await
         .expect_err("no token");
@@ -647,6 +649,97 @@ async fn a_lagging_node_and_a_new_learner_catch_up_from_a_snapshot() {
         snapshot.index >= status.applied_index.min(60),
         "{snapshot:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_catches_up_from_a_large_snapshot_while_the_others_serve() {
+    let mock = start_mock().await.expect("mock");
+    // A snapshot purges the log behind it (but 5 entries): a new node must be sent the snapshot.
+    let mut cluster = Cluster::start(&mock.url(), 3, 1, &["--raft-keep-logs", "5"]);
+    let voters = [0, 1, 2];
+    let leader = cluster.leader(&voters, Duration::from_secs(15)).await;
+    let mut admin = cluster
+        .admin(leader)
+        .await
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20);
+    let mut last_secret = String::new();
+    for batch in 0..10 {
+        let keys = (0..10_000)
+            .map(|n| CreateKeyRequest {
+                id: format!("many-{batch}-{n}"),
+                ..Default::default()
+            })
+            .collect();
+        let created = admin
+            .create_keys(authorized(CreateKeysRequest { keys }))
+            .await
+            .expect("bulk create")
+            .into_inner();
+        last_secret = created.keys.last().expect("created").secret.clone();
+    }
+    let snapshot = admin
+        .trigger_snapshot(authorized(TriggerSnapshotRequest {}))
+        .await
+        .expect("snapshot")
+        .into_inner();
+    let (secret, _) = create_key(&mut admin, "served").await;
+    let serving = voters
+        .iter()
+        .copied()
+        .find(|i| *i != leader)
+        .expect("follower");
+    everywhere(&[serving], Duration::from_secs(5), |i| {
+        let secret = secret.clone();
+        let cluster = &cluster;
+        async move { cluster.chat(i, &secret).await == 200 }
+    })
+    .await;
+
+    // The learner joins and is sent the 100,000-key snapshot while a follower serves calls.
+    let joined = Instant::now();
+    cluster.restart(3);
+    let mut served = 0;
+    let mut failed = Vec::new();
+    let caught_up = loop {
+        for _ in 0..5 {
+            match cluster.chat(serving, &secret).await {
+                200 => served += 1,
+                status => failed.push(status),
+            }
+        }
+        if let Some(status) = cluster.status(3).await
+            && status.snapshot_index >= snapshot.index
+            && cluster.has_key(3, "many-9-9999").await
+        {
+            break joined.elapsed();
+        }
+        assert!(
+            joined.elapsed() < Duration::from_secs(120),
+            "the learner did not catch up: {:?}",
+            cluster.status(3).await
+        );
+    };
+    println!(
+        "a learner caught up from a snapshot of 100,000 keys in {caught_up:?}; the follower served {served} calls meanwhile"
+    );
+    assert!(failed.is_empty(), "calls failed meanwhile: {failed:?}");
+    assert!(served > 0);
+    // It serves the keys it was sent, and says its usage history starts where it joined.
+    everywhere(&[3], Duration::from_secs(5), |i| {
+        let secret = last_secret.clone();
+        let cluster = &cluster;
+        async move { cluster.chat(i, &secret).await == 200 }
+    })
+    .await;
+    let usage = cluster
+        .admin(3)
+        .await
+        .get_usage(authorized(UsageRequest::default()))
+        .await
+        .expect("usage")
+        .into_inner();
+    assert!(usage.complete_from_ms > 0, "{usage:?}");
 }
 
 /// Total recorded cost and requests of a key, as node `index` has applied it.

@@ -22,7 +22,6 @@ pub mod network;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,7 +53,7 @@ openraft::declare_raft_types!(
         R = ApplyResponse,
         NodeId = NodeId,
         Node = Node,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
 );
 
 /// How long a request that needs the leader waits for one to be known.
@@ -207,7 +206,9 @@ impl ControlPlane {
         let log = store::LogStore::open(&db).map_err(internal)?;
         let committed = log.committed_index();
         let history = Arc::new(History::open(&db, options.usage_retention_days).map_err(internal)?);
-        let machine = machine::StateMachine::open(&db, history.clone()).map_err(internal)?;
+        let machine =
+            machine::StateMachine::open(&db, options.data_dir.join("snapshots"), history.clone())
+                .map_err(internal)?;
         let published = machine.published();
         identity.attach(published.clone());
         let config = openraft::Config {
@@ -217,6 +218,13 @@ impl ControlPlane {
             election_timeout_max: options.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(options.snapshot_after_logs),
             max_in_snapshot_log_to_keep: options.keep_logs,
+            // The last chunk of a snapshot is answered once the snapshot is installed, which
+            // for a million keys takes seconds, not the default 200 ms.
+            install_snapshot_timeout: 60_000,
+            // An append must arrive within a heartbeat interval: keep them small for a
+            // follower that is behind (bulk writes are staged in parts of 1,000 entities).
+            max_payload_entries: 16,
+            snapshot_max_chunk_size: 8 << 20,
             ..Default::default()
         }
         .validate()
@@ -244,6 +252,11 @@ impl ControlPlane {
                 history,
             }),
         })
+    }
+
+    /// The published view of the state machine.
+    pub fn published(&self) -> &Published {
+        &self.inner.published
     }
 
     /// This node's usage history (derived from the spend it applied).
@@ -321,6 +334,7 @@ impl ControlPlane {
         let request = self.inner.channels.request(
             RaftMessage {
                 payload: Vec::new(),
+                data: Vec::new(),
             },
             None,
         );
@@ -578,7 +592,13 @@ impl ControlPlane {
             .map_err(|error| ControlError::Unavailable(error.to_string()))?;
         let payload = serde_json::to_vec(forwarded).map_err(internal)?;
         let reply = RaftClient::new(channel)
-            .forward(self.inner.channels.request(RaftMessage { payload }, None))
+            .forward(self.inner.channels.request(
+                RaftMessage {
+                    payload,
+                    data: Vec::new(),
+                },
+                None,
+            ))
             .await
             .map_err(|status| {
                 ControlError::Unavailable(format!("forwarding to {addr}: {}", status.message()))

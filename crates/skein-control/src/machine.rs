@@ -1,8 +1,9 @@
 //! The state machine: the [`ControlState`] in memory, published as an immutable `Arc` after
-//! every applied batch, and persisted through snapshots kept in sled. On open, the last snapshot
-//! is loaded and openraft re-applies the committed log after it.
+//! every applied batch, and persisted through snapshot files (JSON lines, one per entity). On
+//! open, the last snapshot is loaded and openraft re-applies the committed log after it.
 
-use std::io::Cursor;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -13,12 +14,16 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 use skein_types::control::{Command, ControlState, Outcome};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::history::{History, SpendRecord};
 use crate::{Node, NodeId, TypeConfig};
 
-const SNAPSHOT: &[u8] = b"snapshot";
+/// Which snapshot file is current (`StoredMeta`).
+const META: &[u8] = b"snapshot_file";
+/// Where an earlier version kept its whole-state snapshot.
+const LEGACY: &[u8] = b"snapshot";
 
 /// What applying one log entry returns to the proposer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,10 +33,23 @@ pub struct ApplyResponse {
     pub outcome: Outcome,
 }
 
+/// What an applied batch held, for its timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchKind {
+    /// At least one spend record.
+    Spend,
+    /// Config changes and Raft's own entries only.
+    Config,
+}
+
+/// Told how long each applied batch took.
+pub type ApplyObserver = Box<dyn Fn(BatchKind, std::time::Duration) + Send + Sync>;
+
 /// The published view of the state machine: what the proxy and the admin API read.
 pub struct Published {
     state: ArcSwap<ControlState>,
     version: watch::Sender<u64>,
+    observer: std::sync::OnceLock<ApplyObserver>,
 }
 
 impl Published {
@@ -40,12 +58,18 @@ impl Published {
         Published {
             state: ArcSwap::new(state),
             version: watch::channel(version).0,
+            observer: std::sync::OnceLock::new(),
         }
     }
 
     /// The current state: an immutable snapshot, read without locks.
     pub fn load(&self) -> Arc<ControlState> {
         self.state.load_full()
+    }
+
+    /// Be told how long each applied batch takes (set once; later calls are ignored).
+    pub fn observe_apply(&self, observer: ApplyObserver) {
+        let _ = self.observer.set(observer);
     }
 
     /// Watch the applied config version.
@@ -60,59 +84,92 @@ impl Published {
     }
 }
 
-/// A snapshot as stored in sled: its metadata and the serialized state.
+/// Where the current snapshot is: its metadata and its file in the snapshot directory.
 #[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
+struct StoredMeta {
+    meta: SnapshotMeta<NodeId, Node>,
+    file: String,
+}
+
+/// A snapshot's metadata and the state read from it.
+type Loaded = (SnapshotMeta<NodeId, Node>, ControlState);
+
+/// A snapshot of an earlier version, stored whole in sled (read once, on upgrade).
+#[derive(Deserialize)]
+struct LegacySnapshot {
     meta: SnapshotMeta<NodeId, Node>,
     data: Vec<u8>,
 }
 
-/// The Raft state machine over [`ControlState`].
+/// The Raft state machine over [`ControlState`]. Snapshots are files of JSON lines (one per
+/// entity) in a directory of their own, written and read as streams in blocking threads, so
+/// neither side holds the serialized state whole and the proxy's threads never wait on them;
+/// sled holds only which file is current.
 pub struct StateMachine {
     tree: sled::Tree,
     db: sled::Db,
+    dir: PathBuf,
     state: Arc<ControlState>,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, Node>,
     published: Arc<Published>,
     snapshot_count: u64,
     history: Arc<History>,
+    /// The file the snapshot being received is written to.
+    receiving: Option<PathBuf>,
+}
+
+fn read_error(error: &(impl std::error::Error + 'static)) -> StorageError<NodeId> {
+    StorageIOError::read_snapshot(None, error).into()
 }
 
 impl StateMachine {
-    /// Open the state machine in `db`, starting from its last snapshot; applied spend goes to
-    /// `history` as well.
+    /// Open the state machine in `db` with its snapshot files in `dir`, starting from its last
+    /// snapshot; applied spend goes to `history` as well.
     pub fn open(
         db: &sled::Db,
+        dir: PathBuf,
         history: Arc<History>,
     ) -> Result<StateMachine, StorageError<NodeId>> {
         let tree = db
             .open_tree("state_machine")
             .map_err(|e| StorageIOError::read_state_machine(&e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| read_error(&e))?;
         let mut machine = StateMachine {
             tree,
             db: db.clone(),
+            dir,
             state: Arc::new(ControlState::default()),
             last_applied: None,
             membership: StoredMembership::default(),
             published: Arc::new(Published::new(Arc::new(ControlState::default()))),
             snapshot_count: 0,
             history,
+            receiving: None,
         };
-        if let Some(stored) = machine.read_snapshot()? {
-            let mut state: ControlState = serde_json::from_slice(&stored.data)
-                .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let loaded = match machine.read_meta()? {
+            Some(stored) => {
+                let file = std::fs::File::open(machine.dir.join(&stored.file))
+                    .map_err(|e| read_error(&e))?;
+                let state = ControlState::read_snapshot(&mut std::io::BufReader::new(file))
+                    .map_err(|e| read_error(&e))?;
+                Some((stored.meta, state))
+            }
+            None => machine.read_legacy()?,
+        };
+        if let Some((meta, mut state)) = loaded {
             let legacy = state.take_legacy_usage();
-            let index = stored.meta.last_log_id.map_or(0, |log_id| log_id.index);
+            let index = meta.last_log_id.map_or(0, |log_id| log_id.index);
             machine
                 .history
                 .import_legacy(&legacy, index)
                 .map_err(|e| StorageIOError::read_state_machine(&e))?;
-            machine.last_applied = stored.meta.last_log_id;
-            machine.membership = stored.meta.last_membership.clone();
+            machine.last_applied = meta.last_log_id;
+            machine.membership = meta.last_membership.clone();
             machine.state = Arc::new(state);
             machine.published.publish(machine.state.clone());
         }
+        machine.remove_stale_files();
         Ok(machine)
     }
 
@@ -121,30 +178,111 @@ impl StateMachine {
         self.published.clone()
     }
 
-    fn read_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError<NodeId>> {
-        let Some(bytes) = self
-            .tree
-            .get(SNAPSHOT)
-            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
-        else {
+    fn read_meta(&self) -> Result<Option<StoredMeta>, StorageError<NodeId>> {
+        let Some(bytes) = self.tree.get(META).map_err(|e| read_error(&e))? else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+            .map_err(|e| read_error(&e))
+    }
+
+    /// The whole-state snapshot an earlier version kept in sled, if there is one.
+    fn read_legacy(&self) -> Result<Option<Loaded>, StorageError<NodeId>> {
+        let Some(bytes) = self.tree.get(LEGACY).map_err(|e| read_error(&e))? else {
+            return Ok(None);
+        };
+        let stored: LegacySnapshot = serde_json::from_slice(&bytes).map_err(|e| read_error(&e))?;
+        let state: ControlState =
+            serde_json::from_slice(&stored.data).map_err(|e| read_error(&e))?;
+        Ok(Some((stored.meta, state)))
+    }
+
+    /// Delete snapshot files that are not the current one (left by a crash or replaced).
+    fn remove_stale_files(&self) {
+        let current = self.read_meta().ok().flatten().map(|stored| stored.file);
+        remove_other_files(&self.dir, current.as_deref());
     }
 }
 
-async fn store_snapshot(
+fn remove_other_files(dir: &Path, keep: Option<&str>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if keep.is_some_and(|keep| name == keep) {
+            continue;
+        }
+        if let Err(error) = std::fs::remove_file(entry.path()) {
+            tracing::warn!(file = %entry.path().display(), %error, "could not remove an old snapshot file");
+        }
+    }
+}
+
+/// The file name of a snapshot: its id, with anything but letters, digits, `-` and `_`
+/// replaced (the id of a received snapshot comes from the leader).
+fn file_name(meta: &SnapshotMeta<NodeId, Node>) -> String {
+    let id: String = meta
+        .snapshot_id
+        .chars()
+        .take(100)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("snapshot-{id}.jsonl")
+}
+
+fn temp_name() -> String {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        bytes = u64::from(std::process::id()).to_le_bytes();
+    }
+    format!("incoming-{:016x}.tmp", u64::from_le_bytes(bytes))
+}
+
+/// Write `write` into a temporary file in `dir`, sync it and move it to `name`.
+fn write_file(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let temp = dir.join(temp_name());
+    let result = (|| {
+        let file = std::fs::File::create(&temp)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
+        write(&mut out)?;
+        out.flush()?;
+        drop(out);
+        file.sync_all()?;
+        std::fs::rename(&temp, dir.join(name))?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+/// Make `stored` the current snapshot unless the current one covers more of the log (snapshots
+/// are built in a task of their own, so an older build may finish after a newer install), and
+/// delete the files of the others.
+async fn store_meta(
     tree: &sled::Tree,
     db: &sled::Db,
-    stored: &StoredSnapshot,
+    dir: &Path,
+    stored: &StoredMeta,
 ) -> Result<(), StorageError<NodeId>> {
     let signature = Some(stored.meta.signature());
-    let bytes = serde_json::to_vec(stored)
-        .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
-    // Snapshots are built in a task of their own, so an older build may finish after a newer
-    // snapshot was installed: keep whichever covers more of the log.
+    let write_error = |e: &dyn std::error::Error| -> StorageError<NodeId> {
+        StorageIOError::write_snapshot(signature.clone(), AnyError::error(e.to_string())).into()
+    };
+    let bytes = serde_json::to_vec(stored).map_err(|e| write_error(&e))?;
     let newer = |old: Option<&[u8]>| -> bool {
         #[derive(Deserialize)]
         struct MetaOnly {
@@ -153,24 +291,35 @@ async fn store_snapshot(
         old.and_then(|old| serde_json::from_slice::<MetaOnly>(old).ok())
             .is_none_or(|old| stored.meta.last_log_id >= old.meta.last_log_id)
     };
-    tree.fetch_and_update(SNAPSHOT, |old| {
-        if newer(old) {
-            Some(bytes.clone())
-        } else {
-            old.map(<[u8]>::to_vec)
-        }
-    })
-    .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
-    db.flush_async()
-        .await
-        .map_err(|e| StorageIOError::write_snapshot(signature, &e))?;
+    let previous = tree
+        .fetch_and_update(META, |old| {
+            if newer(old) {
+                Some(bytes.clone())
+            } else {
+                old.map(<[u8]>::to_vec)
+            }
+        })
+        .map_err(|e| write_error(&e))?;
+    tree.remove(LEGACY).map_err(|e| write_error(&e))?;
+    db.flush_async().await.map_err(|e| write_error(&e))?;
+    let current = if newer(previous.as_deref()) {
+        stored.file.clone()
+    } else {
+        previous
+            .and_then(|old| serde_json::from_slice::<StoredMeta>(&old).ok())
+            .map_or_else(|| stored.file.clone(), |old| old.file)
+    };
+    let dir = dir.to_owned();
+    let _ = tokio::task::spawn_blocking(move || remove_other_files(&dir, Some(&current))).await;
     Ok(())
 }
 
-/// Builds a snapshot from the state as it was when the builder was made.
+/// Builds a snapshot from the state as it was when the builder was made (a clone that shares
+/// the maps: applying goes on meanwhile without changing what is written).
 pub struct SnapshotBuilder {
     tree: sled::Tree,
     db: sled::Db,
+    dir: PathBuf,
     state: Arc<ControlState>,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, Node>,
@@ -179,18 +328,30 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let data = serde_json::to_vec(self.state.as_ref())
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         let meta = SnapshotMeta {
             last_log_id: self.last_applied,
             last_membership: self.membership.clone(),
             snapshot_id: self.snapshot_id.clone(),
         };
-        let stored = StoredSnapshot { meta, data };
-        store_snapshot(&self.tree, &self.db, &stored).await?;
+        let signature = Some(meta.signature());
+        let stored = StoredMeta {
+            file: file_name(&meta),
+            meta,
+        };
+        let (dir, file, state) = (self.dir.clone(), stored.file.clone(), self.state.clone());
+        tokio::task::spawn_blocking(move || {
+            write_file(&dir, &file, |out| state.write_snapshot(out))
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?
+        .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
+        let opened = tokio::fs::File::open(self.dir.join(&stored.file))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
+        store_meta(&self.tree, &self.db, &self.dir, &stored).await?;
         Ok(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            snapshot: Box::new(opened),
         })
     }
 }
@@ -209,6 +370,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let started = std::time::Instant::now();
         let mut responses = Vec::new();
         // A clone of the published state shares all its maps: the changes below copy only the
         // paths they touch.
@@ -235,6 +397,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             responses.push(ApplyResponse { version, outcome });
         }
+        let kind = if spend.is_empty() {
+            BatchKind::Config
+        } else {
+            BatchKind::Spend
+        };
         if !spend.is_empty() {
             let records: Vec<SpendRecord<'_>> = spend
                 .iter()
@@ -249,6 +416,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(|e| StorageIOError::write_state_machine(&e))?;
         }
         self.published.publish(self.state.clone());
+        if let Some(observer) = self.published.observer.get() {
+            observer(kind, started.elapsed());
+        }
         Ok(responses)
     }
 
@@ -261,6 +431,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             tree: self.tree.clone(),
             db: self.db.clone(),
+            dir: self.dir.clone(),
             state: self.state.clone(),
             last_applied: self.last_applied,
             membership: self.membership.clone(),
@@ -270,24 +441,59 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        if let Some(abandoned) = self.receiving.take() {
+            let _ = tokio::fs::remove_file(abandoned).await;
+        }
+        let path = self.dir.join(temp_name());
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        self.receiving = Some(path);
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, Node>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
-        let data = snapshot.into_inner();
-        let state: ControlState = serde_json::from_slice(&data).map_err(|e| {
-            StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))
-        })?;
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
+        let signature = Some(meta.signature());
+        let failed = |e: &dyn std::error::Error| -> StorageError<NodeId> {
+            StorageIOError::read_snapshot(signature.clone(), AnyError::error(e.to_string())).into()
         };
-        store_snapshot(&self.tree, &self.db, &stored).await?;
+        let mut received = *snapshot;
+        received.flush().await.map_err(|e| failed(&e))?;
+        received
+            .seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(|e| failed(&e))?;
+        let mut received = received.into_std().await;
+        let stored = StoredMeta {
+            file: file_name(meta),
+            meta: meta.clone(),
+        };
+        // Keep a copy under the snapshot's own name (what is received may be the file being
+        // read by a send elsewhere), then read the state from it, line by line.
+        let (dir, file) = (self.dir.clone(), stored.file.clone());
+        let state = tokio::task::spawn_blocking(move || {
+            write_file(&dir, &file, |out| {
+                std::io::copy(&mut received, out).map(|_| ())
+            })?;
+            let copy = std::fs::File::open(dir.join(&file))?;
+            ControlState::read_snapshot(&mut std::io::BufReader::with_capacity(1 << 20, copy))
+        })
+        .await
+        .map_err(|e| failed(&e))?
+        .map_err(|e| failed(&e))?;
+        store_meta(&self.tree, &self.db, &self.dir, &stored).await?;
+        if let Some(received) = self.receiving.take() {
+            let _ = tokio::fs::remove_file(received).await;
+        }
         let index = meta.last_log_id.map_or(0, |log_id| log_id.index);
         self.history
             .skip_to(index, now_ms())
@@ -302,9 +508,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(self.read_snapshot()?.map(|stored| Snapshot {
+        let Some(stored) = self.read_meta()? else {
+            return Ok(None);
+        };
+        let file = tokio::fs::File::open(self.dir.join(&stored.file))
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?;
+        Ok(Some(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            snapshot: Box::new(file),
         }))
     }
 }

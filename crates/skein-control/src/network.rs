@@ -117,6 +117,31 @@ pub struct PeerClient {
     channels: Channels,
 }
 
+/// The most bytes of entries (as JSON) one append carries, beyond its first entry.
+const APPEND_BUDGET: usize = 256 << 10;
+
+/// The length of a value's JSON, without keeping it.
+fn json_size(value: &impl Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
+    }
+}
+
+/// The largest Raft message (an append of a bulk write, a snapshot chunk).
+const MESSAGE_LIMIT: usize = 256 << 20;
+
 type RpcResult<T, E> = Result<T, RPCError<NodeId, Node, RaftError<NodeId, E>>>;
 
 impl PeerClient {
@@ -131,44 +156,87 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let channel = self.channel.clone().map_err(|message| {
-            RPCError::Unreachable(Unreachable::new(&AnyError::error(message)))
-        })?;
-        let payload =
-            serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client = RaftClient::new(channel);
+        match self.call_with(kind, request, Vec::new(), option).await {
+            Ok(reply) => reply,
+            Err(status) => Err(status_error(&status)),
+        }
+    }
+
+    /// Send `request` (as JSON) with `data` beside it; a gRPC failure comes back as the
+    /// status, for the caller to tell an older peer (`Unimplemented`) from a network error.
+    async fn call_with<Req, Resp, E>(
+        &self,
+        kind: Rpc,
+        request: &Req,
+        data: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<RpcResult<Resp, E>, Status>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        Ok(self
+            .exchange(kind, request, data, option)
+            .await?
+            .and_then(|payload: Vec<u8>| {
+                let result: Result<Resp, RaftError<NodeId, E>> =
+                    serde_json::from_slice(&payload)
+                        .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+                result.map_err(|error| {
+                    RPCError::RemoteError(RemoteError::new_with_node(
+                        self.target,
+                        self.node.clone(),
+                        error,
+                    ))
+                })
+            }))
+    }
+
+    async fn exchange<Req: Serialize, E: std::error::Error>(
+        &self,
+        kind: Rpc,
+        request: &Req,
+        data: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<RpcResult<Vec<u8>, E>, Status> {
+        let channel = match self.channel.clone() {
+            Ok(channel) => channel,
+            Err(message) => {
+                return Ok(Err(RPCError::Unreachable(Unreachable::new(
+                    &AnyError::error(message),
+                ))));
+            }
+        };
+        let payload = match serde_json::to_vec(request) {
+            Ok(payload) => payload,
+            Err(e) => return Ok(Err(RPCError::Network(NetworkError::new(&e)))),
+        };
+        let mut client = RaftClient::new(channel)
+            .max_decoding_message_size(MESSAGE_LIMIT)
+            .max_encoding_message_size(MESSAGE_LIMIT);
         let message = self
             .channels
-            .request(RaftMessage { payload }, Some(self.target));
+            .request(RaftMessage { payload, data }, Some(self.target));
         let ttl = option.hard_ttl();
         let call = async {
             match kind {
                 Rpc::AppendEntries => client.append_entries(message).await,
                 Rpc::Vote => client.vote(message).await,
                 Rpc::InstallSnapshot => client.install_snapshot(message).await,
+                Rpc::InstallSnapshotChunk => client.install_snapshot_chunk(message).await,
             }
         };
-        let reply = match tokio::time::timeout(ttl, call).await {
-            Err(_) => {
-                return Err(RPCError::Timeout(Timeout {
-                    action: kind.action(),
-                    id: 0,
-                    target: self.target,
-                    timeout: ttl,
-                }));
-            }
-            Ok(Err(status)) => return Err(status_error(&status)),
-            Ok(Ok(reply)) => reply.into_inner(),
-        };
-        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply.payload)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|error| {
-            RPCError::RemoteError(RemoteError::new_with_node(
-                self.target,
-                self.node.clone(),
-                error,
-            ))
-        })
+        match tokio::time::timeout(ttl, call).await {
+            Err(_) => Ok(Err(RPCError::Timeout(Timeout {
+                action: kind.action(),
+                id: 0,
+                target: self.target,
+                timeout: ttl,
+            }))),
+            Ok(Err(status)) => Err(status),
+            Ok(Ok(reply)) => Ok(Ok(reply.into_inner().payload)),
+        }
     }
 }
 
@@ -177,6 +245,7 @@ enum Rpc {
     AppendEntries,
     Vote,
     InstallSnapshot,
+    InstallSnapshotChunk,
 }
 
 impl Rpc {
@@ -184,7 +253,7 @@ impl Rpc {
         match self {
             Rpc::AppendEntries => openraft::RPCTypes::AppendEntries,
             Rpc::Vote => openraft::RPCTypes::Vote,
-            Rpc::InstallSnapshot => openraft::RPCTypes::InstallSnapshot,
+            Rpc::InstallSnapshot | Rpc::InstallSnapshotChunk => openraft::RPCTypes::InstallSnapshot,
         }
     }
 }
@@ -210,7 +279,30 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call(Rpc::AppendEntries, &rpc, &option).await
+        // openraft gives an append one heartbeat interval: send at most APPEND_BUDGET bytes of
+        // entries (at least one) and report the rest as not sent yet, so a follower that is
+        // behind a run of bulk-write parts catches up in steps that each arrive in time.
+        let mut rpc = rpc;
+        let mut budget = APPEND_BUDGET;
+        let mut keep = 0;
+        for entry in &rpc.entries {
+            let size = json_size(entry);
+            if keep > 0 && size > budget {
+                break;
+            }
+            budget = budget.saturating_sub(size);
+            keep += 1;
+        }
+        let partial = keep < rpc.entries.len();
+        rpc.entries.truncate(keep);
+        let last = rpc.entries.last().map(|entry| entry.log_id);
+        let response = self.call(Rpc::AppendEntries, &rpc, &option).await?;
+        Ok(match response {
+            AppendEntriesResponse::Success if partial => {
+                AppendEntriesResponse::PartialSuccess(last)
+            }
+            other => other,
+        })
     }
 
     async fn install_snapshot(
@@ -218,7 +310,21 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(Rpc::InstallSnapshot, &rpc, &option).await
+        // The chunk's bytes travel as bytes, beside the JSON of the rest; a peer of an earlier
+        // version, which does not know that call, is sent them inside the JSON.
+        let mut rpc = rpc;
+        let data = std::mem::take(&mut rpc.data);
+        match self
+            .call_with(Rpc::InstallSnapshotChunk, &rpc, data.clone(), &option)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                rpc.data = data;
+                self.call(Rpc::InstallSnapshot, &rpc, &option).await
+            }
+            Err(status) => Err(status_error(&status)),
+        }
     }
 
     async fn vote(
@@ -248,8 +354,8 @@ impl RaftService {
     /// [`crate::ControlPlane::service`]).
     pub fn into_server(self) -> raft_server::RaftServer<RaftService> {
         raft_server::RaftServer::new(self)
-            .max_decoding_message_size(256 * 1024 * 1024)
-            .max_encoding_message_size(256 * 1024 * 1024)
+            .max_decoding_message_size(MESSAGE_LIMIT)
+            .max_encoding_message_size(MESSAGE_LIMIT)
     }
 }
 
@@ -270,7 +376,12 @@ fn decode<T: DeserializeOwned>(request: Request<RaftMessage>) -> Result<T, Statu
 
 fn encode<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
     serde_json::to_vec(value)
-        .map(|payload| Response::new(RaftMessage { payload }))
+        .map(|payload| {
+            Response::new(RaftMessage {
+                payload,
+                data: Vec::new(),
+            })
+        })
         .map_err(|error| Status::internal(format!("unencodable Raft reply: {error}")))
 }
 
@@ -297,6 +408,20 @@ impl raft_server::Raft for RaftService {
     ) -> Result<Response<RaftMessage>, Status> {
         self.admit(&request, true)?;
         let request: InstallSnapshotRequest<TypeConfig> = decode(request)?;
+        encode(&self.raft.install_snapshot(request).await)
+    }
+
+    async fn install_snapshot_chunk(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        self.admit(&request, true)?;
+        let message = request.into_inner();
+        let mut request: InstallSnapshotRequest<TypeConfig> =
+            serde_json::from_slice(&message.payload).map_err(|error| {
+                Status::invalid_argument(format!("undecodable Raft message: {error}"))
+            })?;
+        request.data = message.data;
         encode(&self.raft.install_snapshot(request).await)
     }
 

@@ -19,7 +19,11 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
         let log = LogStore::open(&db).map_err(|e| openraft::StorageIOError::write(&e))?;
         let history = skein_control::History::open(&db, 400)
             .map_err(|e| openraft::StorageIOError::write(&e))?;
-        let machine = StateMachine::open(&db, std::sync::Arc::new(history))?;
+        let machine = StateMachine::open(
+            &db,
+            dir.path().join("snapshots"),
+            std::sync::Arc::new(history),
+        )?;
         Ok((dir, log, machine))
     }
 }

@@ -26,13 +26,17 @@ use skein_proto::admin::v1::{
 use skein_proxy::AppState;
 use skein_types::control::{
     Budget, Command, ConfigExport, ControlState, Customer, Limits, MAX_BULK_KEYS, Outcome, Price,
-    RejectCode, Team, VirtualKey,
+    RejectCode, StageMode, Team, VirtualKey,
 };
 use skein_types::{ProviderSpec, RouteSpec};
 use tonic::{Request, Response, Status};
 
 /// The largest admin request or answer (a bulk create of the most keys fits many times).
 pub const ADMIN_MESSAGE_LIMIT: usize = 128 << 20;
+
+/// Entities per staged part of a bulk write: small log entries replicate within openraft's
+/// append timeout (its heartbeat interval) even to a follower that is behind.
+const STAGE_PART: usize = 500;
 
 /// How long a read waits for this node to apply the caller's `min_version`.
 const READ_WAIT: Duration = Duration::from_secs(5);
@@ -122,6 +126,31 @@ impl AdminService {
                 .map_err(control_status)?;
         }
         Ok(self.control.state())
+    }
+
+    /// A bulk write too large for one log entry: staged in parts of `STAGE_PART` entities,
+    /// then committed in one entry that applies all of them or none.
+    async fn write_staged(
+        &self,
+        config: ConfigExport,
+        mode: StageMode,
+    ) -> Result<WriteResponse, Status> {
+        let stage = random_id("bulk-")?;
+        let parts = config.split(STAGE_PART);
+        let count = parts.len() as u64;
+        for part in parts {
+            self.write(Command::Stage {
+                stage: stage.clone(),
+                part,
+            })
+            .await?;
+        }
+        self.write(Command::CommitStage {
+            stage,
+            parts: count,
+            mode,
+        })
+        .await
     }
 
     async fn write(&self, command: Command) -> Result<WriteResponse, Status> {
@@ -661,7 +690,15 @@ impl Admin for AdminService {
             });
             keys.push(key);
         }
-        let written = self.write(Command::CreateKeys { keys }).await?;
+        let written = if keys.len() <= STAGE_PART {
+            self.write(Command::CreateKeys { keys }).await?
+        } else {
+            let config = ConfigExport {
+                keys,
+                ..ConfigExport::default()
+            };
+            self.write_staged(config, StageMode::CreateKeys).await?
+        };
         Ok(Response::new(CreateKeysResponse {
             keys: created,
             version: written.version,
@@ -905,7 +942,13 @@ impl Admin for AdminService {
     ) -> Result<Response<WriteResponse>, Status> {
         let config = import_yaml(&request.into_inner().yaml)
             .map_err(|error| Status::invalid_argument(format!("yaml: {error}")))?;
-        Ok(Response::new(self.write(Command::Import { config }).await?))
+        if config.len() <= STAGE_PART {
+            Ok(Response::new(self.write(Command::Import { config }).await?))
+        } else {
+            Ok(Response::new(
+                self.write_staged(config, StageMode::Import).await?,
+            ))
+        }
     }
 
     type WatchStream = WatchStream;

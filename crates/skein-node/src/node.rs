@@ -206,6 +206,18 @@ pub async fn start_node(
             .map_err(|error| anyhow::anyhow!("building the upstream HTTP client: {error}"))?,
     );
     state.set_control(replicated, options.admin_token.is_some());
+    let apply_times = state.metrics.raft_apply.clone();
+    control
+        .published()
+        .observe_apply(Box::new(move |kind, took| {
+            let kind = match kind {
+                skein_control::machine::BatchKind::Spend => "spend",
+                skein_control::machine::BatchKind::Config => "config",
+            };
+            apply_times
+                .get_or_create(&skein_proxy::metrics::ApplyLabels { kind })
+                .observe(took.as_secs_f64());
+        }));
     state
         .health
         .joining(u64::try_from(cluster.ready_lease.as_millis()).unwrap_or(u64::MAX));

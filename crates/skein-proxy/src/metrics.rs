@@ -12,6 +12,12 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApplyLabels {
+    /// `spend` for a batch that holds a spend record, `config` for the others.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub endpoint: &'static str,
     pub route: Arc<str>,
@@ -96,6 +102,8 @@ pub struct Metrics {
     pub cluster_refused: Family<ReasonLabels, Counter>,
     /// 1 while this node's Raft core runs, 0 once it stopped.
     pub raft_running: Gauge,
+    /// How long the state machine took to apply a batch of committed entries.
+    pub raft_apply: Family<ApplyLabels, Histogram, fn() -> Histogram>,
     /// Open client connections, by port (proxy, grpc).
     pub connections_open: Family<PortLabels, Gauge>,
     /// Connections and requests shed: over the connection cap, idle, slow headers or body.
@@ -202,6 +210,12 @@ fn overhead_histogram() -> Histogram {
     ])
 }
 
+fn apply_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    ])
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("skein");
@@ -305,6 +319,13 @@ impl Metrics {
             "1 while this node's Raft core runs, 0 once it has stopped",
             raft_running.clone(),
         );
+        let raft_apply: Family<ApplyLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(apply_histogram);
+        registry.register(
+            "raft_apply_seconds",
+            "Time the state machine took to apply a batch of committed entries (spend: a batch with a spend record)",
+            raft_apply.clone(),
+        );
         let connections_open = Family::<PortLabels, Gauge>::default();
         registry.register(
             "connections_open",
@@ -352,6 +373,7 @@ impl Metrics {
             connections_shed,
             cluster_refused,
             raft_running,
+            raft_apply,
             registry,
             requests,
             request_duration,

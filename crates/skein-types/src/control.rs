@@ -258,7 +258,8 @@ pub enum Command {
     CreateKey {
         key: VirtualKey,
     },
-    /// Create many keys at once: all of them, or none (at most [`MAX_BULK_KEYS`]).
+    /// Create many keys at once: all of them, or none (at most [`STAGE_PART_MAX`]; more are
+    /// staged).
     CreateKeys {
         keys: Vec<VirtualKey>,
     },
@@ -310,6 +311,20 @@ pub enum Command {
     Import {
         config: ConfigExport,
     },
+    /// One part of a bulk write too large for one log entry: kept aside, invisible, until
+    /// [`Command::CommitStage`] applies all the parts at once (or dropped after
+    /// [`STAGE_TTL_MS`]). Replicating many small entries keeps each append quick.
+    Stage {
+        stage: String,
+        part: ConfigExport,
+    },
+    /// Apply a staged bulk write atomically: all of it, or (refused) none of it. `parts`
+    /// must be the number of parts staged, so a lost part refuses the commit.
+    CommitStage {
+        stage: String,
+        parts: u64,
+        mode: StageMode,
+    },
     /// Give the cluster its identity, once: the first leader proposes it. Later ones are
     /// no-ops (`AlreadyBootstrapped`).
     InitCluster {
@@ -358,6 +373,15 @@ impl Command {
             Command::DeletePrice { .. } => "delete_price",
             Command::RecordSpend { .. } => "record_spend",
             Command::Import { .. } => "import",
+            Command::Stage { .. } => "stage",
+            Command::CommitStage {
+                mode: StageMode::Import,
+                ..
+            } => "import",
+            Command::CommitStage {
+                mode: StageMode::CreateKeys,
+                ..
+            } => "create_keys",
             Command::InitCluster { .. } => "init_cluster",
             Command::RegisterNode { .. } => "register_node",
             Command::ForgetNode { .. } => "forget_node",
@@ -368,7 +392,18 @@ impl Command {
     /// What the command changes, for the audit trail.
     pub fn target(&self) -> String {
         match self {
-            Command::Bootstrap { .. } | Command::Import { .. } => "config".to_owned(),
+            Command::Bootstrap { .. }
+            | Command::Import { .. }
+            | Command::CommitStage {
+                mode: StageMode::Import,
+                ..
+            } => "config".to_owned(),
+            Command::Stage { stage, .. }
+            | Command::CommitStage {
+                stage,
+                mode: StageMode::CreateKeys,
+                ..
+            } => format!("stage/{stage}"),
             Command::PutProvider { provider } => format!("provider/{}", provider.name),
             Command::DeleteProvider { name } => format!("provider/{name}"),
             Command::PutRoute { route } => format!("route/{}", route.name),
@@ -396,6 +431,94 @@ impl Command {
                 format!("node/{node}")
             }
         }
+    }
+}
+
+/// What a staged bulk write does when it is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageMode {
+    /// Create the staged keys (as [`Command::CreateKeys`]).
+    CreateKeys,
+    /// Replace the configuration with the staged one (as [`Command::Import`]).
+    Import,
+}
+
+/// A bulk write being staged: when it began and its parts so far, merged.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Staged {
+    pub started_ms: u64,
+    pub parts: u64,
+    pub config: ConfigExport,
+}
+
+/// How long a staged bulk write waits for its commit.
+pub const STAGE_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// The most entities one staged part may carry.
+pub const STAGE_PART_MAX: usize = 5_000;
+
+/// The most entities a staged bulk write may gather.
+pub const STAGE_MAX: usize = 1_000_000;
+
+impl ConfigExport {
+    /// How many entities the export holds.
+    pub fn len(&self) -> usize {
+        self.providers.len()
+            + self.routes.len()
+            + self.keys.len()
+            + self.teams.len()
+            + self.customers.len()
+            + self.budgets.len()
+            + self.prices.len()
+    }
+
+    /// Whether it holds no entity.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Split into parts of at most `per_part` entities; the first carries the server settings.
+    pub fn split(self, per_part: usize) -> Vec<ConfigExport> {
+        let per_part = per_part.max(1);
+        let mut parts = vec![ConfigExport {
+            server: self.server,
+            ..ConfigExport::default()
+        }];
+        fn spread<T>(
+            parts: &mut Vec<ConfigExport>,
+            per_part: usize,
+            items: Vec<T>,
+            field: fn(&mut ConfigExport) -> &mut Vec<T>,
+        ) {
+            for item in items {
+                let full = parts.last().is_none_or(|part| part.len() >= per_part);
+                if full {
+                    parts.push(ConfigExport::default());
+                }
+                if let Some(part) = parts.last_mut() {
+                    field(part).push(item);
+                }
+            }
+        }
+        spread(&mut parts, per_part, self.providers, |p| &mut p.providers);
+        spread(&mut parts, per_part, self.routes, |p| &mut p.routes);
+        spread(&mut parts, per_part, self.customers, |p| &mut p.customers);
+        spread(&mut parts, per_part, self.teams, |p| &mut p.teams);
+        spread(&mut parts, per_part, self.keys, |p| &mut p.keys);
+        spread(&mut parts, per_part, self.budgets, |p| &mut p.budgets);
+        spread(&mut parts, per_part, self.prices, |p| &mut p.prices);
+        parts
+    }
+
+    fn absorb(&mut self, part: &ConfigExport) {
+        self.providers.extend(part.providers.iter().cloned());
+        self.routes.extend(part.routes.iter().cloned());
+        self.customers.extend(part.customers.iter().cloned());
+        self.teams.extend(part.teams.iter().cloned());
+        self.keys.extend(part.keys.iter().cloned());
+        self.budgets.extend(part.budgets.iter().cloned());
+        self.prices.extend(part.prices.iter().cloned());
     }
 }
 
@@ -530,6 +653,9 @@ pub struct ControlData {
     /// Who the cluster is: its id, how many voters it keeps, its members' incarnations.
     #[serde(default)]
     pub cluster: ClusterIdentity,
+    /// Bulk writes being staged, by stage id.
+    #[serde(default)]
+    pub staged: StateMap<String, Arc<Staged>>,
     /// Usage totals as snapshots before usage history moved out of the state held them: read
     /// once, handed to the history store, never written again.
     #[serde(default, rename = "usage", skip_serializing)]
@@ -818,7 +944,7 @@ impl ControlState {
                 }
                 Ok(())
             }
-            Command::CreateKeys { keys } => self.check_new_keys(keys),
+            Command::CreateKeys { keys } => self.check_new_keys(keys, STAGE_PART_MAX),
             Command::UpdateKey { key } => {
                 self.check_key(key)?;
                 match self.keys.get(&key.id) {
@@ -921,6 +1047,53 @@ impl ControlState {
             | Command::InitCluster { .. }
             | Command::ForgetNode { .. } => Ok(()),
             Command::Import { config } => check_import(config),
+            Command::Stage { stage, part } => {
+                check_id("stage", stage)?;
+                if part.len() > STAGE_PART_MAX {
+                    return Err(Rejection::new(
+                        RejectCode::InvalidArgument,
+                        Some("part"),
+                        format!("at most {STAGE_PART_MAX} entities per part"),
+                    ));
+                }
+                let gathered = self
+                    .staged
+                    .get(stage)
+                    .map_or(0, |staged| staged.config.len());
+                if gathered + part.len() > STAGE_MAX {
+                    return Err(Rejection::new(
+                        RejectCode::InvalidArgument,
+                        None,
+                        format!("a bulk write holds at most {STAGE_MAX} entities"),
+                    ));
+                }
+                Ok(())
+            }
+            Command::CommitStage { stage, parts, mode } => {
+                let Some(staged) = self.staged.get(stage) else {
+                    return Err(Rejection::new(
+                        RejectCode::FailedPrecondition,
+                        None,
+                        format!("bulk write `{stage}` is not staged (or expired)"),
+                    ));
+                };
+                if staged.parts != *parts {
+                    return Err(Rejection::new(
+                        RejectCode::FailedPrecondition,
+                        None,
+                        format!(
+                            "bulk write `{stage}` has {} parts staged, not {parts}",
+                            staged.parts
+                        ),
+                    ));
+                }
+                match mode {
+                    StageMode::Import => check_import(&staged.config),
+                    StageMode::CreateKeys => {
+                        self.check_new_keys(&staged.config.keys, MAX_BULK_KEYS)
+                    }
+                }
+            }
             Command::RegisterNode { node, incarnation } => {
                 match self.cluster.incarnations.get(node) {
                     Some(known) if known != incarnation => Err(Rejection::new(
@@ -950,12 +1123,12 @@ impl ControlState {
     }
 
     /// Check a bulk create: every key valid and new, no id or secret twice in the batch.
-    fn check_new_keys(&self, keys: &[VirtualKey]) -> Result<(), Rejection> {
-        if keys.is_empty() || keys.len() > MAX_BULK_KEYS {
+    fn check_new_keys(&self, keys: &[VirtualKey], most: usize) -> Result<(), Rejection> {
+        if keys.is_empty() || keys.len() > most {
             return Err(Rejection::new(
                 RejectCode::InvalidArgument,
                 Some("keys"),
-                format!("must hold 1 to {MAX_BULK_KEYS} keys (got {})", keys.len()),
+                format!("must hold 1 to {most} keys (got {})", keys.len()),
             ));
         }
         let mut ids = BTreeSet::new();
@@ -1052,6 +1225,19 @@ impl ControlState {
     pub fn apply(&mut self, version: u64, proposal: &Proposal) -> Outcome {
         self.data.version = version;
         let command = &proposal.command;
+        if !self.staged.is_empty() {
+            let expired: Vec<String> = self
+                .staged
+                .iter()
+                .filter(|(_, staged)| {
+                    staged.started_ms.saturating_add(STAGE_TTL_MS) < proposal.at_ms
+                })
+                .map(|(stage, _)| stage.clone())
+                .collect();
+            for stage in expired {
+                self.data.staged.remove(&stage);
+            }
+        }
         if let Command::Bootstrap { .. } = command
             && self.bootstrapped
         {
@@ -1215,6 +1401,33 @@ impl ControlState {
                 }
             }
             Command::Import { config } => self.import(config),
+            Command::Stage { stage, part } => {
+                let staged =
+                    Arc::make_mut(self.data.staged.entry(stage.clone()).or_insert_with(|| {
+                        Arc::new(Staged {
+                            started_ms: at_ms,
+                            parts: 0,
+                            config: ConfigExport {
+                                server: part.server.clone(),
+                                ..ConfigExport::default()
+                            },
+                        })
+                    }));
+                staged.parts += 1;
+                staged.config.absorb(part);
+            }
+            Command::CommitStage { stage, mode, .. } => {
+                if let Some(staged) = self.data.staged.remove(stage) {
+                    match mode {
+                        StageMode::Import => self.import(&staged.config),
+                        StageMode::CreateKeys => {
+                            for key in &staged.config.keys {
+                                self.create_key(key, at_ms);
+                            }
+                        }
+                    }
+                }
+            }
             Command::InitCluster {
                 cluster_id,
                 target_voters,
@@ -1238,6 +1451,10 @@ impl ControlState {
             command,
             Command::Bootstrap { .. }
                 | Command::Import { .. }
+                | Command::CommitStage {
+                    mode: StageMode::Import,
+                    ..
+                }
                 | Command::PutProvider { .. }
                 | Command::DeleteProvider { .. }
                 | Command::PutRoute { .. }
@@ -1250,6 +1467,7 @@ impl ControlState {
         if !matches!(
             command,
             Command::RecordSpend { .. }
+                | Command::Stage { .. }
                 | Command::InitCluster { .. }
                 | Command::RegisterNode { .. }
                 | Command::ForgetNode { .. }
@@ -1453,6 +1671,202 @@ impl ControlState {
             return 0;
         };
         ledger.spent_at(&budget.period, now_ms)
+    }
+}
+
+/// The snapshot file format this version writes and reads.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// The first line of a snapshot file: everything that is not a map entry.
+#[derive(Serialize)]
+struct HeaderRef<'a> {
+    format: u32,
+    version: u64,
+    bootstrapped: bool,
+    routing_version: u64,
+    server: &'a ServerSpec,
+    spend_seqs: &'a BTreeMap<u64, u64>,
+    cluster: &'a ClusterIdentity,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    format: u32,
+    version: u64,
+    bootstrapped: bool,
+    routing_version: u64,
+    server: ServerSpec,
+    spend_seqs: BTreeMap<u64, u64>,
+    cluster: ClusterIdentity,
+}
+
+/// One line of a snapshot file, as written (borrowing from the state).
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum LineRef<'a> {
+    Header(HeaderRef<'a>),
+    Provider(&'a ProviderSpec),
+    Route(&'a RouteSpec),
+    Key(&'a VirtualKey),
+    Team(&'a Team),
+    Customer(&'a Customer),
+    Budget(&'a Budget),
+    Ledger(&'a str, &'a BudgetLedger),
+    Price(&'a Price),
+    Audit(&'a AuditEntry),
+    Staged(&'a str, &'a Staged),
+}
+
+/// One line of a snapshot file, as read.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Line {
+    Header(Header),
+    Provider(ProviderSpec),
+    Route(RouteSpec),
+    Key(VirtualKey),
+    Team(Team),
+    Customer(Customer),
+    Budget(Budget),
+    Ledger(String, BudgetLedger),
+    Price(Price),
+    Audit(AuditEntry),
+    Staged(String, Staged),
+}
+
+impl ControlState {
+    /// Write the state as a snapshot file: a header line, then one JSON line per entity, so
+    /// that writing and reading it stream (neither side holds the serialized state whole).
+    /// Indexes, secret hashes → ids included, are derived on reading.
+    pub fn write_snapshot(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let data = &self.data;
+        let mut line = |entry: LineRef<'_>| -> std::io::Result<()> {
+            serde_json::to_writer(&mut *out, &entry)?;
+            out.write_all(b"\n")
+        };
+        line(LineRef::Header(HeaderRef {
+            format: SNAPSHOT_FORMAT,
+            version: data.version,
+            bootstrapped: data.bootstrapped,
+            routing_version: data.routing_version,
+            server: &data.server,
+            spend_seqs: &data.spend_seqs,
+            cluster: &data.cluster,
+        }))?;
+        for provider in data.providers.values() {
+            line(LineRef::Provider(provider))?;
+        }
+        for route in data.routes.values() {
+            line(LineRef::Route(route))?;
+        }
+        for customer in data.customers.values() {
+            line(LineRef::Customer(customer))?;
+        }
+        for team in data.teams.values() {
+            line(LineRef::Team(team))?;
+        }
+        for key in data.keys.values() {
+            line(LineRef::Key(key))?;
+        }
+        for budget in data.budgets.values() {
+            line(LineRef::Budget(budget))?;
+        }
+        for (id, ledger) in &data.ledgers {
+            line(LineRef::Ledger(id, ledger))?;
+        }
+        for price in data.prices.values() {
+            line(LineRef::Price(price))?;
+        }
+        for entry in &data.audit {
+            line(LineRef::Audit(entry))?;
+        }
+        for (stage, staged) in &data.staged {
+            line(LineRef::Staged(stage, staged))?;
+        }
+        Ok(())
+    }
+
+    /// Read a snapshot file written by [`ControlState::write_snapshot`], line by line.
+    pub fn read_snapshot(input: &mut impl std::io::BufRead) -> std::io::Result<ControlState> {
+        let invalid = |number: usize, message: String| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("snapshot line {number}: {message}"),
+            )
+        };
+        let mut data = ControlData::default();
+        let mut text = String::new();
+        let mut number = 0;
+        loop {
+            text.clear();
+            if input.read_line(&mut text)? == 0 {
+                break;
+            }
+            number += 1;
+            if text.trim().is_empty() {
+                continue;
+            }
+            let line: Line =
+                serde_json::from_str(&text).map_err(|error| invalid(number, error.to_string()))?;
+            match line {
+                Line::Header(header) if number == 1 => {
+                    if header.format != SNAPSHOT_FORMAT {
+                        return Err(invalid(
+                            number,
+                            format!(
+                                "format {} (this version reads {SNAPSHOT_FORMAT})",
+                                header.format
+                            ),
+                        ));
+                    }
+                    data.version = header.version;
+                    data.bootstrapped = header.bootstrapped;
+                    data.routing_version = header.routing_version;
+                    data.server = header.server;
+                    data.spend_seqs = header.spend_seqs;
+                    data.cluster = header.cluster;
+                }
+                _ if number == 1 => {
+                    return Err(invalid(number, "the first line is not the header".into()));
+                }
+                Line::Header(_) => return Err(invalid(number, "a second header".into())),
+                Line::Provider(provider) => {
+                    data.providers.insert(provider.name.clone(), provider);
+                }
+                Line::Route(route) => {
+                    data.routes.insert(route.name.clone(), route);
+                }
+                Line::Key(key) => {
+                    data.key_hashes.insert(key.hash.clone(), key.id.clone());
+                    data.keys.insert(key.id.clone(), Arc::new(key));
+                }
+                Line::Team(team) => {
+                    data.teams.insert(team.id.clone(), Arc::new(team));
+                }
+                Line::Customer(customer) => {
+                    data.customers
+                        .insert(customer.id.clone(), Arc::new(customer));
+                }
+                Line::Budget(budget) => {
+                    data.budgets.insert(budget.id.clone(), Arc::new(budget));
+                }
+                Line::Ledger(id, ledger) => {
+                    data.ledgers.insert(id, Arc::new(ledger));
+                }
+                Line::Price(price) => {
+                    data.prices.insert(price.model.clone(), price);
+                }
+                Line::Audit(entry) => data.audit.push_back(entry),
+                Line::Staged(stage, staged) => {
+                    data.staged.insert(stage, Arc::new(staged));
+                }
+            }
+        }
+        if number == 0 {
+            return Err(invalid(0, "the snapshot is empty".into()));
+        }
+        Ok(ControlState::from_data(data))
     }
 }
 
@@ -1920,6 +2334,76 @@ mod tests {
     }
 
     #[test]
+    fn a_staged_bulk_write_applies_whole_on_commit_and_expires_otherwise() {
+        let mut state = ControlState::default();
+        let keys: Vec<VirtualKey> = (0..12)
+            .map(|n| VirtualKey {
+                hash: format!("{n:064x}"),
+                ..key(&format!("staged-{n}"), 'a')
+            })
+            .collect();
+        let parts = ConfigExport {
+            keys,
+            ..ConfigExport::default()
+        }
+        .split(5);
+        assert_eq!(
+            parts.len(),
+            3,
+            "5 keys (with the server settings), 5, then 2"
+        );
+        for (n, part) in parts.iter().enumerate() {
+            let stage = Command::Stage {
+                stage: "s1".into(),
+                part: part.clone(),
+            };
+            assert_eq!(
+                state.apply(n as u64 + 1, &proposal(stage)),
+                Outcome::Applied
+            );
+        }
+        assert!(
+            state.keys.is_empty(),
+            "nothing is visible before the commit"
+        );
+        let commit = |parts| Command::CommitStage {
+            stage: "s1".into(),
+            parts,
+            mode: StageMode::CreateKeys,
+        };
+        assert!(matches!(
+            state.apply(10, &proposal(commit(2))),
+            Outcome::Rejected(Rejection {
+                code: RejectCode::FailedPrecondition,
+                ..
+            })
+        ));
+        assert_eq!(state.apply(11, &proposal(commit(3))), Outcome::Applied);
+        assert_eq!(state.keys.len(), 12);
+        assert!(state.staged.is_empty());
+        assert_eq!(
+            state.audit.back().map(|e| e.action.as_str()),
+            Some("create_keys")
+        );
+
+        // A stage never committed is dropped once it is older than the TTL.
+        let stage = Command::Stage {
+            stage: "s2".into(),
+            part: parts[1].clone(),
+        };
+        state.apply(12, &proposal(stage));
+        assert_eq!(state.staged.len(), 1);
+        let later = Proposal {
+            at_ms: 1_700_000_000_000 + STAGE_TTL_MS + 1,
+            ..proposal(Command::DeleteKey {
+                id: "staged-0".into(),
+            })
+        };
+        state.apply(13, &later);
+        assert!(state.staged.is_empty());
+    }
+
+    #[test]
     fn deletes_are_refused_while_something_still_refers_to_the_entity() {
         let mut state = ControlState::default();
         let customer = Customer {
@@ -2085,6 +2569,20 @@ mod tests {
                     }
                 ),
                 id("b", 4).prop_map(|id| Command::DeleteBudget { id }),
+                (id("s", 2), proptest::collection::vec(virtual_key(), 1..3)).prop_map(
+                    |(stage, keys)| Command::Stage {
+                        stage,
+                        part: ConfigExport {
+                            keys,
+                            ..ConfigExport::default()
+                        },
+                    }
+                ),
+                (id("s", 2), 1u64..3).prop_map(|(stage, parts)| Command::CommitStage {
+                    stage,
+                    parts,
+                    mode: StageMode::CreateKeys,
+                }),
                 (
                     0u64..3,
                     0u64..6,
@@ -2156,6 +2654,15 @@ mod tests {
                 prop_assert!(restored.indexes_consistent());
                 prop_assert_eq!(&restored, &state);
                 prop_assert_eq!(serde_json::to_vec(&restored).expect("again"), json);
+                // The streamed snapshot file, too.
+                let mut file = Vec::new();
+                state.write_snapshot(&mut file).expect("write");
+                let read = ControlState::read_snapshot(&mut file.as_slice()).expect("read");
+                prop_assert!(read.indexes_consistent());
+                prop_assert_eq!(&read, &state);
+                let mut again = Vec::new();
+                read.write_snapshot(&mut again).expect("write again");
+                prop_assert_eq!(again, file);
             }
         }
     }

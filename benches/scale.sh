@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The control plane as its state grows: a 3-node cluster (release build, Raft and gossip on,
+# no pinning) filled with virtual keys by bulk creates, 100,000 teams imported after the first
+# point, and at each size 16 concurrent `CreateKey` calls over gRPC (to node 1) while nodes 2
+# and 3 proxy a trickle of requests (so every node flushes spend into Raft every second).
+# For each point: write p50/p99 and writes/s, the nodes' RSS, and how long the state machines
+# took to apply spend and config batches (skein_raft_apply_seconds, all three nodes).
+# Usage: benches/scale.sh [--levels 1000,10000,100000,1000000] [--teams 100000] [--writes 4000]
+# Results: benches/results/scale-<timestamp>.jsonl
+set -euo pipefail
+cd "$(dirname "$0")/.."
+levels=1000,10000,100000,1000000; teams=100000; writes=4000
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --levels) levels=$2; shift ;;
+    --teams) teams=$2; shift ;;
+    --writes) writes=$2; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+. benches/lib.sh
+token=bench-admin-token
+
+start_mock
+write_skein_config
+grpc=($(free_port) $(free_port) $(free_port))
+gossip=($(free_port) $(free_port) $(free_port))
+voters="1=127.0.0.1:${grpc[0]},2=127.0.0.1:${grpc[1]},3=127.0.0.1:${grpc[2]}"
+seeds="127.0.0.1:${gossip[0]},127.0.0.1:${gossip[1]},127.0.0.1:${gossip[2]}"
+node_pids=(); urls=()
+for i in 1 2 3; do
+  SKEIN_LOG='warn,skein=info,skein::access=warn' "$bin/skein" serve --config "$work/skein.yaml" \
+    --data-dir "$work/node$i" --http-addr 127.0.0.1:0 --grpc-addr "127.0.0.1:${grpc[$((i-1))]}" \
+    --node-id "$i" --voters "$voters" --gossip-addr "127.0.0.1:${gossip[$((i-1))]}" \
+    --gossip-seeds "$seeds" --log-format json --admin-token "$token" > /dev/null 2> "$work/node$i.log" &
+  pids+=($!); node_pids+=($!)
+done
+for i in 1 2 3; do
+  urls+=("$(wait_for_line "$work/node$i.log" '"http":"http://127\.0\.0\.1:[0-9]+' | grep -oE 'http://127\.0\.0\.1:[0-9]+')")
+done
+secret=""
+for _ in $(seq 1 200); do
+  if out=$("$bin/skein" key create --id trickle --output json --token "$token" --endpoint "http://127.0.0.1:${grpc[0]}" 2>/dev/null); then
+    secret=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])' <<< "$out"); break
+  fi
+  sleep 0.1
+done
+[ -n "$secret" ] || { echo "could not create a key" >&2; exit 1; }
+for i in 2 3; do
+  until [ "$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $secret" -H 'content-type: application/json' -d "$body" "${urls[$((i-1))]}/v1/chat/completions")" = 200 ]; do sleep 0.05; done
+  "$bin/skein-load" --url "${urls[$((i-1))]}/v1/chat/completions" --body "$body" --bearer "$secret" \
+    --rate 50 --duration-secs 3600 --warmup-secs 0 --connections 4 --label trickle > /dev/null 2>&1 &
+  pids+=($!)
+done
+
+mkdir -p benches/results
+results="benches/results/scale-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
+echo "{\"label\":\"setup\",\"commit\":\"$(git rev-parse --short HEAD)\",\"nproc\":$(nproc)}" > "$results"
+"$bin/skein-scale" --endpoint "http://127.0.0.1:${grpc[0]}" --token "$token" --levels "$levels" \
+  --teams "$teams" --writes "$writes" \
+  --pid "${node_pids[0]}" --pid "${node_pids[1]}" --pid "${node_pids[2]}" \
+  --metrics "http://127.0.0.1:${grpc[0]}/metrics" --metrics "http://127.0.0.1:${grpc[1]}/metrics" \
+  --metrics "http://127.0.0.1:${grpc[2]}/metrics" | tee -a "$results"
+
+python3 - "$results" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if '"scale"' in line]
+print("| keys | teams | write p50 ms | write p99 ms | writes/s | errors | spend apply p99 ≤ ms (max ≤) | config apply p99 ≤ ms | RSS MiB (nodes) | RSS B/key |")
+print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+for r in rows:
+    w, a = r["write"], r["apply"]
+    spend = a.get("spend", {}); config = a.get("config", {})
+    print(f"| {r['keys']:,} | {r['teams']:,} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} | {w['writes_per_s']:.0f} | {w['errors']} | "
+          f"{spend.get('p99_at_most_ms')} ({spend.get('max_at_most_ms')}) | {config.get('p99_at_most_ms')} | "
+          f"{' / '.join(f'{m:.0f}' for m in r['rss_mib'])} | {r['rss_bytes_per_key']:.0f} |")
+PY
+echo "results: $results"
