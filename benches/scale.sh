@@ -5,6 +5,10 @@
 # and 3 proxy a trickle of requests (so every node flushes spend into Raft every second).
 # For each point: write p50/p99 and writes/s, the nodes' RSS, and how long the state machines
 # took to apply spend and config batches (skein_raft_apply_seconds, all three nodes).
+# Then, at the largest size, a new node joins as a learner and is sent the snapshot (each node
+# builds one and compacts its log first) while node 3 proxies 200 req/s: the time until the
+# learner has installed it and applied the rest of the log, and node 3's proxy p50/p99 during
+# that window against an idle window just before.
 # Usage: benches/scale.sh [--levels 1000,10000,100000,1000000] [--teams 100000] [--writes 4000]
 # Results: benches/results/scale-<timestamp>.jsonl
 set -euo pipefail
@@ -24,8 +28,8 @@ token=bench-admin-token
 
 start_mock
 write_skein_config
-grpc=($(free_port) $(free_port) $(free_port))
-gossip=($(free_port) $(free_port) $(free_port))
+grpc=($(free_port) $(free_port) $(free_port) $(free_port))
+gossip=($(free_port) $(free_port) $(free_port) $(free_port))
 voters="1=127.0.0.1:${grpc[0]},2=127.0.0.1:${grpc[1]},3=127.0.0.1:${grpc[2]}"
 seeds="127.0.0.1:${gossip[0]},127.0.0.1:${gossip[1]},127.0.0.1:${gossip[2]}"
 node_pids=(); urls=()
@@ -33,7 +37,8 @@ for i in 1 2 3; do
   SKEIN_LOG='warn,skein=info,skein::access=warn' "$bin/skein" serve --config "$work/skein.yaml" \
     --data-dir "$work/node$i" --http-addr 127.0.0.1:0 --grpc-addr "127.0.0.1:${grpc[$((i-1))]}" \
     --node-id "$i" --voters "$voters" --gossip-addr "127.0.0.1:${gossip[$((i-1))]}" \
-    --gossip-seeds "$seeds" --log-format json --admin-token "$token" > /dev/null 2> "$work/node$i.log" &
+    --gossip-seeds "$seeds" --log-format json --admin-token "$token" --raft-keep-logs 100 \
+    > /dev/null 2> "$work/node$i.log" &
   pids+=($!); node_pids+=($!)
 done
 for i in 1 2 3; do
@@ -63,6 +68,45 @@ echo "{\"label\":\"setup\",\"commit\":\"$(git rev-parse --short HEAD)\",\"nproc\
   --metrics "http://127.0.0.1:${grpc[0]}/metrics" --metrics "http://127.0.0.1:${grpc[1]}/metrics" \
   --metrics "http://127.0.0.1:${grpc[2]}/metrics" | tee -a "$results"
 
+# A learner joins at the largest size.
+status_of() { "$bin/skein" cluster status --output json --token "$token" --endpoint "http://127.0.0.1:$1" 2>/dev/null || true; }
+for i in 0 1 2; do
+  "$bin/skein" cluster snapshot --output json --token "$token" --endpoint "http://127.0.0.1:${grpc[$i]}" > /dev/null
+done
+proxy_load() { # label secs
+  "$bin/skein-load" --url "${urls[2]}/v1/chat/completions" --body "$body" --bearer "$secret" \
+    --rate 200 --duration-secs "$2" --warmup-secs 0 --connections 8 --label "$1"
+}
+proxy_load proxy/idle 10 | tee -a "$results"
+leader_applied=$(status_of "${grpc[0]}" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(max(m["applied_index"] or 0 for m in s["members"]))')
+proxy_load proxy/learner-joining 20 > "$work/joining.json" &
+load_pid=$!; pids+=($load_pid)
+joined=$(date +%s.%N)
+SKEIN_LOG='warn,skein=info,skein::access=warn' "$bin/skein" serve --config "$work/skein.yaml" \
+  --data-dir "$work/node4" --http-addr 127.0.0.1:0 --grpc-addr "127.0.0.1:${grpc[3]}" \
+  --node-id 4 --voters "$voters" --peers "127.0.0.1:${grpc[0]}" --gossip-addr "127.0.0.1:${gossip[3]}" \
+  --gossip-seeds "$seeds" --log-format json --admin-token "$token" > /dev/null 2> "$work/node4.log" &
+pids+=($!); learner_pid=$!
+caught_up=""
+for _ in $(seq 1 1200); do
+  line=$(status_of "${grpc[3]}" | python3 -c '
+import json, sys
+try:
+    s = json.load(sys.stdin)
+except ValueError:
+    sys.exit(0)
+me = [m for m in s["members"] if m["id"] == 4]
+if me and (me[0]["snapshot_index"] or 0) > 0 and (me[0]["applied_index"] or 0) >= int(sys.argv[1]):
+    print(me[0]["snapshot_index"], me[0]["applied_index"])
+' "$leader_applied")
+  if [ -n "$line" ]; then caught_up=$(python3 -c "import sys; print(round($(date +%s.%N) - $joined, 2))"); break; fi
+  sleep 0.1
+done
+wait "$load_pid" || true
+cat "$work/joining.json" | tee -a "$results"
+learner_rss=$(awk '/VmRSS/ {print $2}' "/proc/$learner_pid/status")
+echo "{\"label\":\"learner\",\"keys_approx\":\"${levels##*,}\",\"caught_up_secs\":${caught_up:-null},\"snapshot_and_applied\":\"${line:-}\",\"leader_applied_at_join\":$leader_applied,\"learner_rss_kib\":${learner_rss:-0}}" | tee -a "$results"
+
 python3 - "$results" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if '"scale"' in line]
@@ -74,5 +118,15 @@ for r in rows:
     print(f"| {r['keys']:,} | {r['teams']:,} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} | {w['writes_per_s']:.0f} | {w['errors']} | "
           f"{spend.get('p99_at_most_ms')} ({spend.get('max_at_most_ms')}) | {config.get('p99_at_most_ms')} | "
           f"{' / '.join(f'{m:.0f}' for m in r['rss_mib'])} | {r['rss_bytes_per_key']:.0f} |")
+lines = [json.loads(line) for line in open(sys.argv[1])]
+proxy = {r["label"]: r for r in lines if r.get("label", "").startswith("proxy/")}
+learner = [r for r in lines if r.get("label") == "learner"]
+if learner:
+    l = learner[0]
+    print(f"\nlearner caught up in {l['caught_up_secs']} s (snapshot and applied index {l['snapshot_and_applied']}; its RSS {l['learner_rss_kib'] / 1024:.0f} MiB)")
+for label in ["proxy/idle", "proxy/learner-joining"]:
+    r = proxy.get(label)
+    if r:
+        print(f"{label}: p50 {r['service']['p50_us']:.0f} µs, p99 {r['service']['p99_us']:.0f} µs, errors {r['errors']}, achieved {r['achieved_rps']:.0f} req/s")
 PY
 echo "results: $results"

@@ -44,6 +44,9 @@ struct Args {
     /// Longest a point's writes may take.
     #[arg(long, default_value_t = 60)]
     max_secs: u64,
+    /// Shortest window a point's apply times are read over (spend is flushed every second).
+    #[arg(long, default_value_t = 10)]
+    window_secs: u64,
     /// Node processes whose RSS is read (repeat).
     #[arg(long = "pid")]
     pids: Vec<u32>,
@@ -300,7 +303,9 @@ impl Bench {
     async fn point(&mut self, fill_secs: f64) -> anyhow::Result<()> {
         self.point += 1;
         let before = apply_buckets(&self.http, &self.args.metrics).await?;
+        let window = Instant::now() + Duration::from_secs(self.args.window_secs);
         let writes = self.writes().await?;
+        tokio::time::sleep_until(window.into()).await;
         let after = apply_buckets(&self.http, &self.args.metrics).await?;
         let rss: Vec<u64> = self.args.pids.iter().map(|pid| rss_bytes(*pid)).collect();
         let largest = rss.iter().copied().max().unwrap_or(0);

@@ -238,6 +238,36 @@ fn file_name(meta: &SnapshotMeta<NodeId, Node>) -> String {
     format!("snapshot-{id}.jsonl")
 }
 
+/// Runs the current thread at the lowest CPU priority (nice 19) until dropped: building or
+/// reading a large snapshot takes seconds of CPU that the proxy's threads, and the other nodes
+/// on the same machine, should get first. Blocking-pool threads are reused, so it is undone.
+struct LowPriority {
+    thread: Option<rustix::process::Pid>,
+    before: i32,
+}
+
+impl LowPriority {
+    fn enter() -> LowPriority {
+        let thread = rustix::thread::gettid();
+        let before = rustix::process::getpriority_process(Some(thread)).unwrap_or(0);
+        let lowered = rustix::process::setpriority_process(Some(thread), 19).is_ok();
+        LowPriority {
+            thread: lowered.then_some(thread),
+            before,
+        }
+    }
+}
+
+impl Drop for LowPriority {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread {
+            // Raising a priority back needs privileges an unprivileged process lacks; such a
+            // thread then stays low, which only slows later blocking work a little.
+            let _ = rustix::process::setpriority_process(Some(thread), self.before);
+        }
+    }
+}
+
 fn temp_name() -> String {
     let mut bytes = [0u8; 8];
     if getrandom::fill(&mut bytes).is_err() {
@@ -340,6 +370,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let (dir, file, state) = (self.dir.clone(), stored.file.clone(), self.state.clone());
         tokio::task::spawn_blocking(move || {
+            let _low = LowPriority::enter();
             write_file(&dir, &file, |out| state.write_snapshot(out))
         })
         .await
@@ -481,6 +512,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // read by a send elsewhere), then read the state from it, line by line.
         let (dir, file) = (self.dir.clone(), stored.file.clone());
         let state = tokio::task::spawn_blocking(move || {
+            let _low = LowPriority::enter();
             write_file(&dir, &file, |out| {
                 std::io::copy(&mut received, out).map(|_| ())
             })?;

@@ -639,8 +639,6 @@ pub struct ControlData {
     pub providers: StateMap<String, ProviderSpec>,
     pub routes: StateMap<String, RouteSpec>,
     pub keys: StateMap<String, Arc<VirtualKey>>,
-    /// Secret hash → key id.
-    pub key_hashes: StateMap<String, String>,
     pub teams: StateMap<String, Arc<Team>>,
     pub customers: StateMap<String, Arc<Customer>>,
     pub budgets: StateMap<String, Arc<Budget>>,
@@ -676,27 +674,56 @@ pub struct LegacyUsage {
 /// moved by every change, so that no check or lookup scans a whole map.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Index {
-    /// `(team id, key id)` for every key with a team.
-    team_keys: OrdSet<(String, String)>,
-    /// `(customer id, team id)` for every team with a customer.
-    customer_teams: OrdSet<(String, String)>,
+    /// The SHA-256 of each key's secret (as bytes, not hex) → the key, for authentication.
+    key_hashes: OrdMap<[u8; 32], Arc<VirtualKey>>,
+    /// Team id → how many keys it has.
+    team_keys: OrdMap<String, u64>,
+    /// Customer id → how many teams it has.
+    customer_teams: OrdMap<String, u64>,
     /// `(scope, budget id)` for every budget.
     scope_budgets: OrdSet<(Scope, String)>,
+}
+
+/// A hex SHA-256 as its 32 bytes (`None` when it is not one).
+fn hash_bytes(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let mut bytes = [0u8; 32];
+    for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(bytes)
+}
+
+/// Count one more (or one fewer) under `id`; a count that reaches zero is removed.
+fn count(counts: &mut OrdMap<String, u64>, id: &str, more: bool) {
+    if more {
+        *counts.entry(id.to_owned()).or_default() += 1;
+    } else if let Some(n) = counts.get_mut(id) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(id);
+        }
+    }
 }
 
 impl Index {
     fn build(data: &ControlData) -> Index {
         let mut index = Index::default();
         for key in data.keys.values() {
+            if let Some(hash) = hash_bytes(&key.hash) {
+                index.key_hashes.insert(hash, key.clone());
+            }
             if let Some(team) = &key.team {
-                index.team_keys.insert((team.clone(), key.id.clone()));
+                count(&mut index.team_keys, team, true);
             }
         }
         for team in data.teams.values() {
             if let Some(customer) = &team.customer {
-                index
-                    .customer_teams
-                    .insert((customer.clone(), team.id.clone()));
+                count(&mut index.customer_teams, customer, true);
             }
         }
         for budget in data.budgets.values() {
@@ -816,15 +843,19 @@ impl ControlState {
 
     /// The key a secret hash belongs to.
     pub fn key_by_hash(&self, hash: &str) -> Option<&VirtualKey> {
-        self.key_hashes
-            .get(hash)
-            .and_then(|id| self.keys.get(id))
+        hash_bytes(hash)
+            .and_then(|bytes| self.index.key_hashes.get(&bytes))
             .map(Arc::as_ref)
     }
 
-    /// The ids of the keys of a team, in order.
-    pub fn keys_of_team<'a>(&'a self, team: &'a String) -> impl Iterator<Item = &'a String> + 'a {
-        members(&self.index.team_keys, team)
+    /// Whether a key has this secret hash.
+    pub fn hash_taken(&self, hash: &str) -> bool {
+        hash_bytes(hash).is_some_and(|bytes| self.index.key_hashes.contains_key(&bytes))
+    }
+
+    /// How many keys a team has.
+    pub fn keys_in_team(&self, team: &str) -> u64 {
+        self.index.team_keys.get(team).copied().unwrap_or(0)
     }
 
     /// The ids of the budgets on a scope, in order.
@@ -935,7 +966,7 @@ impl ControlState {
                         format!("key `{}` already exists", key.id),
                     ));
                 }
-                if self.key_hashes.contains_key(&key.hash) {
+                if self.hash_taken(&key.hash) {
                     return Err(Rejection::new(
                         RejectCode::AlreadyExists,
                         Some("key.hash"),
@@ -962,7 +993,7 @@ impl ControlState {
                     return Err(Rejection::not_found("key", id));
                 }
                 check_hash(hash)?;
-                if self.key_hashes.contains_key(hash) {
+                if self.hash_taken(hash) {
                     return Err(Rejection::new(
                         RejectCode::AlreadyExists,
                         Some("hash"),
@@ -995,11 +1026,12 @@ impl ControlState {
                 if !self.teams.contains_key(id) {
                     return Err(Rejection::not_found("team", id));
                 }
-                if let Some(key) = self.keys_of_team(id).next() {
+                let keys = self.keys_in_team(id);
+                if keys > 0 {
                     return Err(Rejection::new(
                         RejectCode::FailedPrecondition,
                         None,
-                        format!("team `{id}` still has key `{key}`"),
+                        format!("team `{id}` still has {keys} key(s)"),
                     ));
                 }
                 Ok(())
@@ -1009,11 +1041,11 @@ impl ControlState {
                 if !self.customers.contains_key(id) {
                     return Err(Rejection::not_found("customer", id));
                 }
-                if let Some(team) = members(&self.index.customer_teams, id).next() {
+                if let Some(teams) = self.index.customer_teams.get(id) {
                     return Err(Rejection::new(
                         RejectCode::FailedPrecondition,
                         None,
-                        format!("customer `{id}` still has team `{team}`"),
+                        format!("customer `{id}` still has {teams} team(s)"),
                     ));
                 }
                 Ok(())
@@ -1316,11 +1348,9 @@ impl ControlState {
             Command::RotateKey { id, hash, prefix } => {
                 if let Some(existing) = self.keys.get(id) {
                     let mut key = existing.as_ref().clone();
-                    self.data.key_hashes.remove(&key.hash);
                     key.hash = hash.clone();
                     key.prefix = prefix.clone();
                     key.updated_at_ms = at_ms;
-                    self.data.key_hashes.insert(hash.clone(), id.clone());
                     self.put_key(key);
                 }
             }
@@ -1334,10 +1364,7 @@ impl ControlState {
             }
             Command::DeleteKey { id } => {
                 if let Some(key) = self.data.keys.remove(id) {
-                    self.data.key_hashes.remove(&key.hash);
-                    if let Some(team) = &key.team {
-                        self.index.team_keys.remove(&(team.clone(), id.clone()));
-                    }
+                    self.unindex_key(&key);
                 }
                 self.remove_budgets_of(&Scope::Key(id.clone()));
             }
@@ -1346,9 +1373,7 @@ impl ControlState {
                 if let Some(team) = self.data.teams.remove(id)
                     && let Some(customer) = &team.customer
                 {
-                    self.index
-                        .customer_teams
-                        .remove(&(customer.clone(), id.clone()));
+                    count(&mut self.index.customer_teams, customer, false);
                 }
                 self.remove_budgets_of(&Scope::Team(id.clone()));
             }
@@ -1490,41 +1515,49 @@ impl ControlState {
         let mut key = key.clone();
         key.created_at_ms = at_ms;
         key.updated_at_ms = at_ms;
-        self.data
-            .key_hashes
-            .insert(key.hash.clone(), key.id.clone());
         self.put_key(key);
     }
 
-    /// Store a key, moving the team index with it (its hash index is the caller's).
+    /// Store a key, moving the indexes with it (the hash index points at the new version).
     fn put_key(&mut self, key: VirtualKey) {
-        if let Some(old) = self.keys.get(&key.id)
-            && old.team != key.team
-            && let Some(team) = &old.team
-        {
-            self.index.team_keys.remove(&(team.clone(), key.id.clone()));
+        let key = Arc::new(key);
+        if let Some(old) = self.data.keys.insert(key.id.clone(), key.clone()) {
+            self.unindex_key(&old);
+        }
+        if let Some(hash) = hash_bytes(&key.hash) {
+            self.index.key_hashes.insert(hash, key.clone());
         }
         if let Some(team) = &key.team {
-            self.index.team_keys.insert((team.clone(), key.id.clone()));
+            count(&mut self.index.team_keys, team, true);
         }
-        self.data.keys.insert(key.id.clone(), Arc::new(key));
+    }
+
+    /// Take a key that was replaced or removed out of the indexes.
+    fn unindex_key(&mut self, old: &VirtualKey) {
+        if let Some(hash) = hash_bytes(&old.hash)
+            && self
+                .index
+                .key_hashes
+                .get(&hash)
+                .is_some_and(|indexed| indexed.id == old.id)
+        {
+            self.index.key_hashes.remove(&hash);
+        }
+        if let Some(team) = &old.team {
+            count(&mut self.index.team_keys, team, false);
+        }
     }
 
     fn put_team(&mut self, team: Team) {
-        if let Some(old) = self.teams.get(&team.id)
-            && old.customer != team.customer
+        let team = Arc::new(team);
+        if let Some(old) = self.data.teams.insert(team.id.clone(), team.clone())
             && let Some(customer) = &old.customer
         {
-            self.index
-                .customer_teams
-                .remove(&(customer.clone(), team.id.clone()));
+            count(&mut self.index.customer_teams, customer, false);
         }
         if let Some(customer) = &team.customer {
-            self.index
-                .customer_teams
-                .insert((customer.clone(), team.id.clone()));
+            count(&mut self.index.customer_teams, customer, true);
         }
-        self.data.teams.insert(team.id.clone(), Arc::new(team));
     }
 
     fn remove_budget(&mut self, id: &str) {
@@ -1550,11 +1583,6 @@ impl ControlState {
         data.server = config.server.clone();
         data.providers = by_name(&config.providers, |p| p.name.clone());
         data.routes = by_name(&config.routes, |r| r.name.clone());
-        data.key_hashes = config
-            .keys
-            .iter()
-            .map(|key| (key.hash.clone(), key.id.clone()))
-            .collect();
         data.keys = by_name(&config.keys, |k| k.id.clone())
             .into_iter()
             .map(|(id, key)| (id, Arc::new(key)))
@@ -1838,7 +1866,6 @@ impl ControlState {
                     data.routes.insert(route.name.clone(), route);
                 }
                 Line::Key(key) => {
-                    data.key_hashes.insert(key.hash.clone(), key.id.clone());
                     data.keys.insert(key.id.clone(), Arc::new(key));
                 }
                 Line::Team(team) => {
@@ -2632,12 +2659,15 @@ mod tests {
                         "a published state changed under its readers"
                     );
                     for key in state.keys.values() {
-                        prop_assert_eq!(state.key_hashes.get(&key.hash), Some(&key.id));
+                        prop_assert_eq!(
+                            state.key_by_hash(&key.hash).map(|found| &found.id),
+                            Some(&key.id)
+                        );
                         for budget in state.budgets_of_key(&key.id) {
                             prop_assert!(state.scopes_of(&key.id).contains(&budget.scope));
                         }
                     }
-                    prop_assert_eq!(state.key_hashes.len(), state.keys.len());
+                    prop_assert_eq!(state.index.key_hashes.len(), state.keys.len());
                     if import_at == Some(position) {
                         let export = state.export();
                         let mut imported = state.clone();
