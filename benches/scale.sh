@@ -8,7 +8,10 @@
 # Then, at the largest size, a new node joins as a learner and is sent the snapshot (each node
 # builds one and compacts its log first) while node 3 proxies 200 req/s: the time until the
 # learner has installed it and applied the rest of the log, and node 3's proxy p50/p99 during
-# that window against an idle window just before.
+# that window against an idle window just before. For that phase node 3 gets core 0 to itself
+# (as it would have its own machine) and every other process shares core 1: the figure is then
+# what the learner's catch-up costs the other nodes through the cluster (the leader's sending,
+# Raft), not two cores shared by five processes.
 # Usage: benches/scale.sh [--levels 1000,10000,100000,1000000] [--teams 100000] [--writes 4000]
 # Results: benches/results/scale-<timestamp>.jsonl
 set -euo pipefail
@@ -73,8 +76,10 @@ status_of() { "$bin/skein" cluster status --output json --token "$token" --endpo
 for i in 0 1 2; do
   "$bin/skein" cluster snapshot --output json --token "$token" --endpoint "http://127.0.0.1:${grpc[$i]}" > /dev/null
 done
+for pid in "${pids[@]}"; do taskset -apc 1 "$pid" > /dev/null 2>&1 || true; done
+taskset -apc 0 "${node_pids[2]}" > /dev/null
 proxy_load() { # label secs
-  "$bin/skein-load" --url "${urls[2]}/v1/chat/completions" --body "$body" --bearer "$secret" \
+  taskset -c 1 "$bin/skein-load" --url "${urls[2]}/v1/chat/completions" --body "$body" --bearer "$secret" \
     --rate 200 --duration-secs "$2" --warmup-secs 0 --connections 8 --label "$1"
 }
 proxy_load proxy/idle 10 | tee -a "$results"
@@ -82,7 +87,7 @@ leader_applied=$(status_of "${grpc[0]}" | python3 -c 'import json,sys; s=json.lo
 proxy_load proxy/learner-joining 20 > "$work/joining.json" &
 load_pid=$!; pids+=($load_pid)
 joined=$(date +%s.%N)
-SKEIN_LOG='warn,skein=info,skein::access=warn' "$bin/skein" serve --config "$work/skein.yaml" \
+SKEIN_LOG='warn,skein=info,skein::access=warn' taskset -c 1 "$bin/skein" serve --config "$work/skein.yaml" \
   --data-dir "$work/node4" --http-addr 127.0.0.1:0 --grpc-addr "127.0.0.1:${grpc[3]}" \
   --node-id 4 --voters "$voters" --peers "127.0.0.1:${grpc[0]}" --gossip-addr "127.0.0.1:${gossip[3]}" \
   --gossip-seeds "$seeds" --log-format json --admin-token "$token" > /dev/null 2> "$work/node4.log" &

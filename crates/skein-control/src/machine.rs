@@ -508,14 +508,34 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             file: file_name(meta),
             meta: meta.clone(),
         };
-        // Keep a copy under the snapshot's own name (what is received may be the file being
-        // read by a send elsewhere), then read the state from it, line by line.
+        // The file received through `begin_receiving_snapshot` becomes the snapshot's own (a
+        // rename); any other (one being read by a send elsewhere) is copied. Then the state is
+        // read from it, line by line.
         let (dir, file) = (self.dir.clone(), stored.file.clone());
+        let receiving = self.receiving.take();
         let state = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::MetadataExt;
             let _low = LowPriority::enter();
-            write_file(&dir, &file, |out| {
-                std::io::copy(&mut received, out).map(|_| ())
-            })?;
+            let ours = match (&receiving, received.metadata()) {
+                (Some(path), Ok(open)) => std::fs::metadata(path)
+                    .is_ok_and(|named| named.ino() == open.ino() && named.dev() == open.dev()),
+                _ => false,
+            };
+            match receiving {
+                Some(path) if ours => {
+                    received.sync_all()?;
+                    std::fs::rename(&path, dir.join(&file))?;
+                    std::fs::File::open(&dir)?.sync_all()?;
+                }
+                receiving => {
+                    write_file(&dir, &file, |out| {
+                        std::io::copy(&mut received, out).map(|_| ())
+                    })?;
+                    if let Some(path) = receiving {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+            }
             let copy = std::fs::File::open(dir.join(&file))?;
             ControlState::read_snapshot(&mut std::io::BufReader::with_capacity(1 << 20, copy))
         })
@@ -523,9 +543,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(|e| failed(&e))?
         .map_err(|e| failed(&e))?;
         store_meta(&self.tree, &self.db, &self.dir, &stored).await?;
-        if let Some(received) = self.receiving.take() {
-            let _ = tokio::fs::remove_file(received).await;
-        }
         let index = meta.last_log_id.map_or(0, |log_id| log_id.index);
         self.history
             .skip_to(index, now_ms())
