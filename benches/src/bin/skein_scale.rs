@@ -341,7 +341,11 @@ async fn main() -> anyhow::Result<()> {
     let mut bench = Bench {
         args,
         client,
-        http: reqwest::Client::new(),
+        // A connection per scrape: a kept one may have been closed by the node's idle timeout.
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(10))
+            .build()?,
         keys: 0,
         teams: 0,
         point: 0,
