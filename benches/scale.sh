@@ -6,12 +6,12 @@
 # For each point: write p50/p99 and writes/s, the nodes' RSS, and how long the state machines
 # took to apply spend and config batches (skein_raft_apply_seconds, all three nodes).
 # Then, at the largest size, a new node joins as a learner and is sent the snapshot (each node
-# builds one and compacts its log first) while node 3 proxies 200 req/s: the time until the
-# learner has installed it and applied the rest of the log, and node 3's proxy p50/p99 during
-# that window against an idle window just before. For that phase node 3 gets core 0 to itself
-# (as it would have its own machine) and every other process shares core 1: the figure is then
-# what the learner's catch-up costs the other nodes through the cluster (the leader's sending,
-# Raft), not two cores shared by five processes.
+# builds one and compacts its log first) while the leader proxies 200 req/s: the time until the
+# learner has installed it and applied the rest of the log, and the leader's proxy p50/p99 during
+# that window against an idle window just before. For that phase the leader (which sends the
+# snapshot, the worst case) is the node measured, with core 0 to itself (as it would have its
+# own machine) while every other process shares core 1: the figure is then what the learner's
+# catch-up costs the other nodes through the cluster, not two cores shared by five processes.
 # Usage: benches/scale.sh [--levels 1000,10000,100000,1000000] [--teams 100000] [--writes 4000]
 # Results: benches/results/scale-<timestamp>.jsonl
 set -euo pipefail
@@ -76,10 +76,13 @@ status_of() { "$bin/skein" cluster status --output json --token "$token" --endpo
 for i in 0 1 2; do
   "$bin/skein" cluster snapshot --output json --token "$token" --endpoint "http://127.0.0.1:${grpc[$i]}" > /dev/null
 done
+# The node measured is the leader: it sends the snapshot, the worst case for its own proxy.
+leader=$(status_of "${grpc[0]}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader_id"])')
+measured=$((leader - 1))
 for pid in "${pids[@]}"; do taskset -apc 1 "$pid" > /dev/null 2>&1 || true; done
-taskset -apc 0 "${node_pids[2]}" > /dev/null
+taskset -apc 0 "${node_pids[$measured]}" > /dev/null
 proxy_load() { # label secs
-  taskset -c 1 "$bin/skein-load" --url "${urls[2]}/v1/chat/completions" --body "$body" --bearer "$secret" \
+  taskset -c 1 "$bin/skein-load" --url "${urls[$measured]}/v1/chat/completions" --body "$body" --bearer "$secret" \
     --rate 200 --duration-secs "$2" --warmup-secs 0 --connections 8 --label "$1"
 }
 proxy_load proxy/idle 10 | tee -a "$results"
@@ -110,7 +113,7 @@ done
 wait "$load_pid" || true
 cat "$work/joining.json" | tee -a "$results"
 learner_rss=$(awk '/VmRSS/ {print $2}' "/proc/$learner_pid/status")
-echo "{\"label\":\"learner\",\"keys_approx\":\"${levels##*,}\",\"caught_up_secs\":${caught_up:-null},\"snapshot_and_applied\":\"${line:-}\",\"leader_applied_at_join\":$leader_applied,\"learner_rss_kib\":${learner_rss:-0}}" | tee -a "$results"
+echo "{\"label\":\"learner\",\"proxy_measured_on_leader\":$leader,\"keys_approx\":\"${levels##*,}\",\"caught_up_secs\":${caught_up:-null},\"snapshot_and_applied\":\"${line:-}\",\"leader_applied_at_join\":$leader_applied,\"learner_rss_kib\":${learner_rss:-0}}" | tee -a "$results"
 
 python3 - "$results" <<'PY'
 import json, sys

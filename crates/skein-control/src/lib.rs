@@ -268,7 +268,9 @@ impl ControlPlane {
             // An append must arrive within a heartbeat interval: keep them small for a
             // follower that is behind (bulk writes are staged in parts of 1,000 entities).
             max_payload_entries: 16,
-            snapshot_max_chunk_size: 8 << 20,
+            // Chunks of 1 MiB: the leader encodes and sends each on the runtime its proxy runs
+            // on, so a chunk is a short burst of work between requests, not a long one.
+            snapshot_max_chunk_size: 1 << 20,
             ..Default::default()
         }
         .validate()

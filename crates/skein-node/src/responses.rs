@@ -19,8 +19,8 @@
 //!   within it (`skein_responses_evicted_total`). What a node holds is in
 //!   `skein_responses_stored` and `skein_responses_stored_bytes`.
 //!
-//! The control plane's replicated state holds none of this: it copies its whole state on every
-//! apply, and response bodies would make that cost grow without bound.
+//! The control plane's replicated state holds none of this: it holds config and budgets, and
+//! response bodies would make its snapshots grow without bound.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
