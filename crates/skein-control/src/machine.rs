@@ -577,3 +577,76 @@ fn now_ms() -> u64 {
             u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::UsageQuery;
+
+    /// A node upgraded from the version that kept one whole-state snapshot in sled, usage
+    /// inside it, starts from that snapshot and moves the usage into its history, once.
+    #[test]
+    fn a_snapshot_of_the_earlier_format_is_read_and_its_usage_moves_to_the_history() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sled::open(dir.path().join("raft")).expect("sled");
+        let day = 1_795_305_600_000u64;
+        let totals = serde_json::json!({"requests": 2, "input_tokens": 10, "output_tokens": 5, "cost_nanos": 100});
+        let old_state = serde_json::json!({
+            "version": 7,
+            "bootstrapped": true,
+            "routing_version": 2,
+            "server": skein_types::config::ServerSpec::default(),
+            "providers": {}, "routes": {},
+            "keys": {"k1": {"id": "k1", "name": "k1", "hash": "a".repeat(64), "prefix": "sk-skein-ab"}},
+            "key_hashes": {"a".repeat(64): "k1"},
+            "teams": {}, "customers": {}, "budgets": {}, "ledgers": {}, "prices": {},
+            "spend_seqs": {"1": 3},
+            "usage": {"k1": {"m": totals}},
+            "daily_usage": {"k1": [[day, {"m": totals}]]},
+            "audit": [],
+            "cluster": {"id": "c", "target_voters": 1, "incarnations": {}}
+        });
+        let meta = SnapshotMeta::<NodeId, Node> {
+            last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 7)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "old".to_owned(),
+        };
+        let data = serde_json::to_vec(&old_state).expect("state");
+        let stored = serde_json::json!({"meta": meta, "data": data});
+        db.open_tree("state_machine")
+            .expect("tree")
+            .insert(LEGACY, serde_json::to_vec(&stored).expect("stored"))
+            .expect("insert");
+
+        let history = Arc::new(History::open(&db, 400).expect("history"));
+        let machine =
+            StateMachine::open(&db, dir.path().join("snapshots"), history.clone()).expect("open");
+        let state = machine.published().load();
+        assert_eq!(state.version, 7);
+        assert_eq!(state.spend_seqs.get(&1), Some(&3));
+        assert!(state.key_by_hash(&"a".repeat(64)).is_some());
+        assert!(state.indexes_consistent());
+        assert_eq!(history.applied().expect("applied"), 7);
+        let lifetime = history
+            .query(&UsageQuery::default(), |_| true)
+            .expect("lifetime");
+        assert_eq!(lifetime[&("k1".into(), "m".into())].cost_nanos, 100);
+        let that_day = UsageQuery {
+            since_ms: day,
+            until_ms: day + 86_400_000,
+            ..UsageQuery::default()
+        };
+        let daily = history.query(&that_day, |_| true).expect("daily");
+        assert_eq!(daily[&("k1".into(), "m".into())].requests, 2);
+
+        // Opening again (a restart before any new snapshot) imports nothing twice.
+        drop(machine);
+        let again =
+            StateMachine::open(&db, dir.path().join("snapshots"), history.clone()).expect("reopen");
+        assert_eq!(again.published().load().version, 7);
+        let lifetime = history
+            .query(&UsageQuery::default(), |_| true)
+            .expect("lifetime");
+        assert_eq!(lifetime[&("k1".into(), "m".into())].requests, 2);
+    }
+}
