@@ -238,6 +238,12 @@ fn file_name(meta: &SnapshotMeta<NodeId, Node>) -> String {
     format!("snapshot-{id}.jsonl")
 }
 
+/// Lower the current thread's CPU priority to `nice` (for good: for threads that only do
+/// background work).
+pub(crate) fn lower_this_thread(nice: i32) {
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice);
+}
+
 /// Runs the current thread at the lowest CPU priority (nice 19) until dropped: building or
 /// reading a large snapshot takes seconds of CPU that the proxy's threads, and the other nodes
 /// on the same machine, should get first. Blocking-pool threads are reused, so it is undone.

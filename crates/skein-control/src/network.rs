@@ -26,6 +26,26 @@ use tonic::{Request, Response, Status};
 use crate::identity::Identity;
 use crate::{ControlPlane, Forwarded, Node, NodeId, TypeConfig};
 
+/// The runtime snapshot chunks are sent on: one thread at a low CPU priority, apart from the
+/// proxy's (`None` if it could not be started: chunks then go on the caller's runtime).
+fn snapshot_runtime() -> Option<&'static tokio::runtime::Runtime> {
+    static RUNTIME: std::sync::OnceLock<Option<tokio::runtime::Runtime>> =
+        std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .max_blocking_threads(1)
+                .thread_name("skein-snapshot-send")
+                .on_thread_start(|| crate::machine::lower_this_thread(10))
+                .enable_all()
+                .build()
+                .map_err(|error| tracing::warn!(%error, "no runtime for snapshot sends"))
+                .ok()
+        })
+        .as_ref()
+}
+
 /// Connection timeout for a peer's channel.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -33,6 +53,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Channels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Channels for sending snapshots, their connections on the snapshot runtime.
+    snapshot_channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// TLS towards peers, when the gRPC port speaks it.
     tls: Option<ClientTlsConfig>,
     /// The cluster's admin token, sent with every Raft RPC when set.
@@ -49,6 +71,7 @@ impl Channels {
     ) -> Channels {
         Channels {
             channels: Arc::default(),
+            snapshot_channels: Arc::default(),
             tls,
             token: token.map(Arc::from),
             identity,
@@ -70,7 +93,25 @@ impl Channels {
 
     /// The cached channel to `addr` (`host:port`), created lazily on first use.
     pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        let mut channels = match self.channels.lock() {
+        self.cached(&self.channels, addr)
+    }
+
+    /// A channel to `addr` whose connection tasks run on `runtime`.
+    fn get_on(
+        &self,
+        addr: &str,
+        runtime: &tokio::runtime::Runtime,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let _entered = runtime.enter();
+        self.cached(&self.snapshot_channels, addr)
+    }
+
+    fn cached(
+        &self,
+        cache: &Mutex<HashMap<String, Channel>>,
+        addr: &str,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = match cache.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
@@ -200,7 +241,20 @@ impl PeerClient {
         data: Vec<u8>,
         option: &RPCOption,
     ) -> Result<RpcResult<Vec<u8>, E>, Status> {
-        let channel = match self.channel.clone() {
+        // Snapshot chunks are encoded and sent on a runtime of their own, over a connection of
+        // their own, so that sending a large snapshot does not hold up the proxy's threads.
+        let sender = match kind {
+            Rpc::InstallSnapshotChunk | Rpc::InstallSnapshot => snapshot_runtime(),
+            Rpc::AppendEntries | Rpc::Vote => None,
+        };
+        let channel = match sender {
+            Some(runtime) => self
+                .channels
+                .get_on(&self.node.addr, runtime)
+                .map_err(|error| error.to_string()),
+            None => self.channel.clone(),
+        };
+        let channel = match channel {
             Ok(channel) => channel,
             Err(message) => {
                 return Ok(Err(RPCError::Unreachable(Unreachable::new(
@@ -219,12 +273,32 @@ impl PeerClient {
             .channels
             .request(RaftMessage { payload, data }, Some(self.target));
         let ttl = option.hard_ttl();
-        let call = async {
+        let call = async move {
             match kind {
                 Rpc::AppendEntries => client.append_entries(message).await,
                 Rpc::Vote => client.vote(message).await,
                 Rpc::InstallSnapshot => client.install_snapshot(message).await,
                 Rpc::InstallSnapshotChunk => client.install_snapshot_chunk(message).await,
+            }
+        };
+        let call = async move {
+            match sender {
+                Some(runtime) => {
+                    // Stop the send if the caller gives up on it (its timeout).
+                    struct AbortOnDrop(tokio::task::AbortHandle);
+                    impl Drop for AbortOnDrop {
+                        fn drop(&mut self) {
+                            self.0.abort();
+                        }
+                    }
+                    let task = runtime.spawn(call);
+                    let _abort = AbortOnDrop(task.abort_handle());
+                    match task.await {
+                        Ok(reply) => reply,
+                        Err(error) => Err(Status::internal(format!("snapshot send: {error}"))),
+                    }
+                }
+                None => call.await,
             }
         };
         match tokio::time::timeout(ttl, call).await {
