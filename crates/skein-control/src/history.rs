@@ -327,18 +327,20 @@ fn decode_totals(bytes: &[u8]) -> UsageTotals {
     }
 }
 
-fn decode_u64(bytes: &[u8]) -> u64 {
+/// The first 8 bytes of `bytes`, zero-padded.
+fn word(bytes: &[u8]) -> [u8; 8] {
     let mut word = [0; 8];
     let len = bytes.len().min(8);
     word[..len].copy_from_slice(&bytes[..len]);
-    u64::from_le_bytes(word)
+    word
+}
+
+fn decode_u64(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(word(bytes))
 }
 
 fn decode_be(bytes: &[u8]) -> u64 {
-    let mut word = [0; 8];
-    let len = bytes.len().min(8);
-    word[..len].copy_from_slice(&bytes[..len]);
-    u64::from_be_bytes(word)
+    u64::from_be_bytes(word(bytes))
 }
 
 #[cfg(test)]

@@ -239,9 +239,9 @@ fn file_name(meta: &SnapshotMeta<NodeId, Node>) -> String {
 }
 
 /// Lower the current thread's CPU priority to `nice` (for good: for threads that only do
-/// background work).
-pub(crate) fn lower_this_thread(nice: i32) {
-    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice);
+/// background work); whether it took.
+pub(crate) fn lower_this_thread(nice: i32) -> bool {
+    rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice).is_ok()
 }
 
 /// Runs the current thread at the lowest CPU priority (nice 19) until dropped: building or
@@ -256,9 +256,8 @@ impl LowPriority {
     fn enter() -> LowPriority {
         let thread = rustix::thread::gettid();
         let before = rustix::process::getpriority_process(Some(thread)).unwrap_or(0);
-        let lowered = rustix::process::setpriority_process(Some(thread), 19).is_ok();
         LowPriority {
-            thread: lowered.then_some(thread),
+            thread: lower_this_thread(19).then_some(thread),
             before,
         }
     }

@@ -37,7 +37,9 @@ fn snapshot_runtime() -> Option<&'static tokio::runtime::Runtime> {
                 .worker_threads(1)
                 .max_blocking_threads(1)
                 .thread_name("skein-snapshot-send")
-                .on_thread_start(|| crate::machine::lower_this_thread(10))
+                .on_thread_start(|| {
+                    crate::machine::lower_this_thread(10);
+                })
                 .enable_all()
                 .build()
                 .map_err(|error| tracing::warn!(%error, "no runtime for snapshot sends"))
