@@ -781,6 +781,154 @@ async fn poll_recorded(
     }
 }
 
+/// How a request of the overshoot runs sets its output limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Limit {
+    /// `max_tokens: 16`.
+    MaxTokens,
+    /// None: the reservation uses a default and caps the upstream request to what it holds;
+    /// every other request streams.
+    Unset,
+}
+
+/// One answer of an overshoot run: status, error code, and whether the answer ended at its
+/// output limit (`finish_reason: "length"`).
+async fn spend_once(
+    cluster: &Cluster,
+    node: usize,
+    secret: &str,
+    limit: Limit,
+    stream: bool,
+) -> (u16, String, bool) {
+    let body = match limit {
+        Limit::MaxTokens => {
+            json!({"model": "alpha", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
+        }
+        // The mock echoes the prompt: about 27 tokens of answer, more than a nearly spent
+        // budget may hold for.
+        Limit::Unset => {
+            json!({"model": "alpha", "stream": stream, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "tell me everything about the escrow of budgets across the nodes of a cluster please"}]})
+        }
+    };
+    let response = cluster
+        .client
+        .post(format!("{}/v1/chat/completions", cluster.nodes[node].http))
+        .bearer_auth(secret)
+        .timeout(Duration::from_secs(5))
+        .json(&body)
+        .send()
+        .await;
+    let Ok(response) = response else {
+        return (0, String::new(), false);
+    };
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    if status == 200 {
+        let length = text.contains("\"finish_reason\":\"length\"");
+        if stream {
+            assert!(
+                text.trim_end().ends_with("data: [DONE]"),
+                "a stream ends properly: {text}"
+            );
+            assert!(
+                text.contains("\"usage\":{"),
+                "a stream carries its usage: {text}"
+            );
+        }
+        return (status, String::new(), length);
+    }
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (status, code, false)
+}
+
+/// One overshoot run: a fresh key with a budget worth `worth` calls of `unit_cost`, spent by
+/// 6 clients (2 per node) as fast as they can. (limit, spent, answers, answers cut at their
+/// limit).
+async fn overshoot_run(
+    cluster: &std::sync::Arc<Cluster>,
+    admin: &mut AdminClient<Channel>,
+    leader: usize,
+    run: usize,
+    limit_kind: Limit,
+    budget_nanos: u64,
+) -> (u64, u64, u64, u64) {
+    let key = format!("run-{run}");
+    let (secret, _) = create_key(admin, &key).await;
+    let version = admin
+        .create(authorized(WriteRequest {
+            kind: Kind::Budget as i32,
+            json: json!({"id": format!("{key}-budget"), "scope": {"kind": "key", "id": key}, "limit_nanos": budget_nanos, "period": "lifetime"})
+                .to_string(),
+        }))
+        .await
+        .expect("budget")
+        .into_inner()
+        .version;
+    for index in [0, 1, 2] {
+        cluster
+            .admin(index)
+            .await
+            .get(authorized(GetRequest {
+                kind: Kind::Budget as i32,
+                id: format!("{key}-budget"),
+                min_version: version,
+            }))
+            .await
+            .expect("budget on every node");
+    }
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..6 {
+        let cluster = cluster.clone();
+        let secret = secret.clone();
+        workers.push(tokio::spawn(async move {
+            let node = worker % 3;
+            let stream = limit_kind == Limit::Unset && worker % 2 == 1;
+            let (mut accepted, mut cut, mut refused_in_a_row) = (0u64, 0u64, 0u32);
+            // Bounded: at most 2000 calls or 20 s per worker; stops once the budget is refused
+            // as exhausted 5 times in a row.
+            for _ in 0..2000 {
+                if started.elapsed() > Duration::from_secs(20) || refused_in_a_row >= 5 {
+                    break;
+                }
+                match spend_once(&cluster, node, &secret, limit_kind, stream).await {
+                    (200, _, length) => {
+                        accepted += 1;
+                        cut += u64::from(length);
+                        refused_in_a_row = 0;
+                    }
+                    (429, code, _) if code == "budget_leased_elsewhere" => {
+                        // What is left is held by other nodes for now: back off a little.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    (429, code, _) if code == "insufficient_quota" => refused_in_a_row += 1,
+                    other => panic!("unexpected answer {other:?}"),
+                }
+            }
+            (accepted, cut)
+        }));
+    }
+    let (mut accepted, mut cut) = (0, 0);
+    for worker in workers {
+        let (answers, ended) = worker.await.expect("worker");
+        accepted += answers;
+        cut += ended;
+    }
+    // Wait until every accepted request is recorded.
+    let (spent, requests) =
+        poll_recorded(cluster, leader, &key, |(_, requests)| requests >= accepted).await;
+    assert_eq!(requests, accepted, "every accepted request recorded once");
+    (budget_nanos, spent, accepted, cut)
+}
+
+/// The escrow bound, measured as issue 3 measured the share rule it replaces: 3 nodes,
+/// 6 concurrent clients, a small budget spent much faster than a spend flush, over 20 runs
+/// with `max_tokens` set and 20 without (half of those streamed): the spend never exceeds the
+/// budget in any run. (`SKEIN_OVERSHOOT_RUNS` sets the number of runs of each kind.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_overshoot_across_three_nodes_under_concurrent_load() {
     let mock = start_mock().await.expect("mock");
@@ -796,7 +944,6 @@ async fn budget_overshoot_across_three_nodes_under_concurrent_load() {
         }))
         .await
         .expect("price");
-
     // Calibrate: the cost of one request.
     let (probe, _) = create_key(&mut admin, "probe").await;
     everywhere(&[0], Duration::from_secs(2), |i| {
@@ -808,123 +955,43 @@ async fn budget_overshoot_across_three_nodes_under_concurrent_load() {
     let unit = poll_recorded(&cluster, leader, "probe", |(_, requests)| requests >= 1).await;
     let unit_cost = unit.0 / unit.1;
     assert!(unit_cost > 0);
-
-    // A budget worth 300 requests, spent by 6 clients (2 per node) as fast as they can.
-    let limit = 300 * unit_cost;
-    let (secret, _) = create_key(&mut admin, "shared").await;
-    let version = admin
-        .create(authorized(WriteRequest {
-            kind: Kind::Budget as i32,
-            json: json!({"id": "shared-budget", "scope": {"kind": "key", "id": "shared"}, "limit_nanos": limit, "period": "lifetime"})
-                .to_string(),
-        }))
-        .await
-        .expect("budget")
-        .into_inner()
-        .version;
-    for index in all {
-        cluster
-            .admin(index)
-            .await
-            .get(authorized(GetRequest {
-                kind: Kind::Budget as i32,
-                id: "shared-budget".to_owned(),
-                min_version: version,
-            }))
-            .await
-            .expect("budget on every node");
-    }
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for worker in 0..6 {
-        let cluster = cluster.clone();
-        let secret = secret.clone();
-        workers.push(tokio::spawn(async move {
-            let node = worker % 3;
-            let (mut accepted, mut shares, mut refused_in_a_row) = (0u64, 0u64, 0u32);
-            // Bounded: at most 3000 calls or 20 s per worker; stops once the budget is refused
-            // as exhausted 5 times in a row.
-            for _ in 0..3000 {
-                if started.elapsed() > Duration::from_secs(20) || refused_in_a_row >= 5 {
-                    break;
-                }
-                match cluster.chat_code(node, &secret).await {
-                    (200, _) => {
-                        accepted += 1;
-                        refused_in_a_row = 0;
-                    }
-                    (429, code) if code == "budget_share_exhausted" => {
-                        // The node's share is in use until its spend is recorded: back off.
-                        shares += 1;
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    (429, code) if code == "insufficient_quota" => refused_in_a_row += 1,
-                    other => panic!("unexpected answer {other:?}"),
-                }
-            }
-            let _ = shares;
-            (node, accepted)
-        }));
-    }
-    let mut accepted_per_node = [0u64; 3];
-    for worker in workers {
-        let (node, accepted) = worker.await.expect("worker");
-        accepted_per_node[node] += accepted;
-    }
-    let elapsed = started.elapsed();
-    let accepted: u64 = accepted_per_node.iter().sum();
-    if elapsed > Duration::from_secs(10) {
-        for node in &cluster.nodes {
-            if let Some(process) = &node.process {
-                let log: Vec<String> = process
-                    .output()
-                    .lines()
-                    .filter(|line| {
-                        line.contains("spend") || line.contains("WARN") || line.contains("ERROR")
-                    })
-                    .map(str::to_owned)
-                    .collect();
-                println!("node {} log:\n{}", node.id, log.join("\n"));
-            }
-        }
-    }
-
-    // Wait until every accepted request is recorded.
-    let total = poll_recorded(&cluster, leader, "shared", |(_, requests)| {
-        requests == accepted
-    })
-    .await;
-    let (spent, requests) = total;
-    for index in all {
-        println!(
-            "node {} sees {:?}",
-            index + 1,
-            recorded(&cluster, index, "shared").await
+    let runs: usize = std::env::var("SKEIN_OVERSHOOT_RUNS")
+        .ok()
+        .and_then(|runs| runs.parse().ok())
+        .unwrap_or(20);
+    let mut table = Vec::new();
+    let mut worst = [0f64; 2];
+    for run in 0..2 * runs {
+        let kind = if run < runs {
+            Limit::MaxTokens
+        } else {
+            Limit::Unset
+        };
+        // 60 calls' worth with max_tokens; without, calls cost about four times more.
+        let budget = 60 * unit_cost * if kind == Limit::MaxTokens { 1 } else { 4 };
+        let started = Instant::now();
+        let (limit, spent, answers, cut) =
+            overshoot_run(&cluster, &mut admin, leader, run, kind, budget).await;
+        let ratio = spent as f64 / limit as f64;
+        let slot = usize::from(kind == Limit::Unset);
+        worst[slot] = worst[slot].max(ratio);
+        table.push(format!(
+            "run {run:>2} {kind:?}: spent {spent} of {limit} n$ = {ratio:.4}x over {answers} answers ({cut} ended at their limit) in {:?}",
+            started.elapsed()
+        ));
+        assert!(
+            spent <= limit,
+            "run {run} ({kind:?}) spent {spent} of a {limit} n$ budget"
+        );
+        assert!(
+            spent >= limit * 8 / 10,
+            "run {run} ({kind:?}): the budget was used: {spent} of {limit}"
         );
     }
-    let overshoot = spent.saturating_sub(limit);
-    // The bound (README): a node cannot see what the others settled since their last recorded
-    // batch, so the overshoot is at most what the other N-1 nodes settle in one flush interval
-    // plus the commit time (1.5 s allowed here), plus one reservation each.
-    let busiest = accepted_per_node.iter().copied().max().unwrap_or(0) * unit_cost;
-    let rate = busiest as f64 / elapsed.as_secs_f64().max(0.001);
-    let reservation = 46 * 1000; // (≈30 estimated prompt tokens + max_tokens 16) × 1000 n$
-    let bound = (2.0 * (rate * 1.5).min(limit as f64) + 2.0 * reservation as f64) as u64;
+    println!("{}", table.join("\n"));
     println!(
-        "budget {limit} n$ ({} requests' worth); recorded {spent} n$ over {requests} requests \
-         ({accepted_per_node:?} per node) in {elapsed:?}; overshoot {overshoot} n$ = {:.1}% \
-         of the budget; bound {bound} n$",
-        limit / unit_cost,
-        overshoot as f64 * 100.0 / limit as f64
-    );
-    assert_eq!(requests, accepted, "every accepted request recorded once");
-    assert!(
-        spent >= limit * 9 / 10,
-        "the budget was used: {spent} of {limit}"
-    );
-    assert!(
-        overshoot <= bound,
-        "overshoot {overshoot} beyond the bound {bound}"
+        "worst run: {:.4}x with max_tokens, {:.4}x without, over {runs} runs each",
+        worst[0], worst[1]
     );
 }
 

@@ -678,7 +678,10 @@ impl ControlPlane {
     ) -> Result<LeaderReply, ControlError> {
         let raft = &self.inner.raft;
         let result = match request {
-            LeaderRequest::Write(proposal) => {
+            LeaderRequest::Write(mut proposal) => {
+                // The leader's clock, not the proposer's: leases lapse by the state's clock,
+                // which a node with a clock far ahead must not be able to move.
+                proposal.at_ms = skein_types::now_ms();
                 return raft
                     .client_write(*proposal)
                     .await

@@ -1,15 +1,17 @@
 //! Money counted once and enforced everywhere, on one node's side:
 //!
-//! 1. Before a call, [`Ledger::reserve`] checks every hard budget of the key, its team and its
-//!    customer, and holds the call's worst-case cost. Remaining budget is the replicated spend
-//!    subtracted from the limit, minus what this node has settled but not yet recorded in Raft,
-//!    minus its open reservations. On top of that, a node may only have `1/N` of the
-//!    replicated remaining budget unrecorded or held at any time (`N` nodes in the cluster):
-//!    the nodes' unrecorded spend then adds up to at most what remains, whatever the others
-//!    do, and the overshoot is bounded by how far behind a node's *replicated* view is, plus
-//!    one reservation per other node (a node holding nothing may always take one call the
-//!    remainder covers; see the README). The share only binds when a budget is nearly spent relative to a node's
-//!    spend per flush interval; then the node asks for an early flush.
+//! 1. **Escrow leases.** A node spends a hard budget only from a lease: money granted to it
+//!    through Raft ([`Command::GrantLeases`](skein_types::control::Command)), which no other
+//!    node can be granted until this node's spend is recorded against it or it gives the rest
+//!    back. Before a call, [`Ledger::reserve`] holds the call's worst-case cost against the
+//!    leases of every hard budget of the key, its team and its customer at once: what a
+//!    lease has left is its grant, less the spend the state has recorded against it, less
+//!    what this node has settled but not yet recorded, less its open reservations. When a
+//!    lease is short, the reservation says what to ask for ([`Shortfall::Lease`]) and the
+//!    node asks the leader for all of it in one command; the nodes' spend can never add up
+//!    to more than the limit, on any number of nodes, partitioned or not. A lease running
+//!    low or near its end is renewed in the background, and one not used for a while is
+//!    given back.
 //! 2. After the call, [`Reservation::settle`] replaces the hold with the real cost. A
 //!    reservation dropped unsettled (a failed call) releases its hold; one settled from a
 //!    stream's drop counts the tokens delivered before a client disconnected.
@@ -19,15 +21,18 @@
 //!    ([`Ledger::restore`]) and recorded under their own sequences.
 //! 4. Every second the node takes a [`SpendBatch`] and proposes it as
 //!    `RecordSpend{node, seq, items}`; the state machine applies each `(node, seq)` once, so
-//!    a batch retried after a leader change is never counted twice. Only once it is applied
-//!    does the node stop counting the batch locally.
+//!    a batch retried after a leader change is never counted twice, and counts it against
+//!    the node's leases in the same step. Only once it is applied does the node stop
+//!    counting the batch locally.
 //!
-//! No I/O here: the node drives the flushing, the proxy the reservations.
+//! No I/O here: the node drives the flushing and the grants, the proxy the reservations.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use skein_types::control::{ControlState, Nanos, Price, SpendItem};
+use skein_types::control::{
+    ControlState, LEASE_TTL_MS, LeaseAsk, LeaseReturn, Nanos, Price, SpendItem,
+};
 
 /// Output tokens assumed for a request that sets no `max_tokens`.
 pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
@@ -39,9 +44,85 @@ pub struct BudgetExceeded {
     pub limit_nanos: Nanos,
     pub remaining_nanos: Nanos,
     pub needed_nanos: Nanos,
-    /// The budget has room, but not within this node's share of it until its recent spend
-    /// is recorded (about a second): worth retrying.
-    pub share_only: bool,
+    /// The budget has room, but it is held in other nodes' leases until they spend it or
+    /// give it back: worth retrying in a moment.
+    pub leased_elsewhere: bool,
+}
+
+/// Why a reservation could not be made here and now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shortfall {
+    /// A budget cannot cover the call.
+    Exceeded(BudgetExceeded),
+    /// This node's leases do not cover the call: ask for these (in one command), then try
+    /// again.
+    Lease(Vec<LeaseAsk>),
+}
+
+/// A lease ask is for at least this many of the call's worst-case cost, so that the calls
+/// after it need no grant of their own.
+pub const LEASE_CALLS: u64 = 16;
+
+/// A lease not reserved from for this long is given back.
+pub const LEASE_IDLE_MS: u64 = 10_000;
+
+/// Recorded batches kept after the state shows them (batches go about once a second: any
+/// snapshot a request still reads shows all but the last few).
+const RECORDED_KEPT: usize = 32;
+
+/// This node's use of its lease on one budget.
+#[derive(Debug, Default, Clone)]
+struct LeaseUse {
+    /// When a reservation last held against it (this node's clock).
+    last_use_ms: u64,
+    /// Reserved against it in the current and the previous demand window.
+    window_start_ms: u64,
+    this_window: Nanos,
+    last_window: Nanos,
+    /// A renewal to ask for in the background, if any: (need, want).
+    renew: Option<Nanos>,
+    /// Part of the lease is being given back: nothing is reserved from it until the state
+    /// shows the return (what is kept was counted when the return was proposed).
+    returning: bool,
+    /// The version that applied the last return: an older snapshot still shows the lease
+    /// as it was before, and must not be reserved from.
+    returned_at: u64,
+}
+
+/// Demand is measured over windows of this length; a lease is sized for about two of them.
+const DEMAND_WINDOW_MS: u64 = 5_000;
+
+impl LeaseUse {
+    fn count(&mut self, now_ms: u64, amount: Nanos) {
+        if now_ms >= self.window_start_ms.saturating_add(DEMAND_WINDOW_MS) {
+            self.last_window =
+                if now_ms >= self.window_start_ms.saturating_add(2 * DEMAND_WINDOW_MS) {
+                    0
+                } else {
+                    self.this_window
+                };
+            self.this_window = 0;
+            self.window_start_ms = now_ms;
+        }
+        self.this_window = self.this_window.saturating_add(amount);
+        self.last_use_ms = now_ms;
+    }
+
+    /// What to hold for the next few seconds: about two windows of demand.
+    fn want(&self, amount: Nanos) -> Nanos {
+        amount
+            .saturating_mul(LEASE_CALLS)
+            .max(self.this_window.max(self.last_window).saturating_mul(2))
+    }
+}
+
+/// The work on leases the node should do now (see [`Ledger::lease_work`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LeaseWork {
+    /// Leases to renew or top up before they run out.
+    pub renew: Vec<LeaseAsk>,
+    /// Leases not used for a while, to give back.
+    pub give_back: Vec<LeaseReturn>,
 }
 
 /// A batch of settled spend to record in Raft.
@@ -105,8 +186,11 @@ struct Inner {
     settled_calls: u64,
     /// This node's id, as `RecordSpend` names it.
     node: u64,
-    /// A reservation hit the node's share: record spend now rather than at the next tick.
+    /// A reservation needed more lease: record spend now rather than at the next tick (a
+    /// lease is only freed by recorded spend).
     flush_wanted: bool,
+    /// This node's use of each budget's lease.
+    leases: HashMap<String, LeaseUse>,
 }
 
 type SettledHook = Box<dyn Fn(&Settled<'_>) + Send + Sync>;
@@ -127,8 +211,9 @@ pub struct Ledger {
 }
 
 impl Inner {
-    /// What this node holds or has not yet seen recorded, against `budget_id`.
-    fn local(&self, budget_id: &str) -> Nanos {
+    /// What this node holds or has not yet seen recorded, against `budget_id`, as a state
+    /// that shows this node's batches through `shown` sees it.
+    fn local(&self, budget_id: &str, shown: u64) -> Nanos {
         let in_flight = self
             .in_flight
             .as_ref()
@@ -137,6 +222,7 @@ impl Inner {
         let recorded: Nanos = self
             .recorded
             .iter()
+            .filter(|(seq, _)| *seq > shown)
             .filter_map(|(_, amounts)| amounts.get(budget_id).copied())
             .sum();
         let journaled: Nanos = self
@@ -186,10 +272,25 @@ impl Inner {
         Some(entry)
     }
 
-    /// Forget recorded batches that `state` shows.
-    fn prune(&mut self, state: &ControlState) {
+    /// Forget recorded batches that `state` shows, but the last [`RECORDED_KEPT`] of them:
+    /// a reservation checked against a snapshot a little older than `state` (taken by a
+    /// request just before) must still count them. The sequence `state` shows.
+    fn prune(&mut self, state: &ControlState) -> u64 {
         let shown = state.spend_seqs.get(&self.node).copied().unwrap_or(0);
-        self.recorded.retain(|(seq, _)| *seq > shown);
+        let visible = self
+            .recorded
+            .iter()
+            .filter(|(seq, _)| *seq <= shown)
+            .count();
+        if visible > RECORDED_KEPT {
+            let mut drop = visible - RECORDED_KEPT;
+            self.recorded.retain(|(seq, _)| {
+                let gone = drop > 0 && *seq <= shown;
+                drop -= usize::from(gone);
+                !gone
+            });
+        }
+        shown
     }
 }
 
@@ -217,54 +318,124 @@ impl Ledger {
         }
     }
 
-    /// Hold `amount` against every hard budget of `key_id`, or say which budget cannot
-    /// cover it. Budgets whose scope has no budget at all are unlimited.
+    /// Hold `amount` against the leases of every hard budget of `key_id` (see
+    /// [`Ledger::reserve_up_to`]).
     pub fn reserve(
         self: &Arc<Self>,
         state: &ControlState,
         key_id: &str,
         amount: Nanos,
         now_ms: u64,
-        nodes: u64,
-    ) -> Result<Reservation, BudgetExceeded> {
+    ) -> Result<Reservation, Shortfall> {
+        self.reserve_up_to(state, key_id, amount, amount, now_ms)
+    }
+
+    /// Hold as much as the leases of every hard budget of `key_id` (its team's, its
+    /// customer's) cover between `least` and `most`, at once on all of them; or say which
+    /// budget cannot cover `least`, or what to ask for. Budgets whose scope has none are
+    /// unlimited. A call that sets its own output limit holds its worst case (`least ==
+    /// most`); one that does not holds what the budget allows up to a default, and the
+    /// caller limits its output to what was held ([`Reservation::amount`]).
+    pub fn reserve_up_to(
+        self: &Arc<Self>,
+        state: &ControlState,
+        key_id: &str,
+        least: Nanos,
+        most: Nanos,
+        now_ms: u64,
+    ) -> Result<Reservation, Shortfall> {
         let budgets = state.budgets_of_key(key_id);
+        let least = least.max(1);
+        let most = most.max(least);
         let mut inner = self.lock();
-        inner.prune(state);
+        let shown = inner.prune(state);
+        let node = inner.node;
+        let mut covered = most;
+        let mut asks = Vec::new();
+        for budget in &budgets {
+            if !budget.hard {
+                continue;
+            }
+            let local = inner.local(&budget.id, shown);
+            // Hopeless whatever a grant could give: refuse without asking.
+            let unrecorded_room = budget
+                .limit_nanos
+                .saturating_sub(state.budget_spent(&budget.id, now_ms))
+                .saturating_sub(local);
+            if unrecorded_room < least {
+                return Err(Shortfall::Exceeded(BudgetExceeded {
+                    budget_id: budget.id.clone(),
+                    limit_nanos: budget.limit_nanos,
+                    remaining_nanos: unrecorded_room,
+                    needed_nanos: least,
+                    leased_elsewhere: false,
+                }));
+            }
+            let lease = state.lease(&budget.id, node);
+            let outstanding = lease.map_or(0, |lease| lease.outstanding());
+            let usage = inner.leases.entry(budget.id.clone()).or_default();
+            let usable = lease.is_some_and(|lease| now_ms < lease.until_ms)
+                && !usage.returning
+                && state.version >= usage.returned_at;
+            let left = if usable {
+                outstanding.saturating_sub(local)
+            } else {
+                0
+            };
+            if left < least {
+                // What the lease lacks for the call (its outstanding part counts again once
+                // a grant renews it), and enough for the calls after it.
+                let need = least
+                    .saturating_add(local)
+                    .saturating_sub(outstanding)
+                    .max(1);
+                asks.push(LeaseAsk {
+                    budget: budget.id.clone(),
+                    need,
+                    want: usage.want(most).max(need),
+                });
+                continue;
+            }
+            covered = covered.min(left);
+        }
+        if !asks.is_empty() {
+            // Renew the leases that did cover the call in the same command.
+            for budget in &budgets {
+                if budget.hard && !asks.iter().any(|ask| ask.budget == budget.id) {
+                    let want = inner
+                        .leases
+                        .get(&budget.id)
+                        .map_or(most, |usage| usage.want(most));
+                    asks.push(LeaseAsk {
+                        budget: budget.id.clone(),
+                        need: 0,
+                        want,
+                    });
+                }
+            }
+            return Err(Shortfall::Lease(asks));
+        }
+        let amount = covered;
         let mut held = Vec::new();
         for budget in &budgets {
             if !budget.hard {
                 continue;
             }
-            let local = inner.local(&budget.id);
-            let replicated_remaining = budget
-                .limit_nanos
-                .saturating_sub(state.budget_spent(&budget.id, now_ms));
-            let remaining = replicated_remaining.saturating_sub(local);
-            // A node with nothing pending may always take one call the remainder covers, so a
-            // remainder smaller than N reservations is still usable (at the price of at most
-            // one reservation per other node of overshoot).
-            let share = (replicated_remaining / nodes.max(1)).max(amount.max(1));
-            let needed = amount.max(1);
-            if remaining < needed || local.saturating_add(needed) > share {
-                let share_only = remaining >= needed;
-                if share_only {
-                    inner.flush_wanted = true;
-                    if let Some(wake) = self.flush_waker.get() {
-                        wake();
-                    }
+            *inner.reserved.entry(budget.id.clone()).or_default() += amount;
+            let lease = state.lease(&budget.id, node);
+            let local = inner.local(&budget.id, shown);
+            let usage = inner.leases.entry(budget.id.clone()).or_default();
+            usage.count(now_ms, amount);
+            // Running low, or near its end: renew in the background before calls must wait.
+            if let Some(lease) = lease {
+                let left = lease.outstanding().saturating_sub(local);
+                let want = usage.want(most);
+                let ending = lease.until_ms < now_ms.saturating_add(LEASE_TTL_MS / 2);
+                if left < want / 2 || ending {
+                    usage.renew = Some(want.saturating_sub(left));
                 }
-                return Err(BudgetExceeded {
-                    budget_id: budget.id.clone(),
-                    limit_nanos: budget.limit_nanos,
-                    remaining_nanos: remaining,
-                    needed_nanos: amount,
-                    share_only,
-                });
             }
             held.push(budget.id.clone());
-        }
-        for budget in &held {
-            *inner.reserved.entry(budget.clone()).or_default() += amount;
         }
         // Spend counts against soft budgets too, once settled.
         let counted = budgets.iter().map(|budget| budget.id.clone()).collect();
@@ -276,6 +447,92 @@ impl Ledger {
             amount,
             done: false,
         })
+    }
+
+    /// What to do about leases now: renewals the reservations asked for, and leases of this
+    /// node not reserved from for [`LEASE_IDLE_MS`], to give back (keeping what this node
+    /// has not yet seen recorded or still holds).
+    pub fn lease_work(&self, state: &ControlState, now_ms: u64) -> LeaseWork {
+        let mut inner = self.lock();
+        let shown = inner.prune(state);
+        let node = inner.node;
+        let mut work = LeaseWork::default();
+        let budgets: Vec<String> = inner.leases.keys().cloned().collect();
+        for budget in budgets {
+            let held = state.lease(&budget, node).is_some();
+            let local = inner.local(&budget, shown);
+            let Some(usage) = inner.leases.get_mut(&budget) else {
+                continue;
+            };
+            let idle = usage.last_use_ms.saturating_add(LEASE_IDLE_MS) < now_ms;
+            if idle {
+                usage.renew = None;
+                if held && !usage.returning {
+                    usage.returning = true;
+                    work.give_back.push(LeaseReturn {
+                        budget: budget.clone(),
+                        keep: local,
+                    });
+                }
+                continue;
+            }
+            if let Some(want) = usage.renew.take() {
+                work.renew.push(LeaseAsk {
+                    budget,
+                    need: 0,
+                    want,
+                });
+            }
+        }
+        work
+    }
+
+    /// Give back this node's leases on `budgets` (all of them: `None`), keeping what it has
+    /// not yet seen recorded or still holds: the returns to propose. Nothing is reserved
+    /// from those leases until [`Ledger::returned`] says the state shows the returns, so
+    /// what is kept stays enough.
+    pub fn give_back(&self, state: &ControlState, budgets: Option<&[String]>) -> Vec<LeaseReturn> {
+        let mut inner = self.lock();
+        let shown = inner.prune(state);
+        let node = inner.node;
+        let chosen: Vec<String> = match budgets {
+            Some(budgets) => budgets.to_vec(),
+            None => inner.leases.keys().cloned().collect(),
+        };
+        let mut returns = Vec::new();
+        for budget in chosen {
+            if state.lease(&budget, node).is_none() {
+                continue;
+            }
+            let keep = inner.local(&budget, shown);
+            let usage = inner.leases.entry(budget.clone()).or_default();
+            if usage.returning {
+                continue;
+            }
+            usage.returning = true;
+            returns.push(LeaseReturn { budget, keep });
+        }
+        returns
+    }
+
+    /// The returns of [`Ledger::give_back`] (or [`LeaseWork::give_back`]) were applied at
+    /// `version` (or, with `None`, not applied): the leases may be reserved from again, in
+    /// snapshots at that version or later.
+    pub fn returned(&self, returns: &[LeaseReturn], version: Option<u64>) {
+        let mut inner = self.lock();
+        for returned in returns {
+            if let Some(usage) = inner.leases.get_mut(&returned.budget) {
+                usage.returning = false;
+                if let Some(version) = version {
+                    usage.returned_at = usage.returned_at.max(version);
+                }
+            }
+        }
+    }
+
+    /// This node's id (leases and spend batches are under it).
+    pub fn node(&self) -> u64 {
+        self.lock().node
     }
 
     /// Whether a reservation asked for an early flush (clears the request).
@@ -399,8 +656,8 @@ impl Ledger {
     /// What this node holds or has not yet seen recorded in `state`, per budget.
     pub fn pending(&self, state: &ControlState, budget_id: &str) -> Nanos {
         let mut inner = self.lock();
-        inner.prune(state);
-        inner.local(budget_id)
+        let shown = inner.prune(state);
+        inner.local(budget_id, shown)
     }
 }
 
@@ -554,7 +811,7 @@ pub fn estimate_input_tokens(body_len: usize) -> u64 {
 mod tests {
     use super::*;
     use skein_types::control::{
-        Budget, BudgetPeriod, Command, Limits, Proposal, Scope, VirtualKey,
+        Budget, BudgetPeriod, Command, Limits, Outcome, Proposal, Scope, VirtualKey,
     };
 
     fn state_with_budget(limit: Nanos) -> ControlState {
@@ -597,18 +854,39 @@ mod tests {
                 },
             }),
         );
+        // This node (0) holds the whole budget as its lease.
+        grant(&mut state, 3, 0, limit);
         state
+    }
+
+    fn grant(state: &mut ControlState, version: u64, node: u64, amount: Nanos) -> Outcome {
+        state.apply(
+            version,
+            &Proposal {
+                actor: "test".into(),
+                at_ms: 0,
+                command: Command::GrantLeases {
+                    node,
+                    asks: vec![LeaseAsk {
+                        budget: "b".into(),
+                        need: amount,
+                        want: amount,
+                    }],
+                },
+                create_only: false,
+            },
+        )
     }
 
     #[test]
     fn reservations_hold_settle_and_flush_once() {
         let state = state_with_budget(1_000);
         let ledger = Ledger::new();
-        let first = ledger.reserve(&state, "k", 600, 0, 1).expect("fits");
-        assert!(ledger.reserve(&state, "k", 600, 0, 1).is_err(), "held");
+        let first = ledger.reserve(&state, "k", 600, 0).expect("fits");
+        assert!(ledger.reserve(&state, "k", 600, 0).is_err(), "held");
         first.settle("m", 10, 5, 300);
         assert_eq!(ledger.pending(&state, "b"), 300);
-        let second = ledger.reserve(&state, "k", 600, 0, 1).expect("fits again");
+        let second = ledger.reserve(&state, "k", 600, 0).expect("fits again");
         drop(second);
         assert_eq!(
             ledger.pending(&state, "b"),
@@ -655,7 +933,7 @@ mod tests {
         let ledger = Ledger::new();
         let settle = |ledger: &Arc<Ledger>, cost| {
             ledger
-                .reserve(&state, "k", cost, 0, 1)
+                .reserve(&state, "k", cost, 0)
                 .expect("fits")
                 .settle("m", 1, 1, cost);
         };
@@ -705,7 +983,7 @@ mod tests {
         let state = state_with_budget(1_000);
         let ledger = Ledger::new();
         ledger
-            .reserve(&state, "k", 10, 0, 1)
+            .reserve(&state, "k", 10, 0)
             .expect("fits")
             .settle("m", 1, 1, 10);
         // The clock says 5 ms, but the state already applied a much later sequence.
@@ -714,38 +992,135 @@ mod tests {
     }
 
     #[test]
-    fn each_of_n_nodes_may_hold_a_share_of_what_remains() {
-        let state = state_with_budget(900);
-        let ledger = Ledger::new();
-        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        {
-            let woken = woken.clone();
-            ledger.on_flush_wanted(move || {
-                woken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            });
-        }
-        // Three nodes: this one may have 300 unrecorded or held.
-        let held = ledger
-            .reserve(&state, "k", 200, 0, 3)
-            .expect("within the share");
-        let refused = ledger
-            .reserve(&state, "k", 200, 0, 3)
-            .err()
-            .expect("beyond the share");
-        assert!(refused.share_only, "the budget itself has room");
-        assert_eq!(
-            woken.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "the recording task is told at once"
+    fn a_node_spends_only_its_lease_and_asks_for_more_for_the_whole_hierarchy() {
+        let mut state = state_with_budget(0);
+        // A budget of 900 with no lease yet for this node.
+        state.apply(
+            10,
+            &Proposal {
+                actor: "test".into(),
+                at_ms: 0,
+                command: Command::PutBudget {
+                    budget: Budget {
+                        id: "b".into(),
+                        scope: Scope::Key("k".into()),
+                        limit_nanos: 900,
+                        period: BudgetPeriod::Lifetime,
+                        hard: true,
+                    },
+                },
+                create_only: false,
+            },
         );
-        assert!(ledger.take_flush_wanted());
-        assert!(!ledger.take_flush_wanted());
+        let ledger = Ledger::new();
+        let Err(Shortfall::Lease(asks)) = ledger.reserve(&state, "k", 200, 0) else {
+            panic!("no lease yet: ask for one");
+        };
+        assert_eq!(asks.len(), 1);
+        assert_eq!(asks[0].need, 200);
+        assert_eq!(asks[0].want, 200 * LEASE_CALLS);
+        // Another node holds 600 of it: 300 is left to grant, and this node gets half of
+        // what is free beyond its need... at most what is free.
+        assert_eq!(grant(&mut state, 11, 7, 600), Outcome::Applied);
+        state.apply(
+            12,
+            &Proposal {
+                actor: "test".into(),
+                at_ms: 0,
+                command: Command::GrantLeases {
+                    node: 0,
+                    asks: asks.clone(),
+                },
+                create_only: false,
+            },
+        );
+        let lease = state.lease("b", 0).expect("granted").clone();
+        assert_eq!(
+            lease.granted_nanos, 200,
+            "half of the 300 free, at least the need"
+        );
+        let held = ledger
+            .reserve(&state, "k", 200, 0)
+            .expect("within the lease");
+        let Err(Shortfall::Lease(more)) = ledger.reserve(&state, "k", 200, 0) else {
+            panic!("the lease is in use");
+        };
+        // 100 free, 600 with node 7: the need cannot be granted.
+        let refused = state.clone().apply(
+            13,
+            &Proposal {
+                actor: "test".into(),
+                at_ms: 0,
+                command: Command::GrantLeases {
+                    node: 0,
+                    asks: more,
+                },
+                create_only: false,
+            },
+        );
+        let Outcome::Rejected(rejection) = refused else {
+            panic!("granted beyond the limit: {refused:?}");
+        };
+        assert_eq!(rejection.field.as_deref(), Some("leased"));
+        // Less than the need, up to the default: what the lease covers.
         drop(held);
-        let exhausted = ledger
-            .reserve(&state, "k", 1_000, 0, 1)
-            .err()
-            .expect("too big");
-        assert!(!exhausted.share_only);
+        let capped = ledger
+            .reserve_up_to(&state, "k", 50, 1_000, 0)
+            .expect("covered in part");
+        assert_eq!(capped.amount(), 200);
+        // After its end the lease covers nothing until it is renewed.
+        drop(capped);
+        assert!(matches!(
+            ledger.reserve(&state, "k", 10, lease.until_ms),
+            Err(Shortfall::Lease(_))
+        ));
+        // Asking for more than the limit less the spend is refused without a grant.
+        assert!(matches!(
+            ledger.reserve(&state, "k", 1_000, 0),
+            Err(Shortfall::Exceeded(BudgetExceeded {
+                leased_elsewhere: false,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn idle_leases_are_given_back_keeping_what_is_unrecorded() {
+        let state = state_with_budget(1_000);
+        let ledger = Ledger::new();
+        ledger
+            .reserve(&state, "k", 100, 0)
+            .expect("fits")
+            .settle("m", 1, 1, 40);
+        assert!(ledger.lease_work(&state, 1_000).give_back.is_empty());
+        let work = ledger.lease_work(&state, LEASE_IDLE_MS + 1);
+        assert_eq!(
+            work.give_back,
+            vec![LeaseReturn {
+                budget: "b".into(),
+                keep: 40
+            }]
+        );
+        // Until the return is applied, nothing is reserved from the lease, nor given back
+        // twice.
+        assert!(matches!(
+            ledger.reserve(&state, "k", 10, LEASE_IDLE_MS + 2),
+            Err(Shortfall::Lease(_))
+        ));
+        assert!(ledger.give_back(&state, None).is_empty());
+        ledger.returned(&work.give_back, Some(state.version + 1));
+        // A snapshot from before the return still shows the lease whole: not reserved from.
+        assert!(matches!(
+            ledger.reserve(&state, "k", 10, LEASE_IDLE_MS + 2),
+            Err(Shortfall::Lease(_))
+        ));
+        assert_eq!(
+            ledger.give_back(&state, Some(&["b".to_owned()])),
+            vec![LeaseReturn {
+                budget: "b".into(),
+                keep: 40
+            }]
+        );
     }
 
     #[test]

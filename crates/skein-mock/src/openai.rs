@@ -124,7 +124,26 @@ pub(crate) async fn chat(state: &MockState, incoming: Incoming) -> Response {
 pub(crate) fn chat_answer(incoming: Incoming) -> ChatAnswer {
     let Incoming { body, model } = incoming;
     let choices = body["n"].as_u64().unwrap_or(1).clamp(1, 8);
-    let turn = decide_turn(&body, &model);
+    let mut turn = decide_turn(&body, &model);
+    // An output limit ends a text answer early, as a model's answer ends at its limit.
+    let mut text_finish = "stop";
+    if let Turn::Text(text) = &mut turn
+        && let Some(limit) = body["max_completion_tokens"]
+            .as_u64()
+            .or_else(|| body["max_tokens"].as_u64())
+        && count_tokens(text) > limit
+    {
+        let words: Vec<&str> = text.split(' ').collect();
+        let mut kept = words.len();
+        while kept > 1 && count_tokens(&words[..kept].join(" ")) > limit {
+            kept -= 1;
+        }
+        *text = words[..kept].join(" ");
+        if count_tokens(text) > limit {
+            *text = text.chars().take((limit as usize) * 4).collect();
+        }
+        text_finish = "length";
+    }
     let prompt = prompt_tokens(&body);
     let id = format!("chatcmpl-mock-{}", fastrand_id());
     let stream = body["stream"] == Value::Bool(true);
@@ -132,7 +151,7 @@ pub(crate) fn chat_answer(incoming: Incoming) -> ChatAnswer {
         let (message, finish, completion, pieces) = match &turn {
             Turn::Text(text) => (
                 json!({"role": "assistant", "content": text, "refusal": null}),
-                "stop",
+                text_finish,
                 count_tokens(text),
                 stream_pieces(text).len(),
             ),
@@ -200,7 +219,7 @@ pub(crate) fn chat_answer(incoming: Incoming) -> ChatAnswer {
                     events.push(chunk(json!([{"index": index, "delta": {"content": piece}, "finish_reason": null}]), Value::Null));
                 }
             }
-            "stop"
+            text_finish
         }
         Turn::Tools(calls) => {
             for (call_index, (name, arguments)) in calls.iter().enumerate() {

@@ -146,6 +146,7 @@ pub struct RunningNode {
     tasks: Vec<JoinHandle<()>>,
     drain_timeout: Duration,
     spend: Arc<crate::spend::Spend>,
+    leases: Arc<crate::leases::Leases>,
 }
 
 /// Start a node: open its control plane, serve the proxy on `http_listener` and the admin API
@@ -227,6 +228,8 @@ pub async fn start_node(
         state.ledger.clone(),
         &cluster.data_dir,
     ));
+    let leases = crate::leases::Leases::new(control.clone(), state.clone());
+    state.set_lease_broker(leases.clone());
     state.limiter.set_node_id(cluster.node_id);
     // Until it has seen the others, a node of an N-voter cluster takes at most 1/N of a limit.
     state
@@ -404,6 +407,7 @@ pub async fn start_node(
             .clone()
             .flush_every(crate::spend::SPEND_FLUSH_INTERVAL),
     ));
+    tasks.push(tokio::spawn(leases.clone().tend()));
     tasks.push(tokio::spawn(propose_bootstrap(
         control.clone(),
         bootstrap.into_inner(),
@@ -422,6 +426,7 @@ pub async fn start_node(
         tasks,
         drain_timeout: options.drain_timeout,
         spend,
+        leases,
     })
 }
 
@@ -872,6 +877,8 @@ impl RunningNode {
         }
         // Record what the drained requests spent (bounded: the group may be gone).
         let _ = tokio::time::timeout(Duration::from_secs(3), self.spend.flush()).await;
+        // Then what this node will not spend of its budget leases goes back to the others.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.leases.give_back_all()).await;
         self.control.shutdown().await;
         if let Some(gossip) = self.gossip
             && let Ok(gossip) = Arc::try_unwrap(gossip)

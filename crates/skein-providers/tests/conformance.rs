@@ -101,6 +101,7 @@ const TABLE: &[(&str, Run)] = &[
             max_completion_tokens: true,
             web_search,
             output_limit: None,
+            fill_limit: false,
         };
         let chat = responses::request_to_chat(&request, &history, target)?;
         let body: Value = serde_json::from_slice(&chat.body).expect("a chat request is JSON");

@@ -126,6 +126,9 @@ pub struct Call<'a> {
     tree: OnceLock<Result<Value, String>>,
     /// For the Responses API: the response's id, what it echoes, and the conversation before.
     pub responses: Option<Box<ResponsesCall>>,
+    /// The output tokens the call's budget hold pays for, when the client set no limit of its
+    /// own: every upstream request carries it as its output limit.
+    pub output_cap: Option<u64>,
 }
 
 /// What a Responses call carries besides its body.
@@ -157,6 +160,16 @@ impl<'a> Call<'a> {
             shape,
             tree: OnceLock::new(),
             responses: None,
+            output_cap: None,
+        }
+    }
+
+    /// The most output tokens `candidate` may produce for this call: the deployment's limit,
+    /// and what the call's budget hold pays for.
+    pub fn output_limit(&self, candidate: &Candidate) -> Option<u64> {
+        match (candidate.deployment.max_output_tokens, self.output_cap) {
+            (Some(most), Some(cap)) => Some(most.min(cap)),
+            (most, cap) => most.or(cap),
         }
     }
 
@@ -174,6 +187,30 @@ impl<'a> Call<'a> {
     /// `max_completion_tokens` rather than `max_tokens` when the upstream wants that, and a
     /// Responses `web_search` tool as `web_search_options` when it runs a search of its own).
     pub fn chat(
+        &self,
+        candidate: &Candidate,
+        max_completion_tokens: bool,
+        web_search: bool,
+    ) -> Result<Cow<'_, Value>, ApiError> {
+        let mut chat = self.chat_unlimited(candidate, max_completion_tokens, web_search)?;
+        if let Some(cap) = self.output_cap
+            && !crate::adapters::LIMIT_MEMBERS
+                .iter()
+                .any(|name| chat.get(*name).is_some_and(|value| !value.is_null()))
+            && let Some(object) = chat.to_mut().as_object_mut()
+        {
+            let name = if max_completion_tokens {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            };
+            object.insert(name.to_owned(), Value::from(cap));
+        }
+        Ok(chat)
+    }
+
+    /// [`Call::chat`] before the budget's output cap.
+    fn chat_unlimited(
         &self,
         candidate: &Candidate,
         max_completion_tokens: bool,
@@ -206,7 +243,7 @@ impl<'a> Call<'a> {
         candidate: &Candidate,
         max_completion_tokens: bool,
     ) -> Result<Bytes, ApiError> {
-        let limit = candidate.deployment.max_output_tokens;
+        let limit = self.output_limit(candidate);
         if self.api == Api::Responses {
             return self
                 .responses_chat(candidate, max_completion_tokens, false, limit)
@@ -241,6 +278,7 @@ impl<'a> Call<'a> {
             max_completion_tokens,
             web_search,
             output_limit,
+            fill_limit: self.output_cap.is_some(),
         };
         responses::request_to_chat(&self.request, history, target).map_err(untranslatable)
     }

@@ -104,8 +104,14 @@ pub async fn serve(state: Arc<AppState>, api: Api, request: Request) -> Response
             &routes,
             &call.request,
             bytes.len(),
-        ) {
-            Ok(hold) => hold,
+            api != Api::Embeddings,
+        )
+        .await
+        {
+            Ok(hold) => {
+                call.output_cap = hold.as_ref().and_then(|hold| hold.output_cap);
+                hold
+            }
             Err(error) => return finish_error(&state, &context, Some(&model), None, error),
         }
     } else {

@@ -44,11 +44,39 @@ impl Default for ProxyOptions {
     }
 }
 
+/// Grants budget leases to this node through the replicated state (the node's control plane
+/// implements it; see `skein_core::accounting`).
+#[async_trait::async_trait]
+pub trait LeaseBroker: Send + Sync {
+    /// Ask for `asks` in one command. `Ok` once the proxy's control state shows the grant
+    /// (or something else changed since `seen_version`: the caller tries again first).
+    async fn grant(
+        &self,
+        asks: Vec<skein_types::control::LeaseAsk>,
+        seen_version: u64,
+    ) -> Result<(), GrantError>;
+}
+
+/// Why a lease was not granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantError {
+    /// The budget is spent.
+    Exhausted(String),
+    /// What is left is held in other nodes' leases for now.
+    LeasedElsewhere(String),
+    /// No leader could be reached in time (this node may be cut off from the majority).
+    Unavailable(String),
+}
+
 /// What every handler shares. The config is an immutable snapshot swapped whole.
 pub struct AppState {
     pub config: ArcSwap<RuntimeConfig>,
     /// The replicated control state (virtual keys, teams, budgets), swapped after each apply.
     control: ArcSwap<ControlState>,
+    /// The version of `control`, for those waiting for a change to show.
+    control_version: tokio::sync::watch::Sender<u64>,
+    /// Grants budget leases (set by the node).
+    leases: std::sync::OnceLock<Arc<dyn LeaseBroker>>,
     /// Whether proxy calls need a virtual key: some key exists, or an admin token is set.
     auth_required: AtomicBool,
     /// Nodes in the cluster (each may hold a share of a budget's remainder).
@@ -76,6 +104,8 @@ impl AppState {
         Ok(AppState {
             config: ArcSwap::from_pointee(config),
             control: ArcSwap::from_pointee(ControlState::default()),
+            control_version: tokio::sync::watch::Sender::new(0),
+            leases: std::sync::OnceLock::new(),
             auth_required: AtomicBool::new(false),
             cluster_size: AtomicU64::new(1),
             client: upstream_client(options)?,
@@ -106,7 +136,28 @@ impl AppState {
     pub fn set_control(&self, state: Arc<ControlState>, admin_token: bool) {
         self.auth_required
             .store(admin_token || !state.keys.is_empty(), Ordering::Relaxed);
+        let version = state.version;
         self.control.store(state);
+        self.control_version.send_replace(version);
+    }
+
+    /// Wait (up to `timeout`) until the control state the proxy enforces is at `version` or
+    /// later; whether it is.
+    pub async fn wait_for_control(&self, version: u64, timeout: Duration) -> bool {
+        let mut versions = self.control_version.subscribe();
+        tokio::time::timeout(timeout, versions.wait_for(|seen| *seen >= version))
+            .await
+            .is_ok_and(|seen| seen.is_ok())
+    }
+
+    /// Set what grants budget leases (once; later calls are ignored).
+    pub fn set_lease_broker(&self, broker: Arc<dyn LeaseBroker>) {
+        let _ = self.leases.set(broker);
+    }
+
+    /// What grants budget leases, if the node set one.
+    pub fn lease_broker(&self) -> Option<&Arc<dyn LeaseBroker>> {
+        self.leases.get()
     }
 
     /// Nodes in the cluster.

@@ -206,6 +206,67 @@ pub struct BudgetLedger {
     /// `(bucket start, spend)` pairs, oldest first (rolling budgets).
     #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
     pub buckets: VecDeque<(u64, Nanos)>,
+    /// The escrow leases on this budget, by node (hard budgets only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub leases: BTreeMap<u64, Lease>,
+}
+
+/// A node's escrow on one hard budget: money it was granted through Raft and may spend on its
+/// own, without asking anyone, until `until_ms`. What is granted and not yet recorded as that
+/// node's spend (`granted − used`) is held: no other node can be granted it. So the nodes'
+/// spend can never add up to more than the limit, however many there are and whoever is cut
+/// off from whom: a node spends only what it holds.
+///
+/// A lease ends when its node gives it back ([`Command::ReturnLeases`]), or lapses
+/// [`LEASE_GRACE_MS`] after `until_ms` by the state's clock if the node stopped renewing it
+/// (it died, or is cut off from the leader): its rest is then free again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Everything granted to the node on this budget since the lease began.
+    pub granted_nanos: Nanos,
+    /// The node's spend recorded against the budget since the lease began.
+    pub used_nanos: Nanos,
+    /// The node reserves from the lease only before this (its own clock).
+    pub until_ms: u64,
+}
+
+impl Lease {
+    /// What the lease still holds back from the other nodes.
+    pub fn outstanding(&self) -> Nanos {
+        self.granted_nanos.saturating_sub(self.used_nanos)
+    }
+
+    /// Whether the lease has lapsed as of the state's clock `clock_ms`.
+    pub fn lapsed(&self, clock_ms: u64) -> bool {
+        self.until_ms.saturating_add(LEASE_GRACE_MS) < clock_ms
+    }
+}
+
+/// How long a grant or renewal lets a node reserve from its lease.
+pub const LEASE_TTL_MS: u64 = 30_000;
+
+/// How long after its end a lease that was not given back still holds its rest: the spend a
+/// node made under it (calls still streaming, a flush that could not reach the leader) has
+/// this long to be recorded. A node cut off for longer may bring back spend that others were
+/// granted meanwhile; the README states that bound.
+pub const LEASE_GRACE_MS: u64 = 120_000;
+
+/// A node's ask for (more of) a lease on one budget.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAsk {
+    pub budget: String,
+    /// The least that helps (the call waiting for it); refused, with the whole command, when
+    /// the budget cannot spare it.
+    pub need: Nanos,
+    /// What the node would like to hold (at least `need`), for its next calls.
+    pub want: Nanos,
+}
+
+/// A lease given back, keeping what the node still has unrecorded or reserved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseReturn {
+    pub budget: String,
+    pub keep: Nanos,
 }
 
 /// Usage totals for one key and model (over all time, or one day).
@@ -307,6 +368,17 @@ pub enum Command {
         seq: u64,
         items: Vec<SpendItem>,
     },
+    /// Grant (or add to, and renew) `node`'s leases on the given hard budgets, all of them or
+    /// none: the budgets of a key, its team and its customer move together.
+    GrantLeases {
+        node: u64,
+        asks: Vec<LeaseAsk>,
+    },
+    /// `node` gives back what it will not spend of its leases.
+    ReturnLeases {
+        node: u64,
+        leases: Vec<LeaseReturn>,
+    },
     /// Replace the whole configuration (not spend or usage) atomically.
     Import {
         config: ConfigExport,
@@ -372,6 +444,8 @@ impl Command {
             Command::PutPrice { .. } => "put_price",
             Command::DeletePrice { .. } => "delete_price",
             Command::RecordSpend { .. } => "record_spend",
+            Command::GrantLeases { .. } => "grant_leases",
+            Command::ReturnLeases { .. } => "return_leases",
             Command::Import { .. } => "import",
             Command::Stage { .. } => "stage",
             Command::CommitStage {
@@ -426,6 +500,9 @@ impl Command {
             Command::PutPrice { price } => format!("price/{}", price.model),
             Command::DeletePrice { model } => format!("price/{model}"),
             Command::RecordSpend { node, seq, .. } => format!("node/{node}/spend/{seq}"),
+            Command::GrantLeases { node, .. } | Command::ReturnLeases { node, .. } => {
+                format!("node/{node}/leases")
+            }
             Command::InitCluster { .. } | Command::SetTargetVoters { .. } => "cluster".to_owned(),
             Command::RegisterNode { node, .. } | Command::ForgetNode { node } => {
                 format!("node/{node}")
@@ -646,6 +723,9 @@ pub struct ControlData {
     pub prices: StateMap<String, Price>,
     /// Last applied spend sequence per node.
     pub spend_seqs: BTreeMap<u64, u64>,
+    /// The latest proposal time applied (ms since the epoch): the clock leases lapse by.
+    #[serde(default)]
+    pub clock_ms: u64,
     /// The last [`AUDIT_CAPACITY`] operator changes, oldest first.
     pub audit: Vector<AuditEntry>,
     /// Who the cluster is: its id, how many voters it keeps, its members' incarnations.
@@ -1076,8 +1156,10 @@ impl ControlState {
                 }
             }
             Command::RecordSpend { .. }
+            | Command::ReturnLeases { .. }
             | Command::InitCluster { .. }
             | Command::ForgetNode { .. } => Ok(()),
+            Command::GrantLeases { node, asks } => self.check_grant(*node, asks),
             Command::Import { config } => check_import(config),
             Command::Stage { stage, part } => {
                 check_id("stage", stage)?;
@@ -1256,6 +1338,8 @@ impl ControlState {
     /// Apply one proposal at log index `version`. Deterministic; never fails.
     pub fn apply(&mut self, version: u64, proposal: &Proposal) -> Outcome {
         self.data.version = version;
+        // Leases lapse by this clock: it never goes back, whoever proposes.
+        self.data.clock_ms = self.data.clock_ms.max(proposal.at_ms);
         let command = &proposal.command;
         if !self.staged.is_empty() {
             let expired: Vec<String> = self
@@ -1422,7 +1506,27 @@ impl ControlState {
             Command::RecordSpend { node, seq, items } => {
                 self.data.spend_seqs.insert(*node, *seq);
                 for item in items {
-                    self.record_spend(at_ms, item);
+                    self.record_spend(at_ms, *node, item);
+                }
+            }
+            Command::GrantLeases { node, asks } => self.grant_leases(*node, asks),
+            Command::ReturnLeases { node, leases } => {
+                for returned in leases {
+                    let Some(ledger) = self.data.ledgers.get_mut(&returned.budget) else {
+                        continue;
+                    };
+                    if !ledger.leases.contains_key(node) {
+                        continue;
+                    }
+                    let ledger = Arc::make_mut(ledger);
+                    if let Some(lease) = ledger.leases.get_mut(node) {
+                        lease.granted_nanos = lease
+                            .granted_nanos
+                            .min(lease.used_nanos.saturating_add(returned.keep));
+                        if returned.keep == 0 {
+                            ledger.leases.remove(node);
+                        }
+                    }
                 }
             }
             Command::Import { config } => self.import(config),
@@ -1467,6 +1571,18 @@ impl ControlState {
             }
             Command::ForgetNode { node } => {
                 self.data.cluster.incarnations.remove(node);
+                // A node removed from the group spends nothing more: its leases go.
+                let held: Vec<String> = self
+                    .ledgers
+                    .iter()
+                    .filter(|(_, ledger)| ledger.leases.contains_key(node))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in held {
+                    if let Some(ledger) = self.data.ledgers.get_mut(&id) {
+                        Arc::make_mut(ledger).leases.remove(node);
+                    }
+                }
             }
             Command::SetTargetVoters { voters } => {
                 self.data.cluster.target_voters = *voters;
@@ -1492,6 +1608,8 @@ impl ControlState {
         if !matches!(
             command,
             Command::RecordSpend { .. }
+                | Command::GrantLeases { .. }
+                | Command::ReturnLeases { .. }
                 | Command::Stage { .. }
                 | Command::InitCluster { .. }
                 | Command::RegisterNode { .. }
@@ -1666,7 +1784,7 @@ impl ControlState {
 
     /// Count settled spend against the key's budgets (usage history is kept outside the
     /// state, by the node's history store).
-    fn record_spend(&mut self, at_ms: u64, item: &SpendItem) {
+    fn record_spend(&mut self, at_ms: u64, node: u64, item: &SpendItem) {
         let budgets: Vec<(String, BudgetPeriod)> = self
             .budgets_of_key(&item.key_id)
             .into_iter()
@@ -1675,6 +1793,9 @@ impl ControlState {
         for (id, period) in budgets {
             let ledger = Arc::make_mut(self.data.ledgers.entry(id).or_default());
             ledger.roll(&period, at_ms);
+            if let Some(lease) = ledger.leases.get_mut(&node) {
+                lease.used_nanos = lease.used_nanos.saturating_add(item.cost_nanos);
+            }
             match period {
                 BudgetPeriod::Rolling { window_ms } => {
                     let width = bucket_width(window_ms);
@@ -1691,6 +1812,101 @@ impl ControlState {
         }
     }
 
+    /// `node`'s lease on `budget_id`, if it holds one.
+    pub fn lease(&self, budget_id: &str, node: u64) -> Option<&Lease> {
+        self.ledgers.get(budget_id)?.leases.get(&node)
+    }
+
+    /// What `node` could still be granted on `budget_id` as of the state's clock: the limit,
+    /// less the spend recorded, less what every lease (its own too) holds. Also what the other
+    /// nodes' leases hold.
+    pub fn lease_room(&self, budget_id: &str, node: u64) -> LeaseRoom {
+        let Some(budget) = self.budgets.get(budget_id) else {
+            return LeaseRoom::default();
+        };
+        let clock = self.clock_ms;
+        let spent = self.budget_spent(budget_id, clock);
+        let (mut own, mut others) = (0, 0);
+        if let Some(ledger) = self.ledgers.get(budget_id) {
+            for (holder, lease) in &ledger.leases {
+                if lease.lapsed(clock) {
+                    continue;
+                }
+                if *holder == node {
+                    own = lease.outstanding();
+                } else {
+                    others = Nanos::saturating_add(others, lease.outstanding());
+                }
+            }
+        }
+        LeaseRoom {
+            free: budget
+                .limit_nanos
+                .saturating_sub(spent)
+                .saturating_sub(others)
+                .saturating_sub(own),
+            held_elsewhere: others,
+        }
+    }
+
+    fn check_grant(&self, node: u64, asks: &[LeaseAsk]) -> Result<(), Rejection> {
+        for ask in asks {
+            let Some(budget) = self.budgets.get(&ask.budget) else {
+                return Err(Rejection::not_found("budget", &ask.budget));
+            };
+            if !budget.hard {
+                return Err(Rejection::new(
+                    RejectCode::InvalidArgument,
+                    Some("budget"),
+                    format!("budget `{}` is soft: it has no leases", ask.budget),
+                ));
+            }
+            let room = self.lease_room(&ask.budget, node);
+            if room.free < ask.need {
+                // The field says why: the budget is spent, or what is left is leased to others.
+                let (field, why) = if room.free.saturating_add(room.held_elsewhere) < ask.need {
+                    ("exhausted", "is exhausted")
+                } else {
+                    ("leased", "is held in other nodes' leases")
+                };
+                return Err(Rejection::new(
+                    RejectCode::FailedPrecondition,
+                    Some(field),
+                    format!(
+                        "budget `{}` cannot spare {} n$: what is left {why} ({} n$ free, {} n$ \
+                         leased to other nodes)",
+                        ask.budget, ask.need, room.free, room.held_elsewhere
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Grant each ask (checked): at least its need, at most its want, and never more than half
+    /// of what is free beyond the need, so one busy node cannot strand the rest of a budget.
+    fn grant_leases(&mut self, node: u64, asks: &[LeaseAsk]) {
+        let clock = self.clock_ms;
+        for ask in asks {
+            let room = self.lease_room(&ask.budget, node);
+            let give = ask
+                .want
+                .max(ask.need)
+                .min(ask.need.max(room.free / 2))
+                .min(room.free);
+            let period = match self.budgets.get(&ask.budget) {
+                Some(budget) => budget.period.clone(),
+                None => continue,
+            };
+            let ledger = Arc::make_mut(self.data.ledgers.entry(ask.budget.clone()).or_default());
+            ledger.roll(&period, clock);
+            ledger.leases.retain(|_, lease| !lease.lapsed(clock));
+            let lease = ledger.leases.entry(node).or_default();
+            lease.granted_nanos = lease.granted_nanos.saturating_add(give);
+            lease.until_ms = clock.saturating_add(LEASE_TTL_MS);
+        }
+    }
+
     /// Spend of a budget in its period as of `now_ms` (replicated spend only).
     pub fn budget_spent(&self, budget_id: &str, now_ms: u64) -> Nanos {
         let (Some(budget), Some(ledger)) =
@@ -1700,6 +1916,13 @@ impl ControlState {
         };
         ledger.spent_at(&budget.period, now_ms)
     }
+}
+
+/// What a node could be granted on a budget, and what other nodes' leases hold of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseRoom {
+    pub free: Nanos,
+    pub held_elsewhere: Nanos,
 }
 
 /// The snapshot file format this version writes and reads.
@@ -1714,6 +1937,7 @@ struct HeaderRef<'a> {
     routing_version: u64,
     server: &'a ServerSpec,
     spend_seqs: &'a BTreeMap<u64, u64>,
+    clock_ms: u64,
     cluster: &'a ClusterIdentity,
 }
 
@@ -1726,6 +1950,8 @@ struct Header {
     routing_version: u64,
     server: ServerSpec,
     spend_seqs: BTreeMap<u64, u64>,
+    #[serde(default)]
+    clock_ms: u64,
     cluster: ClusterIdentity,
 }
 
@@ -1780,6 +2006,7 @@ impl ControlState {
             routing_version: data.routing_version,
             server: &data.server,
             spend_seqs: &data.spend_seqs,
+            clock_ms: data.clock_ms,
             cluster: &data.cluster,
         }))?;
         for provider in data.providers.values() {
@@ -1853,6 +2080,7 @@ impl ControlState {
                     data.routing_version = header.routing_version;
                     data.server = header.server;
                     data.spend_seqs = header.spend_seqs;
+                    data.clock_ms = header.clock_ms;
                     data.cluster = header.cluster;
                 }
                 _ if number == 1 => {
@@ -2630,7 +2858,177 @@ mod tests {
                             })
                             .collect(),
                     }),
+                (
+                    0u64..3,
+                    proptest::collection::vec((id("b", 4), 0u64..400, 0u64..800), 1..3)
+                )
+                    .prop_map(|(node, asks)| Command::GrantLeases {
+                        node,
+                        asks: asks
+                            .into_iter()
+                            .map(|(budget, need, want)| LeaseAsk { budget, need, want })
+                            .collect(),
+                    }),
+                (0u64..3, id("b", 4), 0u64..300).prop_map(|(node, budget, keep)| {
+                    Command::ReturnLeases {
+                        node,
+                        leases: vec![LeaseReturn { budget, keep }],
+                    }
+                }),
+                (0u64..3).prop_map(|node| Command::ForgetNode { node }),
             ]
+        }
+
+        /// One step of nodes sharing one budget through leases.
+        #[derive(Debug, Clone)]
+        enum Step {
+            /// Node asks for a grant.
+            Ask { node: u64, need: Nanos, want: Nanos },
+            /// Node spends from what its lease has left, as a reservation would allow.
+            Spend { node: u64, amount: Nanos },
+            /// Node's unrecorded spend is recorded.
+            Record { node: u64 },
+            /// Node gives back what it will not spend.
+            Return { node: u64 },
+            /// Time passes.
+            Wait { ms: u64 },
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                (0u64..3, 0u64..300, 0u64..2_000).prop_map(|(node, need, want)| Step::Ask {
+                    node,
+                    need,
+                    want
+                }),
+                (0u64..3, 1u64..300).prop_map(|(node, amount)| Step::Spend { node, amount }),
+                (0u64..3).prop_map(|node| Step::Record { node }),
+                (0u64..3).prop_map(|node| Step::Return { node }),
+                prop_oneof![
+                    1u64..5_000,
+                    Just(LEASE_TTL_MS),
+                    Just(LEASE_GRACE_MS + LEASE_TTL_MS)
+                ]
+                .prop_map(|ms| Step::Wait { ms }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Nodes that spend only what their leases have left never spend more than the
+            /// limit between them, whatever the grants, returns, records and their order;
+            /// after every grant, the spend recorded and every live lease's rest fit in the
+            /// limit. The one way past it: a lease that lapsed while its node still had
+            /// spend unrecorded (a node cut off for longer than the grace).
+            #[test]
+            fn leases_never_let_the_nodes_spend_more_than_the_limit(
+                limit in 1u64..5_000,
+                steps in proptest::collection::vec(step(), 1..80),
+            ) {
+                let mut state = ControlState::default();
+                let mut at_ms = 1_795_305_600_000;
+                let mut version = 0;
+                let mut apply = |state: &mut ControlState, at_ms: u64, command: Command| {
+                    version += 1;
+                    state.apply(version, &Proposal { at_ms, ..proposal(command) })
+                };
+                apply(&mut state, at_ms, Command::CreateKey { key: key("k", 'a') });
+                apply(&mut state, at_ms, Command::PutBudget {
+                    budget: Budget {
+                        id: "b".into(),
+                        scope: Scope::Key("k".into()),
+                        limit_nanos: limit,
+                        period: BudgetPeriod::Lifetime,
+                        hard: true,
+                    },
+                });
+                let mut unrecorded = [0u64; 3];
+                let mut seqs = [0u64; 3];
+                let mut lapsed_unrecorded: Nanos = 0;
+                // Per node: its unrecorded spend already counted as lapsed.
+                let mut counted = [0u64; 3];
+                for step in steps {
+                    match step {
+                        Step::Ask { node, need, want } => {
+                            let outcome = apply(&mut state, at_ms, Command::GrantLeases {
+                                node,
+                                asks: vec![LeaseAsk { budget: "b".into(), need, want }],
+                            });
+                            let room = state.lease_room("b", node);
+                            if outcome == Outcome::Applied && lapsed_unrecorded == 0 {
+                                let lease = state.lease("b", node).expect("granted");
+                                prop_assert!(lease.granted_nanos >= lease.used_nanos);
+                            }
+                            let held: Nanos = state.ledgers["b"]
+                                .leases
+                                .values()
+                                .filter(|lease| !lease.lapsed(state.clock_ms))
+                                .map(Lease::outstanding)
+                                .sum();
+                            prop_assert!(
+                                state.budget_spent("b", at_ms) + held <= limit + lapsed_unrecorded,
+                                "spent {} + held {held} > limit {limit}",
+                                state.budget_spent("b", at_ms)
+                            );
+                            prop_assert!(room.free + room.held_elsewhere <= limit);
+                        }
+                        Step::Spend { node, amount } => {
+                            let Some(lease) = state.lease("b", node) else { continue };
+                            let left = lease.outstanding().saturating_sub(unrecorded[node as usize]);
+                            if at_ms < lease.until_ms && amount <= left {
+                                unrecorded[node as usize] += amount;
+                            }
+                        }
+                        Step::Record { node } => {
+                            let amount = std::mem::take(&mut unrecorded[node as usize]);
+                            counted[node as usize] = 0;
+                            seqs[node as usize] += 1;
+                            apply(&mut state, at_ms, Command::RecordSpend {
+                                node,
+                                seq: seqs[node as usize],
+                                items: vec![SpendItem {
+                                    key_id: "k".into(),
+                                    model: "m".into(),
+                                    requests: 1,
+                                    input_tokens: 1,
+                                    output_tokens: 1,
+                                    cost_nanos: amount,
+                                }],
+                            });
+                        }
+                        Step::Return { node } => {
+                            apply(&mut state, at_ms, Command::ReturnLeases {
+                                node,
+                                leases: vec![LeaseReturn {
+                                    budget: "b".into(),
+                                    keep: unrecorded[node as usize],
+                                }],
+                            });
+                        }
+                        Step::Wait { ms } => {
+                            at_ms += ms;
+                            // A lease that lapses with spend unrecorded: the one stated way
+                            // past the limit.
+                            for node in 0..3u64 {
+                                if let Some(lease) = state.lease("b", node)
+                                    && lease.until_ms.saturating_add(LEASE_GRACE_MS) < at_ms
+                                {
+                                    let index = node as usize;
+                                    lapsed_unrecorded +=
+                                        unrecorded[index].saturating_sub(counted[index]);
+                                    counted[index] = counted[index].max(unrecorded[index]);
+                                }
+                            }
+                        }
+                    }
+                    let total = state.budget_spent("b", at_ms) + unrecorded.iter().sum::<u64>();
+                    prop_assert!(
+                        total <= limit + lapsed_unrecorded,
+                        "the nodes spent {total} of a {limit} budget"
+                    );
+                }
+            }
         }
 
         proptest! {

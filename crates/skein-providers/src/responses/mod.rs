@@ -451,6 +451,8 @@ pub struct ChatTarget<'a> {
     /// The most output tokens the model can produce: a larger `max_output_tokens` is lowered
     /// to it.
     pub output_limit: Option<u64>,
+    /// Write `output_limit` as the limit when the request sets none.
+    pub fill_limit: bool,
 }
 
 /// Translate a Responses request into an OpenAI chat request for `target`. `history` holds
@@ -612,10 +614,15 @@ fn request_to_chat_text(
             out.extend_from_slice(value.as_bytes());
         }
     }
-    if let Some(limit) = member(request, "max_output_tokens") {
-        let limit = limit
-            .parse::<u64>()
-            .map_err(|_| "`max_output_tokens` must be a positive integer")?;
+    let asked = match member(request, "max_output_tokens") {
+        Some(limit) => Some(
+            limit
+                .parse::<u64>()
+                .map_err(|_| "`max_output_tokens` must be a positive integer")?,
+        ),
+        None => target.output_limit.filter(|_| target.fill_limit),
+    };
+    if let Some(limit) = asked {
         let limit = target.output_limit.map_or(limit, |most| limit.min(most));
         out.extend_from_slice(if target.max_completion_tokens {
             b",\"max_completion_tokens\":"

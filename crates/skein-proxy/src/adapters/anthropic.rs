@@ -27,7 +27,7 @@ impl ProviderAdapter for Anthropic {
                         .map_err(untranslatable)?;
                 super::clamp_tree(
                     &mut translated,
-                    candidate.deployment.max_output_tokens,
+                    call.output_limit(candidate),
                     &["max_tokens"],
                 );
                 request(
@@ -71,11 +71,14 @@ fn native(
 ) -> Result<PreparedRequest, ApiError> {
     let model_json = serde_json::to_string(&candidate.deployment.model).unwrap_or_default();
     let mut body = Vec::with_capacity(call.bytes.len() + 32);
-    let clamped = super::clamped(
-        &call.request,
-        candidate.deployment.max_output_tokens,
-        &["max_tokens"],
-    );
+    let limit = call.output_limit(candidate);
+    let mut clamped = super::clamped(&call.request, limit, &["max_tokens"]);
+    if call.output_cap.is_some()
+        && let Some(limit) = limit
+    {
+        // The client set no limit (Anthropic requires one): the one its budget hold pays for.
+        clamped.push(("max_tokens", limit.to_string()));
+    }
     let mut replacements: Vec<(&str, &str)> = vec![("model", &model_json)];
     replacements.extend(clamped.iter().map(|(name, value)| (*name, value.as_str())));
     call.request.write_with(&replacements, &mut body);

@@ -38,11 +38,7 @@ impl ProviderAdapter for Gemini {
                 let chat = call.chat(candidate, false, true)?;
                 let mut translated = gemini::request_from_openai(&chat).map_err(untranslatable)?;
                 if let Some(config) = translated.get_mut("generationConfig") {
-                    super::clamp_tree(
-                        config,
-                        candidate.deployment.max_output_tokens,
-                        &["maxOutputTokens"],
-                    );
+                    super::clamp_tree(config, call.output_limit(candidate), &["maxOutputTokens"]);
                 }
                 let stream = call.shape.stream;
                 let purpose = if stream {

@@ -62,11 +62,23 @@ pub(super) fn prepare(
     if native(call, candidate)
         && let Some(path) = call.api.openai_path()
     {
-        let limit = candidate.deployment.max_output_tokens;
+        let limit = call.output_limit(candidate);
         let body = if call.api == Api::Responses {
             responses_body(call, &candidate.deployment.model, limit)?
         } else {
-            let clamped = super::clamped(&call.request, limit, super::LIMIT_MEMBERS);
+            let mut clamped = super::clamped(&call.request, limit, super::LIMIT_MEMBERS);
+            if call.output_cap.is_some()
+                && let Some(limit) = limit
+            {
+                // The client set no limit: the one its budget hold pays for.
+                let member = match (call.api, candidate.deployment.provider.kind) {
+                    (Api::ChatCompletions, ProviderKind::OpenAi | ProviderKind::Azure) => {
+                        "max_completion_tokens"
+                    }
+                    _ => "max_tokens",
+                };
+                clamped.push((member, limit.to_string()));
+            }
             let extra: Vec<(&str, &str)> = clamped
                 .iter()
                 .map(|(name, value)| (*name, value.as_str()))
@@ -101,7 +113,13 @@ pub(super) fn prepare(
 /// byte for byte.
 fn responses_body(call: &Call<'_>, model: &str, limit: Option<u64>) -> Result<Vec<u8>, ApiError> {
     let model_json = to_json_text(&model);
-    let clamped = super::clamped(&call.request, limit, &["max_output_tokens"]);
+    let mut clamped = super::clamped(&call.request, limit, &["max_output_tokens"]);
+    if call.output_cap.is_some()
+        && let Some(limit) = limit
+    {
+        // The client set no limit: the one its budget hold pays for.
+        clamped.push(("max_output_tokens", limit.to_string()));
+    }
     let mut body = Vec::with_capacity(call.bytes.len() + 32);
     let history = call
         .responses
