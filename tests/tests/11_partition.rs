@@ -1,8 +1,9 @@
 //! A network partition, for real: three `skein` processes, each in a network namespace this
 //! test creates, joined by veth pairs to a bridge in a fourth namespace (addresses 10.77.0.x,
-//! which exist only inside these namespaces). Cutting node 3's link isolates it from gossip
-//! and Raft alike; the others mark it dead and stop counting its rate-limit use; restoring the
-//! link lets it rejoin and catch up.
+//! which exist only inside these namespaces); each namespace runs its own mock provider on its
+//! loopback. Cutting node 3's link isolates it from gossip and Raft alike (not from its
+//! upstream); the others mark it dead and stop counting its rate-limit use; restoring the link
+//! lets it rejoin and catch up. A second test cuts off a node that holds a budget lease.
 //!
 //! Needs root (to create namespaces) and `ip` and `curl`; without root the test says so and
 //! passes without running. Ports are fixed because every namespace is private to this test.
@@ -18,7 +19,9 @@ const TOKEN: &str = "partition-admin-token";
 const HTTP: u16 = 8080;
 const GRPC: u16 = 8081;
 const GOSSIP: u16 = 8082;
-const MOCK: &str = "10.77.0.1:9000";
+/// Every namespace runs its own mock provider on its own loopback: cutting a node off the
+/// cluster leaves it its upstream, as a partition between gateway nodes does.
+const MOCK: &str = "127.0.0.1:9000";
 
 fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program)
@@ -194,18 +197,9 @@ fn poll<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) 
     }
 }
 
-#[test]
-fn a_partitioned_node_is_marked_dead_its_counters_expire_and_it_rejoins_after_healing() {
-    // Creating namespaces needs root.
-    if !run("id", &["-u"]).stdout.starts_with(b"0") {
-        println!("skipped: creating network namespaces needs root");
-        return;
-    }
-    let Some(net) = Net::create(3) else {
-        return;
-    };
-    let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("skein.yaml");
+/// The mocks (one per namespace) and three nodes, each in its own namespace, serving.
+fn start_cluster(net: &Net, dir: &std::path::Path) -> (Vec<Spawned>, Vec<Spawned>) {
+    let config = dir.join("skein.yaml");
     std::fs::write(
         &config,
         format!(
@@ -214,9 +208,13 @@ fn a_partitioned_node_is_marked_dead_its_counters_expire_and_it_rejoins_after_he
     )
     .expect("config");
     let mock_binary = binary("skein-mock").expect("mock binary");
-    let mut mock_command = net.command(1, mock_binary.to_str().expect("path"));
-    mock_command.args(["--addr", MOCK, "--threads", "1", "--no-record"]);
-    let _mock = Spawned::start(&mut mock_command);
+    let mock: Vec<Spawned> = (1..=3)
+        .map(|i| {
+            let mut mock_command = net.command(i, mock_binary.to_str().expect("path"));
+            mock_command.args(["--addr", MOCK, "--threads", "1", "--no-record"]);
+            Spawned::start(&mut mock_command)
+        })
+        .collect();
 
     let voters = (1..=3)
         .map(|i| format!("{i}={}", addr(i, GRPC)))
@@ -230,7 +228,7 @@ fn a_partitioned_node_is_marked_dead_its_counters_expire_and_it_rejoins_after_he
             .map(|other| addr(other, GOSSIP))
             .collect::<Vec<_>>()
             .join(",");
-        let data = dir.path().join(format!("node-{i}"));
+        let data = dir.join(format!("node-{i}"));
         let mut command = net.command(i, skein.to_str().expect("path"));
         command
             .args(["serve", "--config"])
@@ -250,6 +248,22 @@ fn a_partitioned_node_is_marked_dead_its_counters_expire_and_it_rejoins_after_he
         node.wait_for("skein is serving", Duration::from_secs(30))
             .unwrap_or_else(|| panic!("node {} did not start:\n{}", index + 1, node.output()));
     }
+    (mock, nodes)
+}
+
+#[test]
+fn a_partitioned_node_is_marked_dead_its_counters_expire_and_it_rejoins_after_healing() {
+    // Creating namespaces needs root.
+    if !run("id", &["-u"]).stdout.starts_with(b"0") {
+        println!("skipped: creating network namespaces needs root");
+        return;
+    }
+    let Some(net) = Net::create(3) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let (_mock, nodes) = start_cluster(&net, dir.path());
+    let skein = binary("skein").expect("binary");
     // Everyone sees everyone.
     for i in 1..=3 {
         poll(Duration::from_secs(15), "gossip membership", || {
@@ -355,6 +369,186 @@ fn a_partitioned_node_is_marked_dead_its_counters_expire_and_it_rejoins_after_he
             .collect();
         (indexes.len() == 3 && indexes.iter().all(|index| *index == indexes[0])).then_some(())
     });
+    for mut node in nodes {
+        node.terminate(Duration::from_secs(10));
+    }
+}
+
+/// The CLI on node `i`'s namespace against its own admin port; its JSON output.
+fn cli_json(net: &Net, i: usize, args: &[&str]) -> Option<Value> {
+    let skein = binary("skein").expect("binary");
+    let output = net
+        .command(i, skein.to_str().expect("path"))
+        .args(args)
+        .args(["--output", "json", "--token", TOKEN])
+        .args(["--endpoint", &format!("http://{}", addr(i, GRPC))])
+        .output()
+        .expect("cli");
+    serde_json::from_slice(&output.stdout).ok()
+}
+
+/// One chat call through node `i` with `max_tokens` set: status and error code.
+fn spend(net: &Net, i: usize, secret: &str) -> (u16, String) {
+    let output = net
+        .command(i, "curl")
+        .args(["-s", "-w", "\n%{http_code}", "--max-time", "8"])
+        .args(["-H", &format!("authorization: Bearer {secret}")])
+        .args(["-H", "content-type: application/json"])
+        .args([
+            "-d",
+            r#"{"model":"alpha","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}"#,
+        ])
+        .arg(format!("http://{}/v1/chat/completions", addr(i, HTTP)))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let code = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|body| body["error"]["code"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    (status.trim().parse().unwrap_or(0), code)
+}
+
+/// Node 3 holds part of a budget as its lease when it is cut off: it keeps serving from it,
+/// and only from it, while the majority spends the rest; nobody can be granted what node 3
+/// holds, so the spend recorded once the link is back is within the budget.
+#[test]
+fn a_partitioned_node_spends_only_its_lease_and_the_budget_holds() {
+    if !run("id", &["-u"]).stdout.starts_with(b"0") {
+        println!("skipped: creating network namespaces needs root");
+        return;
+    }
+    let Some(net) = Net::create(3) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let (_mock, nodes) = start_cluster(&net, dir.path());
+    // A price for the route, a key and a budget of 2,000,000 n$ (a call with max_tokens 16
+    // holds about 41,000 and costs about 11,000).
+    let limit: u64 = 2_000_000;
+    poll(Duration::from_secs(15), "a price", || {
+        cli_json(
+            &net,
+            1,
+            &[
+                "price",
+                "create",
+                "--json",
+                r#"{"model":"alpha","input_nanos_per_token":1000,"output_nanos_per_token":1000}"#,
+            ],
+        )
+    });
+    let created = cli_json(&net, 1, &["key", "create", "--id", "leased"]).expect("key");
+    let secret = created["secret"].as_str().expect("secret").to_owned();
+    cli_json(
+        &net,
+        1,
+        &["budget", "create", "--json", &format!(r#"{{"id":"leased-budget","scope":{{"kind":"key","id":"leased"}},"limit_nanos":{limit},"period":"lifetime"}}"#)],
+    )
+    .expect("budget");
+    // Node 3 takes a lease by serving a call.
+    poll(Duration::from_secs(15), "a call through node 3", || {
+        (spend(&net, 3, &secret).0 == 200).then_some(())
+    });
+    let (held, _) = poll(
+        Duration::from_secs(10),
+        "node 3's lease seen on node 1",
+        || {
+            let status = cli_json(&net, 1, &["budget", "status", "leased-budget"])?;
+            status["leases"]
+                .as_array()?
+                .iter()
+                .find(|lease| lease["node_id"] == 3)
+                .and_then(|lease| lease["outstanding_nanos"].as_u64())
+                .filter(|held| *held > 0)
+        },
+    );
+    println!("node 3 holds {held} n$ of the {limit} n$ budget");
+    assert!(held < limit, "one node never holds the whole budget");
+
+    net.link(3, false);
+    let cut = Instant::now();
+    // Cut off, node 3 serves from what it holds, then refuses: it cannot reach the leader
+    // for more. Bounded: 200 calls or 30 s.
+    let mut served_cut_off = 0u64;
+    let mut refusal = (0, String::new());
+    for _ in 0..200 {
+        if cut.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        match spend(&net, 3, &secret) {
+            (200, _) => served_cut_off += 1,
+            other => {
+                refusal = other;
+                break;
+            }
+        }
+    }
+    println!(
+        "cut off, node 3 served {served_cut_off} calls from its lease, then answered {refusal:?}"
+    );
+    assert!(served_cut_off > 0, "a cut-off node spends what it holds");
+    assert_eq!(refusal.0, 503, "then it cannot get more: {refusal:?}");
+    assert_eq!(refusal.1, "budget_lease_unavailable");
+    // The majority spends the rest, and is refused while node 3's lease still holds its part.
+    // What the majority cannot have is node 3's part: it runs out saying the rest is leased
+    // elsewhere (or spent). Bounded: 400 calls; stops after 10 refusals in a row.
+    let mut served_majority = 0u64;
+    let mut last = (0, String::new());
+    let mut refused_in_a_row = 0;
+    for call in 0..400 {
+        last = spend(&net, 1 + call % 2, &secret);
+        match &last {
+            (200, _) => {
+                served_majority += 1;
+                refused_in_a_row = 0;
+            }
+            (429, code) if code == "budget_leased_elsewhere" || code == "insufficient_quota" => {
+                refused_in_a_row += 1;
+                if refused_in_a_row >= 10 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => panic!("unexpected answer from the majority: {other:?}"),
+        }
+    }
+    println!("the majority served {served_majority} calls, then answered {last:?}");
+    assert_eq!(refused_in_a_row, 10, "the majority ran out: {last:?}");
+    let status = cli_json(&net, 1, &["budget", "status", "leased-budget"]).expect("status");
+    let node3 = status["leases"]
+        .as_array()
+        .and_then(|leases| leases.iter().find(|lease| lease["node_id"] == 3).cloned())
+        .expect("node 3's lease still held");
+    assert!(
+        node3["outstanding_nanos"].as_u64().unwrap_or(0) > 0,
+        "node 3's lease still holds its part: {status}"
+    );
+    assert!(
+        cut.elapsed() < Duration::from_secs(120),
+        "measured within the lease's grace"
+    );
+
+    // Heal: node 3 records what it spent while cut off; the total is within the budget.
+    net.link(3, true);
+    let answered = 1 + served_cut_off + served_majority;
+    let (usage, took) = poll(Duration::from_secs(30), "every call recorded", || {
+        let usage = cli_json(&net, 1, &["usage", "--key", "leased"])?;
+        let rows = usage["rows"].as_array()?;
+        let requests: u64 = rows.iter().filter_map(|row| row["requests"].as_u64()).sum();
+        let cost: u64 = rows
+            .iter()
+            .filter_map(|row| row["cost_nanos"].as_u64())
+            .sum();
+        (requests == answered).then_some(cost)
+    });
+    println!("after healing ({took:?}): {answered} calls recorded, {usage} n$ of {limit} n$ spent");
+    assert!(usage <= limit, "spent {usage} n$ of a {limit} n$ budget");
+    assert!(
+        usage >= limit * 8 / 10,
+        "the budget was used: {usage} of {limit}"
+    );
     for mut node in nodes {
         node.terminate(Duration::from_secs(10));
     }

@@ -15,13 +15,14 @@ use skein_control::{ControlError, ControlPlane, LeaderReply, LeaderRequest};
 use skein_core::auth::{display_prefix, generate_secret, hash_secret, tokens_match};
 use skein_proto::admin::v1::admin_server::{Admin, AdminServer};
 use skein_proto::admin::v1::{
-    AddLearnerRequest, ClusterMember, ClusterStatusRequest, ClusterStatusResponse, ConfigChange,
-    CreateKeyRequest, CreateKeyResponse, CreateKeysRequest, CreateKeysResponse, CreatedKey,
-    DeleteRequest, ExportConfigRequest, ExportConfigResponse, GetRequest, GetResponse,
-    GetStatusRequest, GetStatusResponse, GossipMember, ImportConfigRequest, KeyRequest, KeyStatus,
-    Kind, ListRequest, ListResponse, NodeRequest, ProviderStatus, Resource, TargetVotersRequest,
-    TriggerSnapshotRequest, TriggerSnapshotResponse, UsageRequest, UsageResponse, UsageRow,
-    WatchRequest, WriteRequest, WriteResponse,
+    AddLearnerRequest, BudgetLease, BudgetStatus, BudgetStatusRequest, ClusterMember,
+    ClusterStatusRequest, ClusterStatusResponse, ConfigChange, CreateKeyRequest, CreateKeyResponse,
+    CreateKeysRequest, CreateKeysResponse, CreatedKey, DeleteRequest, ExportConfigRequest,
+    ExportConfigResponse, GetRequest, GetResponse, GetStatusRequest, GetStatusResponse,
+    GossipMember, ImportConfigRequest, KeyRequest, KeyStatus, Kind, ListRequest, ListResponse,
+    NodeRequest, ProviderStatus, Resource, TargetVotersRequest, TriggerSnapshotRequest,
+    TriggerSnapshotResponse, UsageRequest, UsageResponse, UsageRow, WatchRequest, WriteRequest,
+    WriteResponse,
 };
 use skein_proxy::AppState;
 use skein_types::control::{
@@ -736,6 +737,60 @@ impl Admin for AdminService {
     ) -> Result<Response<WriteResponse>, Status> {
         let id = request.into_inner().id;
         Ok(Response::new(self.write(Command::RevokeKey { id }).await?))
+    }
+
+    async fn get_budget_status(
+        &self,
+        request: Request<BudgetStatusRequest>,
+    ) -> Result<Response<BudgetStatus>, Status> {
+        let request = request.into_inner();
+        let state = self.read(request.min_version).await?;
+        let Some(budget) = state.budgets.get(&request.id) else {
+            return Err(Status::not_found(format!(
+                "budget `{}` does not exist",
+                request.id
+            )));
+        };
+        let clock = state.clock_ms;
+        let spent_nanos = state.budget_spent(&budget.id, skein_types::now_ms().max(clock));
+        let leases: Vec<BudgetLease> = state
+            .ledgers
+            .get(&budget.id)
+            .map(|ledger| {
+                ledger
+                    .leases
+                    .iter()
+                    .map(|(node, lease)| {
+                        let lapsed = lease.lapsed(clock);
+                        BudgetLease {
+                            node_id: *node,
+                            granted_nanos: lease.granted_nanos,
+                            used_nanos: lease.used_nanos,
+                            outstanding_nanos: if lapsed { 0 } else { lease.outstanding() },
+                            until_ms: lease.until_ms,
+                            lapsed,
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let leased_nanos = leases
+            .iter()
+            .map(|lease| lease.outstanding_nanos)
+            .fold(0u64, u64::saturating_add);
+        Ok(Response::new(BudgetStatus {
+            id: budget.id.clone(),
+            hard: budget.hard,
+            limit_nanos: budget.limit_nanos,
+            spent_nanos,
+            leased_nanos,
+            free_nanos: budget
+                .limit_nanos
+                .saturating_sub(spent_nanos)
+                .saturating_sub(leased_nanos),
+            leases,
+            version: state.version,
+        }))
     }
 
     async fn get_usage(

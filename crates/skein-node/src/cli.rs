@@ -99,6 +99,81 @@ pub enum EntityCommand {
     },
 }
 
+/// `skein budget …`: the entity operations, and its status.
+#[derive(Debug, Subcommand)]
+pub enum BudgetCommand {
+    #[command(flatten)]
+    Entity(EntityCommand),
+    /// Spend against the limit in the current period, and the nodes' leases on it.
+    Status { id: String },
+}
+
+/// Run a budget command.
+pub async fn budget(connection: &Connection, command: BudgetCommand) -> anyhow::Result<()> {
+    let id = match command {
+        BudgetCommand::Entity(command) => return entity(connection, Kind::Budget, command).await,
+        BudgetCommand::Status { id } => id,
+    };
+    let mut client = connect(connection).await?;
+    let status = client
+        .get_budget_status(request(
+            connection,
+            skein_proto::admin::v1::BudgetStatusRequest { id, min_version: 0 },
+        )?)
+        .await
+        .map_err(failed)?
+        .into_inner();
+    let usd = |nanos: u64| nanos as f64 / 1e9;
+    match connection.output {
+        Output::Json => {
+            let leases: Vec<Value> = status
+                .leases
+                .iter()
+                .map(|lease| {
+                    json!({"node_id": lease.node_id, "granted_nanos": lease.granted_nanos,
+                        "used_nanos": lease.used_nanos, "outstanding_nanos": lease.outstanding_nanos,
+                        "until_ms": lease.until_ms, "lapsed": lease.lapsed})
+                })
+                .collect();
+            println!(
+                "{}",
+                json!({"id": status.id, "hard": status.hard, "limit_nanos": status.limit_nanos,
+                    "spent_nanos": status.spent_nanos, "leased_nanos": status.leased_nanos,
+                    "free_nanos": status.free_nanos, "leases": leases, "version": status.version})
+            );
+        }
+        Output::Table => {
+            println!(
+                "budget {} ({}): spent {:.6} of {:.6} USD, {:.6} leased to nodes, {:.6} free",
+                status.id,
+                if status.hard { "hard" } else { "soft" },
+                usd(status.spent_nanos),
+                usd(status.limit_nanos),
+                usd(status.leased_nanos),
+                usd(status.free_nanos)
+            );
+            if !status.leases.is_empty() {
+                println!(
+                    "{:<8} {:>14} {:>14} {:>14}  UNTIL",
+                    "NODE", "GRANTED", "USED", "HELD"
+                );
+                for lease in &status.leases {
+                    println!(
+                        "{:<8} {:>14.6} {:>14.6} {:>14.6}  {}{}",
+                        lease.node_id,
+                        usd(lease.granted_nanos),
+                        usd(lease.used_nanos),
+                        usd(lease.outstanding_nanos),
+                        lease.until_ms,
+                        if lease.lapsed { " (lapsed)" } else { "" }
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, clap::Args)]
 pub struct JsonInput {
     /// The entity as JSON.

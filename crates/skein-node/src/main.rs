@@ -39,9 +39,9 @@ enum Command {
     /// Customers.
     #[command(subcommand)]
     Customer(cli::EntityCommand),
-    /// Budgets on keys, teams and customers.
+    /// Budgets on keys, teams and customers, and their status (spend, the nodes' leases).
     #[command(subcommand)]
-    Budget(cli::EntityCommand),
+    Budget(cli::BudgetCommand),
     /// Upstream providers.
     #[command(subcommand)]
     Provider(cli::EntityCommand),
@@ -264,7 +264,7 @@ async fn run_admin(connection: &cli::Connection, command: Command) -> anyhow::Re
         Command::Key(command) => cli::key(connection, command).await,
         Command::Team(command) => cli::entity(connection, Kind::Team, command).await,
         Command::Customer(command) => cli::entity(connection, Kind::Customer, command).await,
-        Command::Budget(command) => cli::entity(connection, Kind::Budget, command).await,
+        Command::Budget(command) => cli::budget(connection, command).await,
         Command::Provider(command) => cli::entity(connection, Kind::Provider, command).await,
         Command::Route(command) => cli::entity(connection, Kind::Route, command).await,
         Command::Price(command) => cli::entity(connection, Kind::Price, command).await,
