@@ -8,9 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let admin = root.join("skein/admin/v1/admin.proto");
     let raft = root.join("skein/raft/v1/raft.proto");
     let responses = root.join("skein/responses/v1/responses.proto");
+    let idempotency = root.join("skein/idempotency/v1/idempotency.proto");
     println!("cargo:rerun-if-changed={}", admin.display());
     println!("cargo:rerun-if-changed={}", raft.display());
     println!("cargo:rerun-if-changed={}", responses.display());
+    println!("cargo:rerun-if-changed={}", idempotency.display());
     println!("cargo:rerun-if-env-changed=PROTOC");
     let protoc = match std::env::var_os("PROTOC") {
         Some(path) => PathBuf::from(path),
@@ -20,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc);
     tonic_prost_build::configure().compile_with_config(
         config,
-        &[admin, raft, responses],
+        &[admin, raft, responses, idempotency],
         &[root],
     )?;
     Ok(())

@@ -1417,3 +1417,175 @@ async fn a_provider_key_near_the_end_of_its_quota_is_spared_by_every_node() {
     assert!(a >= 80, "key a was avoided too early: {a}");
     assert!(a <= 100, "key a was sent past its quota: {a}");
 }
+
+/// A call with an `Idempotency-Key` through node `index`: status, body, and whether it was a
+/// replay of the first attempt.
+async fn idempotent_call(
+    cluster: &Cluster,
+    index: usize,
+    secret: &str,
+    key: &str,
+    body: &serde_json::Value,
+) -> (u16, String, bool) {
+    let response = cluster
+        .client
+        .post(format!("{}/v1/chat/completions", cluster.nodes[index].http))
+        .bearer_auth(secret)
+        .header("idempotency-key", key)
+        .timeout(Duration::from_secs(10))
+        .json(body)
+        .send()
+        .await
+        .expect("call");
+    let status = response.status().as_u16();
+    let replayed = response.headers().get("idempotent-replayed").is_some();
+    (status, response.text().await.expect("body"), replayed)
+}
+
+/// A request retried with the same `Idempotency-Key` on every node of the cluster runs once
+/// upstream, is charged once, and every retry gets the first answer byte for byte (streams
+/// too); a retry while the first attempt runs gets 409, the key reused for another request
+/// 422, and a failed first attempt leaves the key free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_retries_across_nodes_run_once_and_are_charged_once() {
+    let mock = start_mock().await.expect("mock");
+    let cluster = std::sync::Arc::new(Cluster::start(&mock.url(), 3, 0, &[]));
+    let all = [0, 1, 2];
+    let leader = cluster.leader(&all, Duration::from_secs(15)).await;
+    let mut admin = cluster.admin(leader).await;
+    let (secret, version) = create_key(&mut admin, "retrying").await;
+    for (kind, json) in [
+        (
+            Kind::Price,
+            json!({"model": "alpha", "input_nanos_per_token": 1000, "output_nanos_per_token": 1000}),
+        ),
+        (
+            Kind::Route,
+            json!({"name": "slow", "deployments": [{"provider": "p", "model": "mock-slow-1500"}]}),
+        ),
+        (
+            Kind::Route,
+            json!({"name": "broken", "deployments": [{"provider": "p", "model": "mock-500"}]}),
+        ),
+    ] {
+        admin
+            .create(authorized(WriteRequest {
+                kind: kind as i32,
+                json: json.to_string(),
+            }))
+            .await
+            .expect("write");
+    }
+    everywhere(&all, Duration::from_secs(10), |i| {
+        let cluster = &cluster;
+        async move { cluster.has_key(i, "retrying").await }
+    })
+    .await;
+    let _ = version;
+    // Every node serves the slow route before the test relies on it.
+    let routes_ready = |i: usize| {
+        let cluster = &cluster;
+        let secret = secret.clone();
+        async move {
+            let models = match cluster
+                .client
+                .get(format!("{}/v1/models", cluster.nodes[i].http))
+                .bearer_auth(&secret)
+                .send()
+                .await
+            {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            models.contains("\"slow\"") && models.contains("\"broken\"")
+        }
+    };
+    everywhere(&all, Duration::from_secs(10), routes_ready).await;
+    mock.clear_requests();
+
+    // Once on node 1, then retried on every node: one upstream call, the same answer.
+    let body = json!({"model": "alpha", "max_tokens": 16, "messages": [{"role": "user", "content": "charge me once"}]});
+    let (status, first, replayed) = idempotent_call(&cluster, 0, &secret, "order-1", &body).await;
+    assert_eq!(status, 200, "{first}");
+    assert!(!replayed);
+    for index in [1, 2, 0, 2] {
+        let (status, again, replayed) =
+            idempotent_call(&cluster, index, &secret, "order-1", &body).await;
+        assert_eq!(status, 200);
+        assert!(replayed, "node {index} replays the first answer");
+        assert_eq!(
+            again, first,
+            "node {index} gives the first answer byte for byte"
+        );
+    }
+    // The same key with another request is refused; another key runs.
+    let other = json!({"model": "alpha", "max_tokens": 16, "messages": [{"role": "user", "content": "something else"}]});
+    let (status, refused, _) = idempotent_call(&cluster, 1, &secret, "order-1", &other).await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(refused.contains("idempotency_key_reused"), "{refused}");
+    let (status, _, replayed) = idempotent_call(&cluster, 1, &secret, "order-2", &other).await;
+    assert_eq!((status, replayed), (200, false));
+    // A streamed answer is replayed as the same stream.
+    let streamed = json!({"model": "alpha", "max_tokens": 16, "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "stream once"}]});
+    let (status, stream, _) = idempotent_call(&cluster, 2, &secret, "order-3", &streamed).await;
+    assert_eq!(status, 200);
+    assert!(stream.contains("data: [DONE]"), "{stream}");
+    let (status, again, replayed) =
+        idempotent_call(&cluster, 0, &secret, "order-3", &streamed).await;
+    assert_eq!((status, replayed), (200, true));
+    assert_eq!(again, stream);
+    let upstream_calls = mock
+        .requests()
+        .iter()
+        .filter(|request| request.path.ends_with("/chat/completions"))
+        .count();
+    assert_eq!(upstream_calls, 3, "one upstream call per key");
+
+    // While the first attempt runs, a retry on another node is told to wait.
+    let slow = json!({"model": "slow", "max_tokens": 16, "messages": [{"role": "user", "content": "take your time"}]});
+    let running = {
+        let cluster = cluster.clone();
+        let secret = secret.clone();
+        let slow = slow.clone();
+        tokio::spawn(async move { idempotent_call(&cluster, 0, &secret, "order-4", &slow).await })
+    };
+    // Once the upstream has the first attempt, a retry on another node gets 409.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !mock
+        .requests()
+        .iter()
+        .any(|request| request.body["model"] == "mock-slow-1500")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the slow call never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, body, _) = idempotent_call(&cluster, 1, &secret, "order-4", &slow).await;
+    let conflict = (status, body);
+    assert_eq!(conflict.0, 409, "{}", conflict.1);
+    assert!(
+        conflict.1.contains("idempotency_key_in_use"),
+        "{}",
+        conflict.1
+    );
+    let (status, first_slow, _) = running.await.expect("first attempt");
+    assert_eq!(status, 200);
+    let (status, again, replayed) = idempotent_call(&cluster, 2, &secret, "order-4", &slow).await;
+    assert_eq!((status, replayed), (200, true));
+    assert_eq!(again, first_slow);
+
+    // A failed first attempt keeps nothing: the retry runs.
+    let broken = json!({"model": "broken", "max_tokens": 16, "messages": [{"role": "user", "content": "x"}]});
+    let (status, _, _) = idempotent_call(&cluster, 0, &secret, "order-5", &broken).await;
+    assert!(status >= 500, "the broken route fails: {status}");
+    let (status, _, replayed) = idempotent_call(&cluster, 1, &secret, "order-5", &broken).await;
+    assert!(status >= 500 && !replayed, "the retry ran again: {status}");
+
+    // Charged once: four keys answered (order-1 to order-4), four requests recorded; the
+    // failed ones charged nothing.
+    let (_, requests) =
+        poll_recorded(&cluster, leader, "retrying", |(_, requests)| requests >= 4).await;
+    assert_eq!(requests, 4, "each key charged once");
+}

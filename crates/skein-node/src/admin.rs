@@ -71,7 +71,7 @@ impl AdminService {
     /// The admin service (behind the token check) and the Raft service, as an axum router to
     /// serve on the gRPC listener.
     pub fn into_router(self) -> axum::Router {
-        self.into_router_with(None)
+        self.into_router_with(None, None)
     }
 
     /// [`into_router`](Self::into_router) with the stored-responses peer service beside the
@@ -81,6 +81,11 @@ impl AdminService {
         responses: Option<
             skein_proto::responses::v1::response_peer_server::ResponsePeerServer<
                 crate::responses::PeerService,
+            >,
+        >,
+        idempotency: Option<
+            skein_proto::idempotency::v1::idempotency_peer_server::IdempotencyPeerServer<
+                crate::idempotency::PeerService,
             >,
         >,
     ) -> axum::Router {
@@ -106,6 +111,16 @@ impl AdminService {
             },
         );
         let mut routes = tonic::service::Routes::new(admin).add_service(raft);
+        if let Some(idempotency) = idempotency {
+            let peer_token = token_for_peers.clone();
+            routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(
+                idempotency,
+                move |request: Request<()>| {
+                    check_token(peer_token.as_deref(), &request)?;
+                    Ok(request)
+                },
+            ));
+        }
         if let Some(responses) = responses {
             let peer_token = token_for_peers;
             routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod cli;
 pub mod env;
+pub mod idempotency;
 pub mod leases;
 pub mod load;
 pub mod membership;

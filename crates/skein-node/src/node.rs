@@ -281,6 +281,12 @@ pub async fn start_node(
         options.responses_ttl,
         &state.metrics,
     )));
+    // Idempotency keys: each owned by one member (see `idempotency.rs`).
+    let idempotency = Arc::new(skein_proxy::idempotency::MemoryStore::default());
+    state.set_idempotency_store(Arc::new(crate::idempotency::ClusterIdempotency::new(
+        idempotency.clone(),
+        control.clone(),
+    )));
     let router = AdminService::new(
         state.clone(),
         control.clone(),
@@ -288,10 +294,16 @@ pub async fn start_node(
         options.admin_token.clone(),
         gossip.clone(),
     )
-    .into_router_with(Some(crate::responses::PeerService::new(
-        responses.clone(),
-        control.clone(),
-    )))
+    .into_router_with(
+        Some(crate::responses::PeerService::new(
+            responses.clone(),
+            control.clone(),
+        )),
+        Some(crate::idempotency::PeerService::new(
+            idempotency.clone(),
+            control.clone(),
+        )),
+    )
     .merge(skein_proxy::ops_router(state.clone()));
     let grpc_options = options.grpc_listener.clone();
     let admin = match &options.grpc_tls {

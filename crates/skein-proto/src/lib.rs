@@ -1,7 +1,7 @@
 //! gRPC types and stubs generated from `proto/` at build time: the admin API
 //! (`skein.admin.v1`), Raft between nodes (`skein.raft.v1`) and stored responses between nodes
-//! (`skein.responses.v1`). Depends on nothing of Skein's
-//! own.
+//! (`skein.responses.v1`) and idempotency keys between nodes (`skein.idempotency.v1`).
+//! Depends on nothing of Skein's own.
 
 /// `skein.admin.v1`: the admin API of a node.
 #[allow(clippy::unwrap_used, clippy::pedantic, missing_docs)]
@@ -24,5 +24,13 @@ pub mod raft {
 pub mod responses {
     pub mod v1 {
         tonic::include_proto!("skein.responses.v1");
+    }
+}
+
+/// `skein.idempotency.v1`: idempotency keys between nodes.
+#[allow(clippy::unwrap_used, clippy::pedantic, missing_docs)]
+pub mod idempotency {
+    pub mod v1 {
+        tonic::include_proto!("skein.idempotency.v1");
     }
 }

@@ -12,6 +12,7 @@ pub mod dispatch;
 pub mod error;
 pub mod handlers;
 pub mod health;
+pub mod idempotency;
 pub mod inbound;
 pub mod intake;
 pub mod limits;

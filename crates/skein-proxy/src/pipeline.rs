@@ -85,6 +85,25 @@ pub async fn serve(state: Arc<AppState>, api: Api, request: Request) -> Response
         &model,
         shape,
     );
+    // An `Idempotency-Key` seen before: its first attempt's answer (or 409 while it runs).
+    let idempotent = match crate::idempotency::begin(
+        &state,
+        caller.as_ref().map(|caller| caller.key_id.as_str()),
+        &headers,
+        api.label(),
+        &bytes,
+        snapshot.server.idempotency_window_ms,
+        snapshot.server.request_timeout_ms.saturating_add(60_000),
+    )
+    .await
+    {
+        crate::idempotency::Begin::None => None,
+        crate::idempotency::Begin::Run(pending) => Some(pending),
+        crate::idempotency::Begin::Answer(Ok(response)) => return response,
+        crate::idempotency::Begin::Answer(Err(error)) => {
+            return finish_error(&state, &context, Some(&model), None, error);
+        }
+    };
     // The Responses API: its id, and the conversation before it.
     let keep = if api == Api::Responses {
         // Boxed: a rare path, kept out of every request's future.
@@ -136,7 +155,7 @@ pub async fn serve(state: Arc<AppState>, api: Api, request: Request) -> Response
     )
     .await;
     // 7. relay and 8. settle
-    respond(
+    let response = respond(
         &state,
         context,
         &model,
@@ -146,5 +165,9 @@ pub async fn serve(state: Arc<AppState>, api: Api, request: Request) -> Response
         keep,
         |candidate: &Candidate| adapters::for_candidate(candidate).translation(&call, candidate),
     )
-    .await
+    .await;
+    match idempotent {
+        Some(pending) => pending.finish(response),
+        None => response,
+    }
 }

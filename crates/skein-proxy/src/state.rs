@@ -96,6 +96,8 @@ pub struct AppState {
     pub(crate) metrics_on_proxy_port: bool,
     /// Where Responses API answers are kept (in memory until the node sets its store).
     responses: std::sync::RwLock<Arc<dyn ResponseStore>>,
+    /// Where `Idempotency-Key`s are kept (in memory until the node sets the cluster's).
+    idempotency: std::sync::RwLock<Arc<dyn crate::idempotency::IdempotencyStore>>,
     body_timeouts: (Duration, Duration),
 }
 
@@ -117,6 +119,9 @@ impl AppState {
             health: NodeHealth::default(),
             metrics_on_proxy_port: options.metrics_on_proxy_port,
             responses: std::sync::RwLock::new(Arc::new(crate::responses::MemoryStore::default())),
+            idempotency: std::sync::RwLock::new(Arc::new(
+                crate::idempotency::MemoryStore::default(),
+            )),
             body_timeouts: (options.body_idle_timeout, options.body_timeout),
         })
     }
@@ -192,6 +197,22 @@ impl AppState {
     pub fn set_response_store(&self, store: Arc<dyn ResponseStore>) {
         *self
             .responses
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = store;
+    }
+
+    /// Where `Idempotency-Key`s are kept.
+    pub fn idempotency(&self) -> Arc<dyn crate::idempotency::IdempotencyStore> {
+        self.idempotency
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Keep `Idempotency-Key`s in `store` from now on.
+    pub fn set_idempotency_store(&self, store: Arc<dyn crate::idempotency::IdempotencyStore>) {
+        *self
+            .idempotency
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = store;
     }

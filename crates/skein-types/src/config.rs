@@ -43,6 +43,18 @@ pub struct ServerSpec {
         rename = "request_timeout"
     )]
     pub request_timeout_ms: u64,
+    /// How long a request's `Idempotency-Key` keeps its first answer for retries.
+    #[serde(
+        default = "default_idempotency_window",
+        deserialize_with = "deserialize_millis",
+        serialize_with = "serialize_millis",
+        rename = "idempotency_window"
+    )]
+    pub idempotency_window_ms: u64,
+}
+
+fn default_idempotency_window() -> u64 {
+    24 * 60 * 60 * 1000
 }
 
 fn default_max_body_bytes() -> u64 {
@@ -58,6 +70,7 @@ impl Default for ServerSpec {
         ServerSpec {
             max_body_bytes: default_max_body_bytes(),
             request_timeout_ms: default_request_timeout(),
+            idempotency_window_ms: default_idempotency_window(),
         }
     }
 }

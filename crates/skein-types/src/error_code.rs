@@ -18,6 +18,11 @@ pub enum ErrorCode {
     RequestTimeout,
     /// A rate limit was hit (429).
     RateLimited,
+    /// The request conflicts with another in progress (409: an `Idempotency-Key` in use).
+    Conflict,
+    /// Well-formed, but cannot be processed as sent (422: an `Idempotency-Key` reused for
+    /// another request).
+    Unprocessable,
     /// The upstream answered with an error we pass on (502).
     UpstreamError,
     /// Every candidate deployment is cooling down or unavailable (503).
@@ -39,6 +44,8 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::RequestTimeout => 408,
             ErrorCode::RateLimited => 429,
+            ErrorCode::Conflict => 409,
+            ErrorCode::Unprocessable => 422,
             ErrorCode::UpstreamError => 502,
             ErrorCode::Unavailable => 503,
             ErrorCode::Timeout => 504,
@@ -52,7 +59,9 @@ impl ErrorCode {
             ErrorCode::InvalidRequest
             | ErrorCode::NotFound
             | ErrorCode::PayloadTooLarge
-            | ErrorCode::RequestTimeout => "invalid_request_error",
+            | ErrorCode::RequestTimeout
+            | ErrorCode::Conflict
+            | ErrorCode::Unprocessable => "invalid_request_error",
             ErrorCode::Unauthenticated => "authentication_error",
             ErrorCode::PermissionDenied => "permission_error",
             ErrorCode::RateLimited => "rate_limit_error",
@@ -66,9 +75,11 @@ impl ErrorCode {
     /// The Anthropic-style `error.type` string.
     pub fn anthropic_type(self) -> &'static str {
         match self {
-            ErrorCode::InvalidRequest | ErrorCode::PayloadTooLarge | ErrorCode::RequestTimeout => {
-                "invalid_request_error"
-            }
+            ErrorCode::InvalidRequest
+            | ErrorCode::PayloadTooLarge
+            | ErrorCode::RequestTimeout
+            | ErrorCode::Conflict
+            | ErrorCode::Unprocessable => "invalid_request_error",
             ErrorCode::NotFound => "not_found_error",
             ErrorCode::Unauthenticated => "authentication_error",
             ErrorCode::PermissionDenied => "permission_error",
@@ -88,6 +99,8 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Unprocessable => "unprocessable",
             ErrorCode::UpstreamError => "upstream_error",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Timeout => "timeout",
