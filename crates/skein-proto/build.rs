@@ -20,10 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
-    tonic_prost_build::configure().compile_with_config(
-        config,
-        &[admin, raft, responses, idempotency],
-        &[root],
-    )?;
+    let descriptors = PathBuf::from(std::env::var("OUT_DIR")?).join("skein_descriptor.bin");
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(descriptors)
+        .compile_with_config(config, &[admin, raft, responses, idempotency], &[root])?;
     Ok(())
 }

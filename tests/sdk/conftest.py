@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# What the session's node serves besides its proxy URL (its admin gRPC address).
+NODE = {}
+
 BIN_DIR = Path(os.environ.get("SKEIN_BIN_DIR", Path(__file__).resolve().parents[2] / "target" / "debug"))
 
 
@@ -133,6 +136,7 @@ routes:
     )
     try:
         match = node.wait_for(r'"http":"(http://[0-9.:]+)"')
+        NODE["grpc"] = node.wait_for(r'"grpc":"http://([0-9.:]+)"').group(1)
         yield match.group(1)
     finally:
         node.stop()
@@ -154,3 +158,9 @@ def anthropic_client(gateway_url):
 
 def parse_json(text):
     return json.loads(text)
+
+
+@pytest.fixture(scope="session")
+def admin_target(gateway_url):
+    """The session node's admin gRPC address (`host:port`)."""
+    return NODE["grpc"]

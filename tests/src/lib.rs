@@ -224,3 +224,18 @@ pub fn authorized<T>(token: &str, message: T) -> tonic::Request<T> {
     );
     request
 }
+
+/// An admin write carrying `entity` (given in the config file's schema) as its typed message,
+/// as every client generated from the proto sends it.
+pub fn typed_write(
+    kind: skein_proto::admin::v1::Kind,
+    entity: serde_json::Value,
+) -> skein_proto::admin::v1::WriteRequest {
+    let typed = skein_node::typed::entity_of(kind, &entity.to_string())
+        .unwrap_or_else(|status| panic!("{entity} as a typed entity: {}", status.message()));
+    skein_proto::admin::v1::WriteRequest {
+        kind: kind as i32,
+        json: String::new(),
+        entity: Some(typed),
+    }
+}

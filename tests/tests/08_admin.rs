@@ -4,7 +4,7 @@ use serde_json::json;
 use skein_mock::Fault;
 use skein_node::MapEnvironment;
 use skein_proto::admin::v1::admin_client::AdminClient;
-use skein_proto::admin::v1::{GetStatusRequest, Kind, WriteRequest};
+use skein_proto::admin::v1::{GetStatusRequest, Kind};
 use skein_tests::{Gateway, start_mock};
 
 #[tokio::test]
@@ -89,11 +89,10 @@ async fn get_status_reports_routes_and_key_cooldowns() {
 
     // A config change rebuilds the node's routing; what it learned about keys is kept.
     client
-        .create(WriteRequest {
-            kind: Kind::Route as i32,
-            json: json!({"name": "gamma", "deployments": [{"provider": "p", "model": "m"}]})
-                .to_string(),
-        })
+        .create(skein_tests::typed_write(
+            Kind::Route,
+            json!({"name": "gamma", "deployments": [{"provider": "p", "model": "m"}]}),
+        ))
         .await
         .expect("create route");
     let status = client

@@ -86,11 +86,10 @@ async fn admin_calls_need_the_token_and_name_bad_fields() {
 
     // A route naming a provider that does not exist: INVALID_ARGUMENT naming the field.
     let invalid = client
-        .create(authorized(WriteRequest {
-            kind: Kind::Route as i32,
-            json: json!({"name": "gamma", "deployments": [{"provider": "ghost", "model": "m"}]})
-                .to_string(),
-        }))
+        .create(authorized(skein_tests::typed_write(
+            Kind::Route,
+            json!({"name": "gamma", "deployments": [{"provider": "ghost", "model": "m"}]}),
+        )))
         .await
         .expect_err("invalid route");
     assert_eq!(invalid.code(), Code::InvalidArgument);
@@ -102,7 +101,9 @@ async fn admin_calls_need_the_token_and_name_bad_fields() {
     let garbage = client
         .create(authorized(WriteRequest {
             kind: Kind::Team as i32,
+            // The JSON form older clients send.
             json: "{not json".to_owned(),
+            entity: None,
         }))
         .await
         .expect_err("garbage");
@@ -207,10 +208,10 @@ async fn virtual_keys_are_shown_once_enforced_rotated_and_revoked() {
 
     // Keys are created with CreateKey only.
     let refused = client
-        .create(authorized(WriteRequest {
-            kind: Kind::Key as i32,
-            json: stored.to_string(),
-        }))
+        .create(authorized(skein_tests::typed_write(
+            Kind::Key,
+            stored.clone(),
+        )))
         .await
         .expect_err("create key through Create");
     assert_eq!(refused.code(), Code::InvalidArgument);
@@ -230,11 +231,10 @@ async fn entities_list_in_pages_export_import_and_watch() {
     let mut last_version = 0;
     for index in 0..5 {
         let written = client
-            .create(authorized(WriteRequest {
-                kind: Kind::Team as i32,
-                json: json!({"id": format!("team-{index}"), "name": format!("Team {index}")})
-                    .to_string(),
-            }))
+            .create(authorized(skein_tests::typed_write(
+                Kind::Team,
+                json!({"id": format!("team-{index}"), "name": format!("Team {index}")}),
+            )))
             .await
             .expect("create team")
             .into_inner();
@@ -242,10 +242,10 @@ async fn entities_list_in_pages_export_import_and_watch() {
         last_version = written.version;
     }
     let duplicate = client
-        .create(authorized(WriteRequest {
-            kind: Kind::Team as i32,
-            json: json!({"id": "team-0", "name": "again"}).to_string(),
-        }))
+        .create(authorized(skein_tests::typed_write(
+            Kind::Team,
+            json!({"id": "team-0", "name": "again"}),
+        )))
         .await
         .expect_err("duplicate");
     assert_eq!(duplicate.code(), Code::AlreadyExists);
@@ -275,10 +275,10 @@ async fn entities_list_in_pages_export_import_and_watch() {
 
     // Update merges fields; delete removes.
     client
-        .update(authorized(WriteRequest {
-            kind: Kind::Team as i32,
-            json: json!({"id": "team-1", "models": ["alpha"]}).to_string(),
-        }))
+        .update(authorized(skein_tests::typed_write(
+            Kind::Team,
+            json!({"id": "team-1", "name": "Team 1", "models": ["alpha"]}),
+        )))
         .await
         .expect("update");
     let team: serde_json::Value = serde_json::from_str(
@@ -419,10 +419,7 @@ async fn many_keys_are_created_in_one_atomic_write() {
 
 async fn put(client: &mut AdminClient<Channel>, kind: Kind, value: serde_json::Value) -> u64 {
     client
-        .create(authorized(WriteRequest {
-            kind: kind as i32,
-            json: value.to_string(),
-        }))
+        .create(authorized(skein_tests::typed_write(kind, value)))
         .await
         .expect("create")
         .into_inner()

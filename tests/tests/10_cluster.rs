@@ -12,7 +12,7 @@ use skein_proto::admin::v1::admin_client::AdminClient;
 use skein_proto::admin::v1::{
     ClusterMember, ClusterStatusRequest, ClusterStatusResponse, CreateKeyRequest,
     CreateKeysRequest, GetRequest, KeyRequest, Kind, ListRequest, NodeRequest,
-    TriggerSnapshotRequest, UsageRequest, WriteRequest,
+    TriggerSnapshotRequest, UsageRequest,
 };
 use skein_tests::process::{Spawned, run_cli};
 use skein_tests::{binary, free_port, start_mock};
@@ -443,11 +443,10 @@ async fn writes_replicate_keys_work_everywhere_and_the_group_survives_kill_9() {
         let mut admin = cluster.admin(survivors[attempt % 2]).await;
         let written = tokio::time::timeout(
             Duration::from_millis(500),
-            admin.create(authorized(WriteRequest {
-                kind: Kind::Team as i32,
-                json: json!({"id": "after-failover", "name": "written after the leader died"})
-                    .to_string(),
-            })),
+            admin.create(authorized(skein_tests::typed_write(
+                Kind::Team,
+                json!({"id": "after-failover", "name": "written after the leader died"}),
+            ))),
         )
         .await;
         match written {
@@ -551,10 +550,10 @@ async fn a_lagging_node_and_a_new_learner_catch_up_from_a_snapshot() {
     let mut admin = cluster.admin(leader).await;
     for index in 0..60 {
         admin
-            .create(authorized(WriteRequest {
-                kind: Kind::Team as i32,
-                json: json!({"id": format!("t{index:02}"), "name": "team"}).to_string(),
-            }))
+            .create(authorized(skein_tests::typed_write(
+                Kind::Team,
+                json!({"id": format!("t{index:02}"), "name": "team"}),
+            )))
             .await
             .expect("write while a node is down");
     }
@@ -859,11 +858,7 @@ async fn overshoot_run(
     let key = format!("run-{run}");
     let (secret, _) = create_key(admin, &key).await;
     let version = admin
-        .create(authorized(WriteRequest {
-            kind: Kind::Budget as i32,
-            json: json!({"id": format!("{key}-budget"), "scope": {"kind": "key", "id": key}, "limit_nanos": budget_nanos, "period": "lifetime"})
-                .to_string(),
-        }))
+        .create(authorized(skein_tests::typed_write(Kind::Budget, json!({"id": format!("{key}-budget"), "scope": {"kind": "key", "id": key}, "limit_nanos": budget_nanos, "period": "lifetime"}))))
         .await
         .expect("budget")
         .into_inner()
@@ -937,11 +932,7 @@ async fn budget_overshoot_across_three_nodes_under_concurrent_load() {
     let leader = cluster.leader(&all, Duration::from_secs(15)).await;
     let mut admin = cluster.admin(leader).await;
     admin
-        .create(authorized(WriteRequest {
-            kind: Kind::Price as i32,
-            json: json!({"model": "alpha", "input_nanos_per_token": 1000, "output_nanos_per_token": 1000})
-                .to_string(),
-        }))
+        .create(authorized(skein_tests::typed_write(Kind::Price, json!({"model": "alpha", "input_nanos_per_token": 1000, "output_nanos_per_token": 1000}))))
         .await
         .expect("price");
     // Calibrate: the cost of one request.
@@ -1469,10 +1460,7 @@ async fn idempotent_retries_across_nodes_run_once_and_are_charged_once() {
         ),
     ] {
         admin
-            .create(authorized(WriteRequest {
-                kind: kind as i32,
-                json: json.to_string(),
-            }))
+            .create(authorized(skein_tests::typed_write(kind, json)))
             .await
             .expect("write");
     }

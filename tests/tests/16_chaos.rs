@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use skein_proto::admin::v1::admin_client::AdminClient;
 use skein_proto::admin::v1::{
     ClusterStatusRequest, ClusterStatusResponse, CreateKeyRequest, GetRequest, Kind, NodeRequest,
-    UsageRequest, WriteRequest,
+    UsageRequest,
 };
 use skein_tests::authorized;
 use skein_tests::process::Spawned;
@@ -636,10 +636,10 @@ fn start_load(
                     let written = admin(ordinal)
                         .create(authorized(
                             &token,
-                            WriteRequest {
-                                kind: Kind::Team as i32,
-                                json: json!({"id": id, "name": "chaos"}).to_string(),
-                            },
+                            skein_tests::typed_write(
+                                Kind::Team,
+                                json!({"id": id, "name": "chaos"}),
+                            ),
                         ))
                         .await;
                     match written {
@@ -737,10 +737,7 @@ impl Chaos {
             let written = admin(running[0])
                 .create(authorized(
                     &self.token,
-                    WriteRequest {
-                        kind: kind as i32,
-                        json: value.to_string(),
-                    },
+                    skein_tests::typed_write(kind, value.clone()),
                 ))
                 .await;
             if written.is_ok() {

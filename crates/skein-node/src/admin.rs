@@ -111,6 +111,18 @@ impl AdminService {
             },
         );
         let mut routes = tonic::service::Routes::new(admin).add_service(raft);
+        // Server reflection (both versions: grpcurl asks for v1, older tools for v1alpha).
+        // Open like the probes: it describes the API, and every call still needs the token.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(skein_proto::FILE_DESCRIPTOR_SET)
+        };
+        match (reflection().build_v1(), reflection().build_v1alpha()) {
+            (Ok(v1), Ok(v1alpha)) => routes = routes.add_service(v1).add_service(v1alpha),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(%error, "gRPC server reflection is off: its descriptors do not load");
+            }
+        }
         if let Some(idempotency) = idempotency {
             let peer_token = token_for_peers.clone();
             routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(
@@ -132,6 +144,42 @@ impl AdminService {
             ));
         }
         routes.into_axum_router()
+    }
+
+    /// A typed update: the entity replaces the stored one whole (a key keeps its secret's
+    /// hash and prefix, and when it was created).
+    async fn replace(&self, request: &WriteRequest) -> Result<WriteResponse, Status> {
+        let (kind, json) = written_entity(request)?;
+        let id = serde_json::from_str::<serde_json::Value>(&json)
+            .ok()
+            .and_then(|value| value[id_field(kind)].as_str().map(str::to_owned))
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "entity.{}: required to say which {} to update",
+                    id_field(kind),
+                    kind_name(kind)
+                ))
+            })?;
+        let state = self.control.state();
+        if entity(&state, kind, &id)?.is_none() {
+            return Err(Status::not_found(format!(
+                "{} `{id}` does not exist",
+                kind_name(kind)
+            )));
+        }
+        let json = if kind == Kind::Key {
+            let current = &state.keys[&id];
+            let mut key: VirtualKey = parse(kind, &json)?;
+            key.hash = current.hash.clone();
+            key.prefix = current.prefix.clone();
+            key.created_at_ms = current.created_at_ms;
+            to_json(&key)?
+        } else {
+            json
+        };
+        let (_, command) = put_command(kind, &json)?;
+        self.write(command).await
     }
 
     async fn read(&self, min_version: u64) -> Result<Arc<ControlState>, Status> {
@@ -369,6 +417,32 @@ fn parse<T: DeserializeOwned>(kind: Kind, json: &str) -> Result<T, Status> {
     })
 }
 
+/// The member that names an entity of `kind`.
+pub(crate) fn id_field(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Provider | Kind::Route => "name",
+        Kind::Price => "model",
+        _ => "id",
+    }
+}
+
+/// The entity a write carries, as JSON in the config file's schema: the typed `entity`, or
+/// (from clients that predate it) `json`.
+fn written_entity(request: &WriteRequest) -> Result<(Kind, String), Status> {
+    match &request.entity {
+        Some(entity) => {
+            let (kind, value) = crate::typed::to_config_json(entity)?;
+            if request.kind != Kind::Unspecified as i32 && request.kind != kind as i32 {
+                return Err(Status::invalid_argument(
+                    "kind: does not match the entity given",
+                ));
+            }
+            Ok((kind, value.to_string()))
+        }
+        None => Ok((kind_of(request.kind)?, request.json.clone())),
+    }
+}
+
 fn kind_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Unspecified => "entity",
@@ -457,7 +531,8 @@ fn put_command(kind: Kind, json: &str) -> Result<(String, Command), Status> {
 }
 
 /// Lay the top-level members of `patch` over `existing` (both JSON objects).
-fn merge(existing: &str, patch: &str) -> Result<String, Status> {
+/// `patch`'s top-level members over `existing` (both JSON objects).
+pub(crate) fn merge(existing: &str, patch: &str) -> Result<String, Status> {
     let mut base: serde_json::Value =
         serde_json::from_str(existing).map_err(|error| Status::internal(error.to_string()))?;
     let patch: serde_json::Value = serde_json::from_str(patch)
@@ -534,13 +609,13 @@ impl Admin for AdminService {
         request: Request<WriteRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
         let request = request.into_inner();
-        let kind = kind_of(request.kind)?;
+        let (kind, json) = written_entity(&request)?;
         if kind == Kind::Key {
             return Err(Status::invalid_argument(
                 "kind: keys are created with CreateKey, which makes their secret",
             ));
         }
-        let (id, command) = put_command(kind, &request.json)?;
+        let (id, command) = put_command(kind, &json)?;
         if entity(&self.control.state(), kind, &id)?.is_some() {
             return Err(Status::already_exists(format!(
                 "{} `{id}` already exists",
@@ -556,14 +631,13 @@ impl Admin for AdminService {
         request: Request<WriteRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
         let request = request.into_inner();
+        if request.entity.is_some() {
+            return Ok(Response::new(self.replace(&request).await?));
+        }
         let kind = kind_of(request.kind)?;
         let patch: serde_json::Value = serde_json::from_str(&request.json)
             .map_err(|error| Status::invalid_argument(format!("json: {error}")))?;
-        let id_field = match kind {
-            Kind::Provider | Kind::Route => "name",
-            Kind::Price => "model",
-            _ => "id",
-        };
+        let id_field = id_field(kind);
         let Some(id) = patch.get(id_field).and_then(|id| id.as_str()) else {
             return Err(Status::invalid_argument(format!(
                 "json.{id_field}: required to say which {} to update",
@@ -602,11 +676,7 @@ impl Admin for AdminService {
             )));
         };
         Ok(Response::new(GetResponse {
-            resource: Some(Resource {
-                kind: kind as i32,
-                id: request.id,
-                json,
-            }),
+            resource: Some(crate::typed::resource(kind, request.id, json)?),
             version: state.version,
         }))
     }
@@ -628,12 +698,8 @@ impl Admin for AdminService {
         let page: Vec<Resource> = all[start..]
             .iter()
             .take(page_size)
-            .map(|(id, json)| Resource {
-                kind: kind as i32,
-                id: id.clone(),
-                json: json.clone(),
-            })
-            .collect();
+            .map(|(id, json)| crate::typed::resource(kind, id.clone(), json.clone()))
+            .collect::<Result<_, Status>>()?;
         let next_page_token = if start + page.len() < all.len() {
             page.last().map(|last| last.id.clone()).unwrap_or_default()
         } else {
@@ -676,11 +742,7 @@ impl Admin for AdminService {
         let json = entity(&state, Kind::Key, &id)?.unwrap_or_default();
         Ok(Response::new(CreateKeyResponse {
             secret,
-            key: Some(Resource {
-                kind: Kind::Key as i32,
-                id,
-                json,
-            }),
+            key: Some(crate::typed::resource(Kind::Key, id, json)?),
             version: written.version,
         }))
     }
@@ -737,11 +799,7 @@ impl Admin for AdminService {
         let json = entity(&self.control.state(), Kind::Key, &id)?.unwrap_or_default();
         Ok(Response::new(CreateKeyResponse {
             secret,
-            key: Some(Resource {
-                kind: Kind::Key as i32,
-                id,
-                json,
-            }),
+            key: Some(crate::typed::resource(Kind::Key, id, json)?),
             version: written.version,
         }))
     }

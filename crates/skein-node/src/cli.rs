@@ -451,12 +451,14 @@ pub async fn entity(
             );
         }
         EntityCommand::Create(input) => {
+            let entity = crate::typed::entity_of(kind, &input.read()?).map_err(failed)?;
             let written = client
                 .create(request(
                     connection,
                     WriteRequest {
                         kind: kind as i32,
-                        json: input.read()?,
+                        json: String::new(),
+                        entity: Some(entity),
                     },
                 )?)
                 .await
@@ -465,12 +467,37 @@ pub async fn entity(
             print_written(connection.output, written.version);
         }
         EntityCommand::Update(input) => {
+            // The fields given, over the entity as it is; sent whole, typed.
+            let patch = input.read()?;
+            let field = crate::admin::id_field(kind);
+            let id = serde_json::from_str::<Value>(&patch)
+                .ok()
+                .and_then(|value| value[field].as_str().map(str::to_owned))
+                .ok_or_else(|| anyhow::anyhow!("the JSON must name the entity in `{field}`"))?;
+            let current = client
+                .get(request(
+                    connection,
+                    GetRequest {
+                        kind: kind as i32,
+                        id,
+                        min_version: 0,
+                    },
+                )?)
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .resource
+                .map(|resource| resource.json)
+                .unwrap_or_default();
+            let merged = crate::admin::merge(&current, &patch).map_err(failed)?;
+            let entity = crate::typed::entity_of(kind, &merged).map_err(failed)?;
             let written = client
                 .update(request(
                     connection,
                     WriteRequest {
                         kind: kind as i32,
-                        json: input.read()?,
+                        json: String::new(),
+                        entity: Some(entity),
                     },
                 )?)
                 .await

@@ -14,6 +14,7 @@ pub mod responses;
 pub mod spend;
 pub mod spend_log;
 pub mod tls;
+pub mod typed;
 
 pub use env::{Environment, MapEnvironment, ProcessEnvironment};
 pub use load::{ConfigSource, discover_providers, load_config, parse_config_text};

@@ -34,3 +34,7 @@ pub mod idempotency {
         tonic::include_proto!("skein.idempotency.v1");
     }
 }
+
+/// Every service and message above, encoded as a `FileDescriptorSet`: what gRPC server
+/// reflection serves.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("skein_descriptor");
