@@ -14,9 +14,6 @@ from pathlib import Path
 
 import pytest
 
-# What the session's node serves besides its proxy URL (its admin gRPC address).
-NODE = {}
-
 BIN_DIR = Path(os.environ.get("SKEIN_BIN_DIR", Path(__file__).resolve().parents[2] / "target" / "debug"))
 
 
@@ -136,7 +133,6 @@ routes:
     )
     try:
         match = node.wait_for(r'"http":"(http://[0-9.:]+)"')
-        NODE["grpc"] = node.wait_for(r'"grpc":"http://([0-9.:]+)"').group(1)
         yield match.group(1)
     finally:
         node.stop()
@@ -160,7 +156,35 @@ def parse_json(text):
     return json.loads(text)
 
 
-@pytest.fixture(scope="session")
-def admin_target(gateway_url):
-    """The session node's admin gRPC address (`host:port`)."""
-    return NODE["grpc"]
+@pytest.fixture(scope="module")
+def admin_target(mock_url, tmp_path_factory):
+    """A node of its own (keys created through its admin API close its proxy to callers
+    without one, which the session's node must stay open to): its admin gRPC address."""
+    directory = tmp_path_factory.mktemp("skein-admin")
+    path = directory / "skein.yaml"
+    path.write_text(
+        f"""
+version: 1
+providers:
+  - name: mock
+    kind: openai_compatible
+    base_url: {mock_url}/v1
+    keys: [{{key: env:SKEIN_TEST_MOCK_KEY}}]
+routes:
+  - name: gpt-test
+    deployments: [{{provider: mock, model: mock-gpt}}]
+"""
+    )
+    env = dict(os.environ)
+    env.update({"SKEIN_TEST_MOCK_KEY": "sk-mock", "SKEIN_LOG_FORMAT": "json", "SKEIN_LOG": "info"})
+    node = Process(
+        [
+            binary("skein"), "serve", "--config", str(path), "--data-dir", str(directory / "data"),
+            "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--gossip-addr", "off",
+        ],
+        env=env,
+    )
+    try:
+        yield node.wait_for(r'"grpc":"http://([0-9.:]+)"').group(1)
+    finally:
+        node.stop()
