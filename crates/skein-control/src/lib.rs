@@ -53,7 +53,7 @@ openraft::declare_raft_types!(
         R = ApplyResponse,
         NodeId = NodeId,
         Node = Node,
-        SnapshotData = tokio::fs::File,
+        SnapshotData = crate::machine::SnapshotFile,
 );
 
 /// sled's page cache.

@@ -14,7 +14,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 use skein_types::control::{Command, ControlState, Outcome};
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncSeek, AsyncSeekExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
 use crate::history::{History, SpendRecord};
@@ -387,7 +387,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         store_meta(&self.tree, &self.db, &self.dir, &stored).await?;
         Ok(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(opened),
+            snapshot: Box::new(SnapshotFile::new(opened)),
         })
     }
 }
@@ -477,7 +477,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+    ) -> Result<Box<SnapshotFile>, StorageError<NodeId>> {
         if let Some(abandoned) = self.receiving.take() {
             let _ = tokio::fs::remove_file(abandoned).await;
         }
@@ -490,13 +490,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         self.receiving = Some(path);
-        Ok(Box::new(file))
+        Ok(Box::new(SnapshotFile::new(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, Node>,
-        snapshot: Box<tokio::fs::File>,
+        snapshot: Box<SnapshotFile>,
     ) -> Result<(), StorageError<NodeId>> {
         let signature = Some(meta.signature());
         let failed = |e: &dyn std::error::Error| -> StorageError<NodeId> {
@@ -570,8 +570,91 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?;
         Ok(Some(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(file),
+            snapshot: Box::new(SnapshotFile::new(file)),
         }))
+    }
+}
+
+/// A snapshot file whose reads, writes and seeks (a blocking call each, as `tokio::fs::File`
+/// makes them) run on the snapshot runtime's own blocking thread, at the lowest CPU priority,
+/// instead of the node's blocking pool: sending a large snapshot to a learner then takes what
+/// CPU the proxy leaves.
+#[derive(Debug)]
+pub struct SnapshotFile {
+    file: tokio::fs::File,
+}
+
+impl SnapshotFile {
+    pub fn new(file: tokio::fs::File) -> SnapshotFile {
+        SnapshotFile { file }
+    }
+
+    /// The file, for the blocking work that follows an install.
+    pub async fn into_std(self) -> std::fs::File {
+        self.file.into_std().await
+    }
+}
+
+/// Run `poll` with the snapshot runtime as the current one (so that the file's blocking calls
+/// go to its pool), if there is one.
+fn on_snapshot_runtime<T>(poll: impl FnOnce() -> T) -> T {
+    let _entered = crate::network::snapshot_runtime().map(|runtime| runtime.enter());
+    poll()
+}
+
+impl AsyncRead for SnapshotFile {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let file = &mut self.get_mut().file;
+        on_snapshot_runtime(|| std::pin::Pin::new(file).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for SnapshotFile {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let file = &mut self.get_mut().file;
+        on_snapshot_runtime(|| std::pin::Pin::new(file).poll_write(cx, buf))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let file = &mut self.get_mut().file;
+        on_snapshot_runtime(|| std::pin::Pin::new(file).poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let file = &mut self.get_mut().file;
+        on_snapshot_runtime(|| std::pin::Pin::new(file).poll_shutdown(cx))
+    }
+}
+
+impl AsyncSeek for SnapshotFile {
+    fn start_seek(
+        self: std::pin::Pin<&mut Self>,
+        position: std::io::SeekFrom,
+    ) -> std::io::Result<()> {
+        let file = &mut self.get_mut().file;
+        on_snapshot_runtime(|| std::pin::Pin::new(file).start_seek(position))
+    }
+
+    fn poll_complete(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<u64>> {
+        let file = &mut self.get_mut().file;
+        on_snapshot_runtime(|| std::pin::Pin::new(file).poll_complete(cx))
     }
 }
 

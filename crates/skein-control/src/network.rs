@@ -26,9 +26,10 @@ use tonic::{Request, Response, Status};
 use crate::identity::Identity;
 use crate::{ControlPlane, Forwarded, Node, NodeId, TypeConfig};
 
-/// The runtime snapshot chunks are sent on: one thread at a low CPU priority, apart from the
-/// proxy's (`None` if it could not be started: chunks then go on the caller's runtime).
-fn snapshot_runtime() -> Option<&'static tokio::runtime::Runtime> {
+/// The runtime snapshot chunks are sent on, and whose blocking thread reads and writes
+/// snapshot files: one thread of each at the lowest CPU priority, apart from the proxy's
+/// (`None` if it could not be started: chunks then go on the caller's runtime).
+pub(crate) fn snapshot_runtime() -> Option<&'static tokio::runtime::Runtime> {
     static RUNTIME: std::sync::OnceLock<Option<tokio::runtime::Runtime>> =
         std::sync::OnceLock::new();
     RUNTIME
@@ -38,7 +39,7 @@ fn snapshot_runtime() -> Option<&'static tokio::runtime::Runtime> {
                 .max_blocking_threads(1)
                 .thread_name("skein-snapshot-send")
                 .on_thread_start(|| {
-                    crate::machine::lower_this_thread(10);
+                    crate::machine::lower_this_thread(19);
                 })
                 .enable_all()
                 .build()
