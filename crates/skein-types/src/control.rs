@@ -2403,6 +2403,100 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_moves_the_key_team_and_customer_budgets_together_or_not_at_all() {
+        let mut state = ControlState::default();
+        let budget = |id: &str, scope: Scope, limit_nanos: Nanos| Command::PutBudget {
+            budget: Budget {
+                id: id.to_owned(),
+                scope,
+                limit_nanos,
+                period: BudgetPeriod::Lifetime,
+                hard: true,
+            },
+        };
+        let commands = vec![
+            Command::PutCustomer {
+                customer: Customer {
+                    id: "c".into(),
+                    name: "c".into(),
+                    limits: Limits::default(),
+                    metadata: BTreeMap::new(),
+                },
+            },
+            Command::PutTeam {
+                team: Team {
+                    id: "t".into(),
+                    name: "t".into(),
+                    customer: Some("c".into()),
+                    models: vec![],
+                    limits: Limits::default(),
+                    metadata: BTreeMap::new(),
+                },
+            },
+            Command::CreateKey {
+                key: VirtualKey {
+                    team: Some("t".into()),
+                    ..key("k", 'a')
+                },
+            },
+            budget("kb", Scope::Key("k".into()), 1_000),
+            budget("tb", Scope::Team("t".into()), 100),
+            budget("cb", Scope::Customer("c".into()), 10_000),
+        ];
+        for (index, command) in commands.into_iter().enumerate() {
+            assert_eq!(state.apply(index as u64 + 1, &proposal(command)), Outcome::Applied);
+        }
+        let ask = |need: Nanos| Command::GrantLeases {
+            node: 1,
+            asks: ["kb", "tb", "cb"]
+                .iter()
+                .map(|budget| LeaseAsk {
+                    budget: (*budget).to_owned(),
+                    need,
+                    want: need,
+                })
+                .collect(),
+        };
+        // The team's budget cannot spare 200: nothing is granted, on any level.
+        let Outcome::Rejected(rejection) = state.apply(10, &proposal(ask(200))) else {
+            panic!("granted past the team's budget");
+        };
+        assert_eq!(rejection.field.as_deref(), Some("exhausted"));
+        for budget in ["kb", "tb", "cb"] {
+            assert!(state.lease(budget, 1).is_none(), "{budget} moved alone");
+        }
+        // 50 fits every level: all three leases move in the one command.
+        assert_eq!(state.apply(11, &proposal(ask(50))), Outcome::Applied);
+        for budget in ["kb", "tb", "cb"] {
+            assert_eq!(
+                state.lease(budget, 1).map(|lease| lease.granted_nanos),
+                Some(50),
+                "{budget}"
+            );
+        }
+        // Spend recorded once counts against every level's lease and ledger.
+        state.apply(
+            12,
+            &proposal(Command::RecordSpend {
+                node: 1,
+                seq: 1,
+                items: vec![SpendItem {
+                    key_id: "k".into(),
+                    model: "m".into(),
+                    requests: 1,
+                    input_tokens: 1,
+                    output_tokens: 1,
+                    cost_nanos: 30,
+                }],
+            }),
+        );
+        for budget in ["kb", "tb", "cb"] {
+            assert_eq!(state.budget_spent(budget, 1_700_000_000_000), 30);
+            assert_eq!(state.lease(budget, 1).map(Lease::outstanding), Some(20));
+        }
+    }
+
+    #[test]
     fn spend_is_applied_once_per_node_and_sequence() {
         let mut state = ControlState::default();
         state.apply(
