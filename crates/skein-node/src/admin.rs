@@ -443,7 +443,7 @@ fn written_entity(request: &WriteRequest) -> Result<(Kind, String), Status> {
     }
 }
 
-fn kind_name(kind: Kind) -> &'static str {
+pub(crate) fn kind_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Unspecified => "entity",
         Kind::Provider => "provider",

@@ -270,16 +270,7 @@ fn label<T: serde::Serialize>(value: &T) -> String {
 
 /// A stored entity (its JSON in the config file's schema) as its message.
 pub fn entity_of(kind: Kind, json: &str) -> Result<pb::Entity, Status> {
-    let name = match kind {
-        Kind::Provider => "provider",
-        Kind::Route => "route",
-        Kind::Key => "key",
-        Kind::Team => "team",
-        Kind::Customer => "customer",
-        Kind::Budget => "budget",
-        Kind::Price => "price",
-        Kind::Unspecified => "entity",
-    };
+    let name = crate::admin::kind_name(kind);
     let internal = |error: serde_json::Error| {
         Status::invalid_argument(format!("json: not a valid {name}: {error}"))
     };

@@ -2444,7 +2444,10 @@ mod tests {
             budget("cb", Scope::Customer("c".into()), 10_000),
         ];
         for (index, command) in commands.into_iter().enumerate() {
-            assert_eq!(state.apply(index as u64 + 1, &proposal(command)), Outcome::Applied);
+            assert_eq!(
+                state.apply(index as u64 + 1, &proposal(command)),
+                Outcome::Applied
+            );
         }
         let ask = |need: Nanos| Command::GrantLeases {
             node: 1,
