@@ -107,7 +107,7 @@ wait_for_line() { # file, regex: prints the first match; waits up to 30 s
 # The mock provider: one thread on core 1, no request recording, no latency. Sets mock_url.
 start_mock() {
   taskset -c 1 "$bin/skein-mock" --addr 127.0.0.1:0 --threads 1 --no-record > "$work/mock.out" 2>&1 &
-  pids+=($!)
+  pids+=($!); mock_pid=$!
   mock_url=$(wait_for_line "$work/mock.out" 'http://127\.0\.0\.1:[0-9]+')
 }
 

@@ -12,13 +12,18 @@
 # snapshot, the worst case) is the node measured, with core 0 to itself (as it would have its
 # own machine) while every other process shares core 1: the figure is then what the learner's
 # catch-up costs the other nodes through the cluster, not two cores shared by five processes.
+# With --beside-leader, the mock and the load generator that measures the leader run on core 0
+# beside it (the other nodes and the learner keep core 1): the leader's figures then show what
+# the learner costs it, not what the learner's work on core 1 costs the mock and the client.
 # Usage: benches/scale.sh [--levels 1000,10000,100000,1000000] [--teams 100000] [--writes 4000]
+#                         [--beside-leader]
 # Results: benches/results/scale-<timestamp>.jsonl
 set -euo pipefail
 cd "$(dirname "$0")/.."
-levels=1000,10000,100000,1000000; teams=100000; writes=4000
+levels=1000,10000,100000,1000000; teams=100000; writes=4000; beside=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --beside-leader) beside=1 ;;
     --levels) levels=$2; shift ;;
     --teams) teams=$2; shift ;;
     --writes) writes=$2; shift ;;
@@ -81,8 +86,13 @@ leader=$(status_of "${grpc[0]}" | python3 -c 'import json,sys; print(json.load(s
 measured=$((leader - 1))
 for pid in "${pids[@]}"; do taskset -apc 1 "$pid" > /dev/null 2>&1 || true; done
 taskset -apc 0 "${node_pids[$measured]}" > /dev/null
+client_core=1
+if [ "$beside" = 1 ]; then
+  taskset -apc 0 "$mock_pid" > /dev/null
+  client_core=0
+fi
 proxy_load() { # label secs
-  taskset -c 1 "$bin/skein-load" --url "${urls[$measured]}/v1/chat/completions" --body "$body" --bearer "$secret" \
+  taskset -c "$client_core" "$bin/skein-load" --url "${urls[$measured]}/v1/chat/completions" --body "$body" --bearer "$secret" \
     --rate 200 --duration-secs "$2" --warmup-secs 0 --connections 8 --label "$1"
 }
 proxy_load proxy/idle 10 | tee -a "$results"
@@ -113,7 +123,7 @@ done
 wait "$load_pid" || true
 cat "$work/joining.json" | tee -a "$results"
 learner_rss=$(awk '/VmRSS/ {print $2}' "/proc/$learner_pid/status")
-echo "{\"label\":\"learner\",\"proxy_measured_on_leader\":$leader,\"keys_approx\":\"${levels##*,}\",\"caught_up_secs\":${caught_up:-null},\"snapshot_and_applied\":\"${line:-}\",\"leader_applied_at_join\":$leader_applied,\"learner_rss_kib\":${learner_rss:-0}}" | tee -a "$results"
+echo "{\"label\":\"learner\",\"beside_leader\":$beside,\"proxy_measured_on_leader\":$leader,\"keys_approx\":\"${levels##*,}\",\"caught_up_secs\":${caught_up:-null},\"snapshot_and_applied\":\"${line:-}\",\"leader_applied_at_join\":$leader_applied,\"learner_rss_kib\":${learner_rss:-0}}" | tee -a "$results"
 
 python3 - "$results" <<'PY'
 import json, sys

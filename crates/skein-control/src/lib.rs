@@ -527,11 +527,35 @@ impl ControlPlane {
         self.propose_with(actor, command, true).await
     }
 
+    /// [`ControlPlane::propose`] a command that may safely be applied twice (a lease grant
+    /// or return): a leader that does not answer within `attempt` is asked again, or its
+    /// successor, rather than waited for until the deadline (a leader cut off from the
+    /// network never answers; the group elects another within a couple of seconds).
+    pub async fn propose_retrying(
+        &self,
+        actor: &str,
+        command: Command,
+        attempt: Duration,
+    ) -> Result<ApplyResponse, ControlError> {
+        self.propose_inner(actor, command, false, Some(attempt))
+            .await
+    }
+
     async fn propose_with(
         &self,
         actor: &str,
         command: Command,
         create_only: bool,
+    ) -> Result<ApplyResponse, ControlError> {
+        self.propose_inner(actor, command, create_only, None).await
+    }
+
+    async fn propose_inner(
+        &self,
+        actor: &str,
+        command: Command,
+        create_only: bool,
+        attempt: Option<Duration>,
     ) -> Result<ApplyResponse, ControlError> {
         let proposal = Proposal {
             actor: actor.to_owned(),
@@ -540,7 +564,7 @@ impl ControlPlane {
             create_only,
         };
         match self
-            .to_leader(LeaderRequest::Write(Box::new(proposal)))
+            .to_leader_with(LeaderRequest::Write(Box::new(proposal)), attempt)
             .await?
         {
             LeaderReply::Applied(response) => {
@@ -555,6 +579,16 @@ impl ControlPlane {
 
     /// Send a request to the leader (this node or another), retrying while the leader changes.
     pub async fn to_leader(&self, request: LeaderRequest) -> Result<LeaderReply, ControlError> {
+        self.to_leader_with(request, None).await
+    }
+
+    /// [`ControlPlane::to_leader`]; with `attempt`, a forward that gets no answer within it is
+    /// tried again (the request must be safe to apply twice).
+    async fn to_leader_with(
+        &self,
+        request: LeaderRequest,
+        attempt: Option<Duration>,
+    ) -> Result<LeaderReply, ControlError> {
         let deadline = Instant::now() + LEADER_WAIT;
         let mut last_error = ControlError::Unavailable("no leader is known".to_owned());
         while Instant::now() < deadline {
@@ -582,11 +616,16 @@ impl ControlPlane {
                         .map(|node| node.addr.clone());
                     match addr {
                         Some(addr) => match tokio::time::timeout(
-                            left,
+                            attempt.map_or(left, |attempt| attempt.min(left)),
                             self.forward_to(&addr, &request, false),
                         )
                         .await
                         {
+                            Err(_) if attempt.is_some() => {
+                                last_error = ControlError::Unavailable(format!(
+                                    "the leader, node {leader}, did not answer in time"
+                                ));
+                            }
                             Err(_) => return Err(late()),
                             Ok(Err(
                                 error @ (ControlError::NotLeader | ControlError::Unavailable(_)),

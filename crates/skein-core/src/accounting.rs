@@ -459,7 +459,7 @@ impl Ledger {
         let mut work = LeaseWork::default();
         let budgets: Vec<String> = inner.leases.keys().cloned().collect();
         for budget in budgets {
-            let held = state.lease(&budget, node).is_some();
+            let held = state.lease(&budget, node).map(|lease| lease.granted_nanos);
             let local = inner.local(&budget, shown);
             let Some(usage) = inner.leases.get_mut(&budget) else {
                 continue;
@@ -467,11 +467,14 @@ impl Ledger {
             let idle = usage.last_use_ms.saturating_add(LEASE_IDLE_MS) < now_ms;
             if idle {
                 usage.renew = None;
-                if held && !usage.returning {
+                if let Some(granted) = held
+                    && !usage.returning
+                {
                     usage.returning = true;
                     work.give_back.push(LeaseReturn {
                         budget: budget.clone(),
                         keep: local,
+                        granted: Some(granted),
                     });
                 }
                 continue;
@@ -501,31 +504,54 @@ impl Ledger {
         };
         let mut returns = Vec::new();
         for budget in chosen {
-            if state.lease(&budget, node).is_none() {
+            let Some(granted) = state.lease(&budget, node).map(|lease| lease.granted_nanos) else {
                 continue;
-            }
+            };
             let keep = inner.local(&budget, shown);
             let usage = inner.leases.entry(budget.clone()).or_default();
             if usage.returning {
                 continue;
             }
             usage.returning = true;
-            returns.push(LeaseReturn { budget, keep });
+            returns.push(LeaseReturn {
+                budget,
+                keep,
+                granted: Some(granted),
+            });
         }
         returns
     }
 
     /// The returns of [`Ledger::give_back`] (or [`LeaseWork::give_back`]) were applied at
-    /// `version` (or, with `None`, not applied): the leases may be reserved from again, in
-    /// snapshots at that version or later.
+    /// `version`: the leases may be reserved from again, in snapshots at that version or
+    /// later. With `None` the proposal's fate is unknown (it may still commit): nothing is
+    /// reserved from those leases until a later grant ([`Ledger::granted`]), after which a
+    /// late return is ignored by the state (it names the grant it saw).
     pub fn returned(&self, returns: &[LeaseReturn], version: Option<u64>) {
         let mut inner = self.lock();
         for returned in returns {
             if let Some(usage) = inner.leases.get_mut(&returned.budget) {
                 usage.returning = false;
-                if let Some(version) = version {
-                    usage.returned_at = usage.returned_at.max(version);
-                }
+                usage.returned_at = match version {
+                    Some(version) if usage.returned_at != u64::MAX => {
+                        usage.returned_at.max(version)
+                    }
+                    Some(_) => usage.returned_at,
+                    None => u64::MAX,
+                };
+            }
+        }
+    }
+
+    /// A grant on `budgets` was applied at `version`: leases held back after a return of
+    /// unknown fate may be reserved from again, in snapshots at that version or later.
+    pub fn granted(&self, budgets: &[String], version: u64) {
+        let mut inner = self.lock();
+        for budget in budgets {
+            if let Some(usage) = inner.leases.get_mut(budget)
+                && usage.returned_at == u64::MAX
+            {
+                usage.returned_at = version;
             }
         }
     }
@@ -1098,7 +1124,8 @@ mod tests {
             work.give_back,
             vec![LeaseReturn {
                 budget: "b".into(),
-                keep: 40
+                keep: 40,
+                granted: Some(1_000),
             }]
         );
         // Until the return is applied, nothing is reserved from the lease, nor given back
@@ -1118,7 +1145,8 @@ mod tests {
             ledger.give_back(&state, Some(&["b".to_owned()])),
             vec![LeaseReturn {
                 budget: "b".into(),
-                keep: 40
+                keep: 40,
+                granted: Some(1_000),
             }]
         );
     }

@@ -18,8 +18,16 @@ use skein_types::control::{Command, LeaseAsk, Outcome};
 /// How often the background work (renewals, idle leases given back) runs.
 const LEASE_TICK: Duration = Duration::from_millis(500);
 
+/// How long a lease proposal waits for one leader before asking again (grants and returns
+/// are safe to apply twice: a return names the grant it saw).
+const ATTEMPT_WAIT: Duration = Duration::from_millis(800);
+
 /// How long a grant waits for the proxy's state to show it.
 const SHOW_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a background renewal or return may take (it holds the turn that calls waiting for
+/// a lease need; while the group has no leader a proposal would otherwise wait for one).
+const BACKGROUND_WAIT: Duration = Duration::from_secs(3);
 
 /// Grants, renews and gives back this node's leases.
 pub struct Leases {
@@ -43,7 +51,11 @@ impl Leases {
 
     /// Propose `command`; the version it was applied at, or why not.
     async fn propose(&self, command: Command) -> Result<u64, GrantError> {
-        match self.control.propose("leases", command).await {
+        match self
+            .control
+            .propose_retrying("leases", command, ATTEMPT_WAIT)
+            .await
+        {
             Ok(response) => match response.outcome {
                 Outcome::Applied => Ok(response.version),
                 Outcome::Rejected(rejection) => Err(match rejection.field.as_deref() {
@@ -69,17 +81,23 @@ impl Leases {
             if !work.renew.is_empty() {
                 let _turn = self.turn.lock().await;
                 let node = self.ledger.node();
-                match self
-                    .propose(Command::GrantLeases {
+                let renewed_budgets: Vec<String> =
+                    work.renew.iter().map(|ask| ask.budget.clone()).collect();
+                let renewed = tokio::time::timeout(
+                    BACKGROUND_WAIT,
+                    self.propose(Command::GrantLeases {
                         node,
                         asks: work.renew,
-                    })
-                    .await
-                {
-                    Ok(version) => {
+                    }),
+                )
+                .await;
+                match renewed {
+                    Ok(Ok(version)) => {
                         self.app.wait_for_control(version, SHOW_WAIT).await;
+                        self.ledger.granted(&renewed_budgets, version);
                     }
-                    Err(error) => tracing::debug!(?error, "a lease was not renewed"),
+                    Ok(Err(error)) => tracing::debug!(?error, "a lease was not renewed"),
+                    Err(_) => tracing::debug!("a lease renewal found no leader in time"),
                 }
             }
             if !work.give_back.is_empty() {
@@ -101,12 +119,19 @@ impl Leases {
             return Ok(());
         }
         let node = self.ledger.node();
-        let proposed = self
-            .propose(Command::ReturnLeases {
+        let proposed = tokio::time::timeout(
+            BACKGROUND_WAIT,
+            self.propose(Command::ReturnLeases {
                 node,
                 leases: returns.clone(),
-            })
-            .await;
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(GrantError::Unavailable(
+                "no leader took the return in time".to_owned(),
+            ))
+        });
         match proposed {
             Ok(version) => {
                 self.app.wait_for_control(version, SHOW_WAIT).await;
@@ -149,6 +174,7 @@ impl LeaseBroker for Leases {
             return Ok(());
         }
         let node = self.ledger.node();
+        let asked: Vec<String> = asks.iter().map(|ask| ask.budget.clone()).collect();
         let budgets: Vec<String> = asks
             .iter()
             .filter(|ask| ask.need > 0)
@@ -167,6 +193,7 @@ impl LeaseBroker for Leases {
             Err(error) => return Err(error),
         };
         if self.app.wait_for_control(version, SHOW_WAIT).await {
+            self.ledger.granted(&asked, version);
             Ok(())
         } else {
             Err(GrantError::Unavailable(

@@ -68,8 +68,9 @@ impl Hold {
 /// budget is treated as spent for it.
 pub const MIN_OUTPUT_TOKENS: u64 = 16;
 
-/// A reservation waits at most this long for a lease (the leader is elsewhere, or busy).
-const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// A reservation waits at most this long for a lease: long enough for the group to elect a
+/// new leader (a second or two) when the one it asks has died or been cut off.
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Grants asked for one call at the most (each after something changed).
 const LEASE_ROUNDS: usize = 6;

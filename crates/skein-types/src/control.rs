@@ -267,6 +267,11 @@ pub struct LeaseAsk {
 pub struct LeaseReturn {
     pub budget: String,
     pub keep: Nanos,
+    /// The lease's grant as the node saw it when it gave the lease back: a return that
+    /// reaches the log after a later grant (it was proposed, timed out, and committed late)
+    /// is then ignored, rather than taking back what the node was granted since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<Nanos>,
 }
 
 /// Usage totals for one key and model (over all time, or one day).
@@ -1518,6 +1523,14 @@ impl ControlState {
                     if !ledger.leases.contains_key(node) {
                         continue;
                     }
+                    if returned.granted.is_some_and(|seen| {
+                        ledger
+                            .leases
+                            .get(node)
+                            .is_some_and(|lease| lease.granted_nanos != seen)
+                    }) {
+                        continue;
+                    }
                     let ledger = Arc::make_mut(ledger);
                     if let Some(lease) = ledger.leases.get_mut(node) {
                         lease.granted_nanos = lease
@@ -2497,6 +2510,24 @@ mod tests {
             assert_eq!(state.budget_spent(budget, 1_700_000_000_000), 30);
             assert_eq!(state.lease(budget, 1).map(Lease::outstanding), Some(20));
         }
+        // A return proposed before a later grant, committed after it, takes nothing back.
+        let give_back = |granted| Command::ReturnLeases {
+            node: 1,
+            leases: vec![LeaseReturn {
+                budget: "kb".into(),
+                keep: 0,
+                granted: Some(granted),
+            }],
+        };
+        assert_eq!(state.apply(13, &proposal(ask(50))), Outcome::Applied);
+        assert_eq!(state.apply(14, &proposal(give_back(50))), Outcome::Applied);
+        assert_eq!(
+            state.lease("kb", 1).map(|lease| lease.granted_nanos),
+            Some(100)
+        );
+        // One that saw the grant as it is returns it.
+        assert_eq!(state.apply(15, &proposal(give_back(100))), Outcome::Applied);
+        assert!(state.lease("kb", 1).is_none());
     }
 
     #[test]
@@ -2969,7 +3000,11 @@ mod tests {
                 (0u64..3, id("b", 4), 0u64..300).prop_map(|(node, budget, keep)| {
                     Command::ReturnLeases {
                         node,
-                        leases: vec![LeaseReturn { budget, keep }],
+                        leases: vec![LeaseReturn {
+                            budget,
+                            keep,
+                            granted: None,
+                        }],
                     }
                 }),
                 (0u64..3).prop_map(|node| Command::ForgetNode { node }),
@@ -3095,11 +3130,13 @@ mod tests {
                             });
                         }
                         Step::Return { node } => {
+                            let granted = state.lease("b", node).map(|lease| lease.granted_nanos);
                             apply(&mut state, at_ms, Command::ReturnLeases {
                                 node,
                                 leases: vec![LeaseReturn {
                                     budget: "b".into(),
                                     keep: unrecorded[node as usize],
+                                    granted,
                                 }],
                             });
                         }
