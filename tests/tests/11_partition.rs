@@ -1,7 +1,7 @@
 //! A network partition, for real: three `skein` processes, each in a network namespace this
 //! test creates, joined by veth pairs to a bridge in a fourth namespace (addresses 10.77.0.x,
-//! which exist only inside these namespaces); each namespace runs its own mock provider on its
-//! loopback. Cutting node 3's link isolates it from gossip and Raft alike (not from its
+//! which exist only inside these namespaces); the mock provider listens on a second bridge
+//! every node is linked to (10.78.0.x). Cutting node 3's cluster link isolates it from gossip and Raft alike (not from its
 //! upstream); the others mark it dead and stop counting its rate-limit use; restoring the link
 //! lets it rejoin and catch up. A second test cuts off a node that holds a budget lease.
 //!
@@ -19,9 +19,9 @@ const TOKEN: &str = "partition-admin-token";
 const HTTP: u16 = 8080;
 const GRPC: u16 = 8081;
 const GOSSIP: u16 = 8082;
-/// Every namespace runs its own mock provider on its own loopback: cutting a node off the
-/// cluster leaves it its upstream, as a partition between gateway nodes does.
-const MOCK: &str = "127.0.0.1:9000";
+/// The upstream's address on its own bridge (the mock binds port 0 there): cutting a node off
+/// the cluster leaves it its upstream, as a partition between gateway nodes does.
+const UPSTREAM_HOST: &str = "10.78.0.254";
 
 fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program)
@@ -63,6 +63,20 @@ impl Net {
         }
         ip(&["-n", &net.bridge, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &net.bridge, "link", "set", "br0", "up"]);
+        // A second bridge, for the upstream: the mock provider listens on it, and a node cut
+        // off the cluster (its br0 link down) still reaches it.
+        ip(&["-n", &net.bridge, "link", "set", "lo", "up"]);
+        ip(&["-n", &net.bridge, "link", "add", "br1", "type", "bridge"]);
+        ip(&[
+            "-n",
+            &net.bridge,
+            "addr",
+            "add",
+            &format!("{UPSTREAM_HOST}/24"),
+            "dev",
+            "br1",
+        ]);
+        ip(&["-n", &net.bridge, "link", "set", "br1", "up"]);
         for (index, ns) in net.nodes.iter().enumerate() {
             let i = index + 1;
             ip(&["netns", "add", ns]);
@@ -94,6 +108,33 @@ impl Net {
             ip(&["-n", ns, "link", "set", &inside, "up"]);
             ip(&["-n", &net.bridge, "link", "set", &outside, "master", "br0"]);
             ip(&["-n", &net.bridge, "link", "set", &outside, "up"]);
+            let (inside, outside) = (format!("skw{i}x{tag}"), format!("skq{i}x{tag}"));
+            ip(&[
+                "link",
+                "add",
+                &inside,
+                "netns",
+                ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &outside,
+                "netns",
+                &net.bridge,
+            ]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("10.78.0.{i}/24"),
+                "dev",
+                &inside,
+            ]);
+            ip(&["-n", ns, "link", "set", &inside, "up"]);
+            ip(&["-n", &net.bridge, "link", "set", &outside, "master", "br1"]);
+            ip(&["-n", &net.bridge, "link", "set", &outside, "up"]);
         }
         Some(net)
     }
@@ -109,6 +150,13 @@ impl Net {
             &format!("skp{i}x{tag}"),
             if up { "up" } else { "down" },
         ]);
+    }
+
+    /// A command that runs inside the bridges' namespace (where the upstream is).
+    fn upstream_command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.bridge, program]);
+        command
     }
 
     /// A command that runs inside node `i`'s namespace.
@@ -197,24 +245,39 @@ fn poll<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) 
     }
 }
 
-/// The mocks (one per namespace) and three nodes, each in its own namespace, serving.
-fn start_cluster(net: &Net, dir: &std::path::Path) -> (Vec<Spawned>, Vec<Spawned>) {
+/// The mock (on the upstream bridge) and three nodes, each in its own namespace, serving.
+fn start_cluster(net: &Net, dir: &std::path::Path) -> (Spawned, Vec<Spawned>) {
+    let mock_binary = binary("skein-mock").expect("mock binary");
+    // Through a shell that sends its stdout (where it prints its address) to stderr, which
+    // `Spawned` collects.
+    let mut mock_command = net.upstream_command("sh");
+    mock_command.args([
+        "-c",
+        "exec \"$0\" \"$@\" 1>&2",
+        mock_binary.to_str().expect("path"),
+        "--addr",
+        &format!("{UPSTREAM_HOST}:0"),
+        "--threads",
+        "1",
+        "--no-record",
+    ]);
+    let mock = Spawned::start(&mut mock_command);
+    let line = mock
+        .wait_for("listening on", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the mock did not start:\n{}", mock.output()));
+    let mock_url = line
+        .split_whitespace()
+        .find(|word| word.starts_with("http://"))
+        .expect("the mock's address")
+        .to_owned();
     let config = dir.join("skein.yaml");
     std::fs::write(
         &config,
         format!(
-            "version: 1\nproviders:\n  - name: p\n    kind: openai_compatible\n    base_url: http://{MOCK}/v1\n    keys: [{{key: env:UPSTREAM_KEY}}]\nroutes:\n  - name: alpha\n    deployments: [{{provider: p, model: m}}]\n"
+            "version: 1\nproviders:\n  - name: p\n    kind: openai_compatible\n    base_url: {mock_url}/v1\n    keys: [{{key: env:UPSTREAM_KEY}}]\nroutes:\n  - name: alpha\n    deployments: [{{provider: p, model: m}}]\n"
         ),
     )
     .expect("config");
-    let mock_binary = binary("skein-mock").expect("mock binary");
-    let mock: Vec<Spawned> = (1..=3)
-        .map(|i| {
-            let mut mock_command = net.command(i, mock_binary.to_str().expect("path"));
-            mock_command.args(["--addr", MOCK, "--threads", "1", "--no-record"]);
-            Spawned::start(&mut mock_command)
-        })
-        .collect();
 
     let voters = (1..=3)
         .map(|i| format!("{i}={}", addr(i, GRPC)))
