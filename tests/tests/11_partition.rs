@@ -181,14 +181,7 @@ fn addr(i: usize, port: u16) -> String {
 
 /// `skein cluster status` as node `i` sees it.
 fn status(net: &Net, i: usize) -> Option<Value> {
-    let skein = binary("skein").expect("binary");
-    let output = net
-        .command(i, skein.to_str().expect("path"))
-        .args(["cluster", "status", "--output", "json", "--token", TOKEN])
-        .args(["--endpoint", &format!("http://{}", addr(i, GRPC))])
-        .output()
-        .expect("cli");
-    serde_json::from_slice(&output.stdout).ok()
+    cli_json(net, i, &["cluster", "status"])
 }
 
 /// Whether node `i` sees node `other` live in gossip.

@@ -197,7 +197,12 @@ async fn hold(
                 "budgets cannot be enforced on this node: it grants no leases",
             ));
         };
-        let granted = tokio::time::timeout(LEASE_WAIT, broker.grant(asks, state.version)).await;
+        // Boxed: waiting for a grant is rare, and its timer would grow every call's future.
+        let granted = Box::pin(tokio::time::timeout(
+            LEASE_WAIT,
+            broker.grant(asks, state.version),
+        ))
+        .await;
         match granted {
             Ok(Ok(())) => *state = app.control(),
             Ok(Err(GrantError::Exhausted(message))) => {
