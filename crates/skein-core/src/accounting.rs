@@ -186,9 +186,6 @@ struct Inner {
     settled_calls: u64,
     /// This node's id, as `RecordSpend` names it.
     node: u64,
-    /// A reservation needed more lease: record spend now rather than at the next tick (a
-    /// lease is only freed by recorded spend).
-    flush_wanted: bool,
     /// This node's use of each budget's lease.
     leases: HashMap<String, LeaseUse>,
 }
@@ -202,9 +199,6 @@ pub type SettledCall = (SpendItem, Vec<(String, Nanos)>);
 #[derive(Default)]
 pub struct Ledger {
     inner: Mutex<Inner>,
-    /// Told when a reservation asks for an early flush, so that the task recording spend need
-    /// not poll for it.
-    flush_waker: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Told of every call as it settles (the node appends it to its log, then wakes the
     /// journal writer).
     settled_hook: std::sync::OnceLock<SettledHook>,
@@ -302,13 +296,6 @@ impl Ledger {
     /// Set this node's id (spend batches are recorded under it).
     pub fn set_node(&self, node: u64) {
         self.lock().node = node;
-    }
-
-    /// Call `wake` whenever a reservation asks for an early flush (see
-    /// [`Ledger::take_flush_wanted`]). Set once, by the task that records spend; later calls
-    /// are ignored.
-    pub fn on_flush_wanted(&self, wake: impl Fn() + Send + Sync + 'static) {
-        let _ = self.flush_waker.set(Box::new(wake));
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -559,11 +546,6 @@ impl Ledger {
     /// This node's id (leases and spend batches are under it).
     pub fn node(&self) -> u64 {
         self.lock().node
-    }
-
-    /// Whether a reservation asked for an early flush (clears the request).
-    pub fn take_flush_wanted(&self) -> bool {
-        std::mem::take(&mut self.lock().flush_wanted)
     }
 
     /// Call `hook` with every call as it settles, before the caller answers (for the node's

@@ -5,7 +5,7 @@
 //! 2. **Within milliseconds**, the journal writer takes what has settled into a journal entry
 //!    (sled, flushed) under a spend sequence, and empties the log once an entry accounts for
 //!    every call in it.
-//! 3. **Every second** (sooner when a budget is nearly spent), the journaled entries go to Raft
+//! 3. **Every second**, the journaled entries go to Raft
 //!    as one `RecordSpend` under the newest entry's sequence; once it is applied, the journal
 //!    records how many calls the state accounts for, and drops the entries.
 //! 4. **After a restart**, journal entries the state does not show are recorded one by one
@@ -162,33 +162,13 @@ impl Spend {
         }
     }
 
-    /// Record settled spend in Raft every `interval`, and at once when a reservation ran into
-    /// this node's share of a budget: the ledger says so, rather than being polled for it, so
-    /// an idle node wakes once per interval. Early flushes are at least a tenth of the
-    /// interval apart, so refusals that keep coming cannot turn this into a busy loop.
+    /// Record settled spend in Raft every `interval` (a lease's room does not depend on it:
+    /// recorded or not, what a node spent counts against its lease).
     pub async fn flush_every(self: Arc<Self>, interval: Duration) {
-        let wanted = Arc::new(tokio::sync::Notify::new());
-        {
-            let wanted = wanted.clone();
-            self.ledger.on_flush_wanted(move || wanted.notify_one());
-        }
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last = tokio::time::Instant::now();
         loop {
-            tokio::select! {
-                _ = ticks.tick() => {
-                    // This flush covers an early one asked for meanwhile.
-                    let _ = self.ledger.take_flush_wanted();
-                }
-                () = wanted.notified() => {
-                    tokio::time::sleep_until(last + interval / 10).await;
-                    if !self.ledger.take_flush_wanted() {
-                        continue;
-                    }
-                }
-            }
-            last = tokio::time::Instant::now();
+            ticks.tick().await;
             self.flush().await;
         }
     }
