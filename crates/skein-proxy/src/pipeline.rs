@@ -86,22 +86,17 @@ pub async fn serve(state: Arc<AppState>, api: Api, request: Request) -> Response
         shape,
     );
     // An `Idempotency-Key` seen before: its first attempt's answer (or 409 while it runs).
-    // Boxed, and only with the header: a rare path, kept out of every request's future.
-    let begun = if headers.contains_key(crate::idempotency::HEADER) {
-        Box::pin(crate::idempotency::begin(
-            &state,
-            caller.as_ref().map(|caller| caller.key_id.as_str()),
-            &headers,
-            api.label(),
-            &bytes,
-            snapshot.server.idempotency_window_ms,
-            snapshot.server.request_timeout_ms.saturating_add(60_000),
-        ))
-        .await
-    } else {
-        crate::idempotency::Begin::None
-    };
-    let idempotent = match begun {
+    let idempotent = match crate::idempotency::begin(
+        &state,
+        caller.as_ref().map(|caller| caller.key_id.as_str()),
+        &headers,
+        api.label(),
+        &bytes,
+        snapshot.server.idempotency_window_ms,
+        snapshot.server.request_timeout_ms.saturating_add(60_000),
+    )
+    .await
+    {
         crate::idempotency::Begin::None => None,
         crate::idempotency::Begin::Run(pending) => Some(pending),
         crate::idempotency::Begin::Answer(Ok(response)) => return response,
